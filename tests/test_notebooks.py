@@ -1,0 +1,31 @@
+"""Every solution notebook runs top to bottom with the CI parameters and passes its own tests; every
+graded test cell fails on the untouched student version (no test passes on `raise NotImplementedError()`)."""
+
+import nbformat
+import pytest
+
+from lorakit import course
+
+LESSONS = course.lessons()
+CI_PARAMS = str(course.course_root() / "grading" / "ci_params.yml")
+pytestmark = pytest.mark.notebooks
+
+
+@pytest.mark.parametrize("lesson", LESSONS)
+def test_solution_runs_and_passes_its_tests(lesson, tmp_path):
+    [result] = course.run_lessons([lesson], CI_PARAMS, tmp_path, echo=None)
+    assert result.status == "ok", result.error
+    failed = [(gid, err) for gid, ok, err in result.graded if not ok]
+    assert result.graded and not failed, f"{lesson}: graded cells failed on the solution: {failed}"
+
+
+@pytest.mark.parametrize("lesson", LESSONS)
+def test_every_graded_cell_fails_on_the_student_version(lesson, tmp_path):
+    [result] = course.run_lessons([lesson], CI_PARAMS, tmp_path, student=True, echo=None)
+    assert result.status == "ok", result.error
+    solution = nbformat.read(course.solution_path(lesson), as_version=4)
+    expected = [c.metadata["nbgrader"]["grade_id"] for c in solution.cells
+                if c.cell_type == "code" and c.metadata.get("nbgrader", {}).get("grade")]
+    assert [gid for gid, _, _ in result.graded] == expected, f"{lesson}: the student version lost graded cells"
+    vacuous = [gid for gid, ok, _ in result.graded if ok]
+    assert not vacuous, f"{lesson}: these tests pass on the untouched student version (vacuous): {vacuous}"
