@@ -1,0 +1,404 @@
+"""Memory and parameter counting: how many parameters a model has, how many LoRA trains, and how many
+bytes full fine-tuning, LoRA and QLoRA need — computed from a config, then measured on a loaded model.
+
+The reference version of lesson 01. Everything here works from a config alone (no weights, no download):
+
+- `CONFIGS`: published Llama-family configs written out as dicts (Llama-2 7B/13B/70B, LLaMA 33B,
+  Mistral-7B, Qwen2.5, SmolLM2, Llama-3.2-1B); `config(name)` turns one into a transformers config.
+- `count_parameters(config)`: embeddings + blocks (attention with grouped-query heads, SwiGLU MLP, two
+  RMSNorms) + final norm + lm_head unless tied — equal to `model.num_parameters()`.
+- `lora_parameters(config, r, target_modules)`: what peft would train, matching `target_modules` the way
+  peft does (a list of name suffixes, a regex string, or "all-linear", which leaves out lm_head).
+- `estimate(config, method, ...)`: a `MemoryEstimate` with a per-part breakdown for "full" (mixed-precision
+  AdamW: 2 + 2 + 4 + 8 = 16 bytes per parameter), "lora" and "qlora" (NF4 weights + quantization
+  constants + adapters with their gradients and Adam states + a rough activation budget).
+- `measure(model)`: the bytes a loaded model's tensors really hold, including bitsandbytes' 4-bit
+  quantization constants, which transformers' `get_memory_footprint()` leaves out.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+
+SUPPORTED = ("llama", "mistral", "qwen2")
+METHODS = ("full", "lora", "qlora")
+
+# Bytes one number takes in each storage type. nf4 is the packed 4-bit code alone; see `bits_per_param`
+# for the quantization constants that come with it.
+BYTES = {"fp32": 4, "fp16": 2, "bf16": 2, "int8": 1, "nf4": 0.5}
+# Optimizer state bytes per trained parameter: AdamW keeps m and v (fp32: 4 + 4).
+OPTIMIZER_BYTES = {"adamw": 8, "adamw_bf16": 4, "adamw_8bit": 2, "sgd": 0}
+# peft's default LoRA targets for these architectures (TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING).
+PEFT_DEFAULT_TARGETS = ("q_proj", "v_proj")
+ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
+MLP = ("gate_proj", "up_proj", "down_proj")
+
+_LLAMA2 = dict(model_type="llama", vocab_size=32000, max_position_embeddings=4096, rms_norm_eps=1e-5,
+               tie_word_embeddings=False)
+CONFIGS: dict[str, dict] = {
+    # meta-llama/Llama-2-*-hf (config.json on the hub)
+    "llama-2-7b": dict(_LLAMA2, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                       num_attention_heads=32, num_key_value_heads=32),
+    "llama-2-13b": dict(_LLAMA2, hidden_size=5120, intermediate_size=13824, num_hidden_layers=40,
+                        num_attention_heads=40, num_key_value_heads=40),
+    "llama-2-70b": dict(_LLAMA2, hidden_size=8192, intermediate_size=28672, num_hidden_layers=80,
+                        num_attention_heads=64, num_key_value_heads=8),
+    # LLaMA-1 "30B" (huggyllama/llama-30b), the 33B model of the QLoRA paper
+    "llama-33b": dict(_LLAMA2, hidden_size=6656, intermediate_size=17920, num_hidden_layers=60,
+                      num_attention_heads=52, num_key_value_heads=52, max_position_embeddings=2048,
+                      rms_norm_eps=1e-6),
+    "mistral-7b": dict(model_type="mistral", vocab_size=32000, hidden_size=4096, intermediate_size=14336,
+                       num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
+                       max_position_embeddings=32768, rms_norm_eps=1e-5, rope_theta=10000.0,
+                       sliding_window=4096, tie_word_embeddings=False),
+    "qwen2.5-0.5b": dict(model_type="qwen2", vocab_size=151936, hidden_size=896, intermediate_size=4864,
+                         num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2,
+                         max_position_embeddings=32768, rms_norm_eps=1e-6, rope_theta=1000000.0,
+                         tie_word_embeddings=True),
+    "qwen2.5-1.5b": dict(model_type="qwen2", vocab_size=151936, hidden_size=1536, intermediate_size=8960,
+                         num_hidden_layers=28, num_attention_heads=12, num_key_value_heads=2,
+                         max_position_embeddings=131072, rms_norm_eps=1e-6, rope_theta=1000000.0,
+                         tie_word_embeddings=True),
+    "qwen2.5-7b": dict(model_type="qwen2", vocab_size=152064, hidden_size=3584, intermediate_size=18944,
+                       num_hidden_layers=28, num_attention_heads=28, num_key_value_heads=4,
+                       max_position_embeddings=131072, rms_norm_eps=1e-6, rope_theta=1000000.0,
+                       tie_word_embeddings=False),
+    "smollm2-135m": dict(model_type="llama", vocab_size=49152, hidden_size=576, intermediate_size=1536,
+                         num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3,
+                         max_position_embeddings=8192, rms_norm_eps=1e-5, rope_theta=100000.0,
+                         tie_word_embeddings=True),
+    "llama-3.2-1b": dict(model_type="llama", vocab_size=128256, hidden_size=2048, intermediate_size=8192,
+                         num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8, head_dim=64,
+                         max_position_embeddings=131072, rms_norm_eps=1e-5, rope_theta=500000.0,
+                         tie_word_embeddings=True),
+}
+# Published parameter counts (model cards / num_parameters() of the real checkpoints), for the tests and
+# the lesson's comparison.
+PUBLISHED = {"llama-2-7b": 6_738_415_616, "llama-2-13b": 13_015_864_320, "llama-2-70b": 68_976_648_192,
+             "llama-33b": 32_528_943_616, "mistral-7b": 7_241_732_096, "qwen2.5-0.5b": 494_032_768,
+             "qwen2.5-1.5b": 1_543_714_304, "qwen2.5-7b": 7_615_616_512, "smollm2-135m": 134_515_008,
+             "llama-3.2-1b": 1_235_814_400}
+
+
+# ------------------------------------------------------------------------------------------- configs
+
+def config(spec):
+    """A transformers config from a `CONFIGS` name, a dict with `model_type`, a config object (returned
+    as is), or a local folder / hub id (read with `AutoConfig.from_pretrained`)."""
+    import transformers
+    if hasattr(spec, "model_type") and hasattr(spec, "to_dict"):
+        return spec
+    if isinstance(spec, str) and spec.lower() in CONFIGS:
+        spec = CONFIGS[spec.lower()]
+    if isinstance(spec, dict):
+        d = dict(spec)
+        kind = d.pop("model_type", None)
+        if kind not in SUPPORTED:
+            raise ValueError(f"unsupported architecture {kind!r}: lorakit.memory counts {', '.join(SUPPORTED)} "
+                             "(put model_type in the dict)")
+        return transformers.CONFIG_MAPPING[kind](**d)
+    if isinstance(spec, str):
+        return transformers.AutoConfig.from_pretrained(spec)
+    raise TypeError(f"expected a config, a dict, or one of {sorted(CONFIGS)}; found {type(spec).__name__}")
+
+
+def _sizes(cfg) -> dict:
+    cfg = config(cfg)
+    kind = getattr(cfg, "model_type", None)
+    if kind not in SUPPORTED:
+        raise ValueError(f"unsupported architecture {kind!r}: lorakit.memory counts {', '.join(SUPPORTED)} "
+                         "(Llama-family decoders with RMSNorm, grouped-query attention and a SwiGLU MLP)")
+    h, heads = cfg.hidden_size, cfg.num_attention_heads
+    head_dim = getattr(cfg, "head_dim", None) or h // heads
+    kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
+    if kind == "qwen2":  # Qwen2 puts biases on q, k and v only
+        qkv_bias, o_bias, mlp_bias = True, False, False
+    else:
+        qkv_bias = o_bias = bool(getattr(cfg, "attention_bias", False))
+        mlp_bias = bool(getattr(cfg, "mlp_bias", False))
+    return dict(kind=kind, h=h, i=cfg.intermediate_size, layers=cfg.num_hidden_layers, vocab=cfg.vocab_size,
+                q=heads * head_dim, kv=kv_heads * head_dim, tied=bool(getattr(cfg, "tie_word_embeddings", False)),
+                qkv_bias=qkv_bias, o_bias=o_bias, mlp_bias=mlp_bias)
+
+
+def modules(cfg) -> dict[str, tuple[str, int, int, bool]]:
+    """Every module of the model the config describes, by its name in `model.named_modules()`:
+    name -> (kind, in_features, out_features, bias). kind is "linear", "embedding", "norm" or "container"
+    (for an embedding, in/out are num_embeddings/embedding_dim). No weights are built."""
+    s = _sizes(cfg)
+    h, q, kv, i = s["h"], s["q"], s["kv"], s["i"]
+    out = {"": ("container", 0, 0, False), "model": ("container", 0, 0, False),
+           "model.embed_tokens": ("embedding", s["vocab"], h, False), "model.layers": ("container", 0, 0, False)}
+    shapes = {"q_proj": (h, q, s["qkv_bias"]), "k_proj": (h, kv, s["qkv_bias"]), "v_proj": (h, kv, s["qkv_bias"]),
+              "o_proj": (q, h, s["o_bias"]), "gate_proj": (h, i, s["mlp_bias"]), "up_proj": (h, i, s["mlp_bias"]),
+              "down_proj": (i, h, s["mlp_bias"])}
+    for n in range(s["layers"]):
+        p = f"model.layers.{n}"
+        out[p] = ("container", 0, 0, False)
+        out[f"{p}.self_attn"] = ("container", 0, 0, False)
+        for name in ATTENTION:
+            out[f"{p}.self_attn.{name}"] = ("linear", *shapes[name])
+        out[f"{p}.mlp"] = ("container", 0, 0, False)
+        for name in MLP:
+            out[f"{p}.mlp.{name}"] = ("linear", *shapes[name])
+        out[f"{p}.mlp.act_fn"] = ("container", 0, 0, False)
+        out[f"{p}.input_layernorm"] = ("norm", h, h, False)
+        out[f"{p}.post_attention_layernorm"] = ("norm", h, h, False)
+    out["model.norm"] = ("norm", h, h, False)
+    out["model.rotary_emb"] = ("container", 0, 0, False)
+    out["lm_head"] = ("linear", h, s["vocab"], False)
+    return out
+
+
+# --------------------------------------------------------------------------------------- parameters
+
+def _module_params(kind: str, fan_in: int, fan_out: int, bias: bool) -> int:
+    if kind == "linear":
+        return fan_in * fan_out + (fan_out if bias else 0)
+    if kind == "embedding":
+        return fan_in * fan_out
+    if kind == "norm":
+        return fan_in  # RMSNorm: one scale per feature, no bias
+    return 0
+
+
+def count_parameters(cfg) -> int:
+    """Parameters of the model `cfg` describes, counted the way `model.num_parameters()` does (a tied
+    lm_head shares the embedding matrix, so it is counted once)."""
+    tied = _sizes(cfg)["tied"]
+    return sum(_module_params(*m) for name, m in modules(cfg).items() if not (tied and name == "lm_head"))
+
+
+def quantized_parameters(cfg) -> int:
+    """Parameters in the linear layers of the blocks: the ones 4-bit loading quantizes (transformers keeps
+    lm_head, embeddings and norms in 16 bits). Biases stay in 16 bits and are not counted here."""
+    return sum(m[1] * m[2] for name, m in modules(cfg).items() if m[0] == "linear" and name != "lm_head")
+
+
+def _check_rank(r) -> None:
+    if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
+        raise ValueError(f"the LoRA rank r must be a positive whole number (peft uses 8 by default); found {r!r}")
+
+
+def lora_targets(cfg, target_modules=None) -> list[str]:
+    """The module names peft would wrap with LoRA for `target_modules`, matched as peft matches them:
+    None -> peft's default for the architecture (q_proj, v_proj); "all-linear" -> every linear layer but
+    the output layer (lm_head); another string -> a regular expression that must match the whole name;
+    a list -> names equal to an entry or ending with "." + entry."""
+    mods = modules(cfg)
+    if target_modules is None:
+        target_modules = list(PEFT_DEFAULT_TARGETS)
+    if isinstance(target_modules, str) and target_modules.lower() == "all-linear":
+        return [n for n, m in mods.items() if m[0] == "linear" and n != "lm_head"]
+    if isinstance(target_modules, str):
+        hits = [n for n in mods if n and re.fullmatch(target_modules, n)]
+        if not hits:
+            raise ValueError(f"target_modules {target_modules!r} matches no module of this "
+                             f"{_sizes(cfg)['kind']} model; its linear layers are named {_linear_names(mods)}")
+    else:
+        targets = list(target_modules)
+        if not targets:
+            raise ValueError("target_modules is empty: name at least one module, e.g. ['q_proj', 'v_proj']")
+        hits = [n for n in mods if n and any(n == t or n.endswith("." + t) for t in targets)]
+        missing = [t for t in targets if not any(n == t or n.endswith("." + t) for n in mods if n)]
+        if missing:
+            raise ValueError(f"target module(s) {missing} not found in this {_sizes(cfg)['kind']} model; "
+                             f"its linear layers are named {_linear_names(mods)} (or use 'all-linear')")
+    bad = sorted({n.rsplit(".", 1)[-1] for n in hits if mods[n][0] not in ("linear", "embedding")})
+    if bad:
+        raise ValueError(f"LoRA can wrap linear and embedding layers only; {bad} are "
+                         f"{'norms' if all(mods[n][0] == 'norm' for n in hits if n.rsplit('.', 1)[-1] in bad) else 'not layers'}"
+                         f" (peft refuses them too). Linear layers: {_linear_names(mods)}")
+    return hits
+
+
+def _linear_names(mods) -> list[str]:
+    return list(dict.fromkeys(n.rsplit(".", 1)[-1] for n, m in mods.items() if m[0] == "linear"))
+
+
+def lora_parameters(cfg, r: int = 8, target_modules=None) -> int:
+    """Trainable parameters LoRA adds: r * (in + out) for every targeted layer (A is r x in, B is out x r;
+    an embedding gets A of r x num_embeddings and B of embedding_dim x r)."""
+    _check_rank(r)
+    mods = modules(cfg)
+    return sum(r * (mods[n][1] + mods[n][2]) for n in lora_targets(cfg, target_modules))
+
+
+# ------------------------------------------------------------------------------------------ memory
+
+def bits_per_param(dtype: str = "nf4", *, double_quant: bool = False, blocksize: int = 64,
+                   blocksize2: int = 256) -> float:
+    """Bits stored per parameter, quantization constants included. nf4 keeps one fp32 absmax per block of
+    64 (4 + 32/64 = 4.5 bits); double quantization stores those absmax values in 8 bits with one fp32
+    scale per 256 of them (4 + 8/64 + 32/(64*256) = 4.127 bits)."""
+    if dtype not in BYTES:
+        raise ValueError(f"unknown dtype {dtype!r}; known: {', '.join(BYTES)}")
+    bits = BYTES[dtype] * 8
+    if dtype == "nf4":
+        bits += 8 / blocksize + 32 / (blocksize * blocksize2) if double_quant else 32 / blocksize
+    return bits
+
+
+def quantization_constant_bytes(cfg, *, double_quant: bool = True, blocksize: int = 64,
+                                blocksize2: int = 256) -> int:
+    """Bytes of the constants bitsandbytes keeps beside each 4-bit weight (its `quant_state`): absmax per
+    block (fp32, or uint8 + a nested fp32 absmax per 256 blocks, an fp32 offset and the 256-entry code
+    with double quantization) and the 16-entry fp32 NF4 code."""
+    total = 0
+    for name, (kind, fan_in, fan_out, _) in modules(cfg).items():
+        if kind != "linear" or name == "lm_head":
+            continue
+        blocks = math.ceil(fan_in * fan_out / blocksize)
+        total += 16 * 4  # the NF4 code table
+        if double_quant:
+            total += blocks + 4 * math.ceil(blocks / blocksize2) + 4 + 256 * 4
+        else:
+            total += 4 * blocks
+    return total
+
+
+def activation_bytes(cfg, batch_size: int = 1, seq_len: int = 512, *, gradient_checkpointing: bool = True,
+                     dtype: str = "bf16") -> int:
+    """A rough budget (+-50%: measure it, lesson 06 does) for what the backward pass keeps, with a fused
+    attention kernel (no seq x seq matrix): per layer about 10 hidden-sized, 4 kv-sized and 4
+    intermediate-sized tensors per token in 16 bits; with gradient checkpointing only each layer's input
+    plus one layer's worth; plus the logits in fp32 and their gradient."""
+    s = _sizes(cfg)
+    tokens = batch_size * seq_len
+    per_layer = tokens * (10 * s["h"] + 4 * s["kv"] + 4 * s["i"]) * BYTES[dtype]
+    if gradient_checkpointing:
+        kept = s["layers"] * tokens * s["h"] * BYTES[dtype] + per_layer
+    else:
+        kept = s["layers"] * per_layer
+    return int(kept + tokens * s["vocab"] * 4 * 2)
+
+
+@dataclass
+class MemoryEstimate:
+    """Bytes per part of a fine-tuning run; `total_bytes` adds them up."""
+    method: str
+    parts: dict[str, int]
+    params: int
+    trainable: int
+    notes: dict = field(default_factory=dict)
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(self.parts.values())
+
+    @property
+    def gb(self) -> float:
+        return self.total_bytes / 1e9
+
+    @property
+    def weights_bytes(self) -> int:
+        """What the loaded model holds: weights plus their quantization constants."""
+        return self.parts.get("weights", 0) + self.parts.get("quantization constants", 0)
+
+    def table(self) -> str:
+        rows = [f"{k:<24}{v / 1e9:>10.2f} GB" for k, v in self.parts.items()]
+        rows.append(f"{'total (' + self.method + ')':<24}{self.gb:>10.2f} GB")
+        return "\n".join(rows)
+
+    def __str__(self) -> str:
+        return self.table()
+
+
+def estimate(cfg, method: str, r: int = 8, target_modules=None, batch_size: int = 1, seq_len: int = 512, *,
+             weight_dtype: str = "bf16", optimizer: str = "adamw", master_weights: bool = True,
+             double_quant: bool = True, blocksize: int = 64, gradient_checkpointing: bool = True,
+             activations: bool = True) -> MemoryEstimate:
+    """Memory to fine-tune the model `cfg` describes, per part, in bytes.
+
+    - "full": every parameter trains: weights and gradients in `weight_dtype`, fp32 master weights
+      (mixed precision, unless master_weights=False or the weights are fp32) and optimizer states
+      (AdamW: 8 bytes) -> 16 bytes per parameter with the defaults.
+    - "lora": frozen weights in `weight_dtype`; adapters (peft keeps them in fp32) with fp32 gradients and
+      optimizer states: 16 bytes per trainable parameter.
+    - "qlora": like "lora", but the linear layers of the blocks are stored in NF4 with their quantization
+      constants (double quantization by default); embeddings, norms and lm_head stay in `weight_dtype`.
+    `activations` adds `activation_bytes` (a rough budget); CUDA context and allocator slack are not counted.
+    """
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}: use one of {', '.join(METHODS)}")
+    if weight_dtype not in BYTES or weight_dtype in ("nf4", "int8"):
+        raise ValueError(f"weight_dtype must be fp32, fp16 or bf16 (use method='qlora' for 4-bit); found {weight_dtype!r}")
+    if optimizer not in OPTIMIZER_BYTES:
+        raise ValueError(f"unknown optimizer {optimizer!r}; known: {', '.join(OPTIMIZER_BYTES)}")
+    n = count_parameters(cfg)
+    wb = BYTES[weight_dtype]
+    parts: dict[str, int] = {}
+    if method == "full":
+        trainable = n
+        parts["weights"] = n * wb
+        parts["gradients"] = n * wb
+        if master_weights and wb < 4:
+            parts["fp32 master weights"] = n * 4
+        parts["optimizer states"] = n * OPTIMIZER_BYTES[optimizer]
+    else:
+        trainable = lora_parameters(cfg, r, target_modules)
+        if method == "lora":
+            parts["weights"] = n * wb
+        else:
+            nq = quantized_parameters(cfg)
+            parts["weights"] = int(nq * BYTES["nf4"] + (n - nq) * wb)
+            parts["quantization constants"] = quantization_constant_bytes(cfg, double_quant=double_quant,
+                                                                          blocksize=blocksize)
+        parts["adapters"] = trainable * 4
+        parts["gradients"] = trainable * 4
+        parts["optimizer states"] = trainable * OPTIMIZER_BYTES[optimizer]
+    if activations:
+        parts["activations"] = activation_bytes(cfg, batch_size, seq_len, gradient_checkpointing=gradient_checkpointing,
+                                                dtype="bf16" if weight_dtype != "fp32" else "fp32")
+    return MemoryEstimate(method, parts, n, trainable,
+                          dict(r=r, target_modules=target_modules, batch_size=batch_size, seq_len=seq_len))
+
+
+# ----------------------------------------------------------------------------------------- measuring
+
+def _tensor_bytes(t) -> int:
+    return t.numel() * t.element_size()
+
+
+def quant_state_tensors(param) -> list:
+    """The tensors a bitsandbytes 4-bit parameter keeps beside its packed bytes (absmax, code, and with
+    double quantization the offset and the nested absmax and code); [] for an ordinary tensor."""
+    import torch
+    qs = getattr(param, "quant_state", None)
+    out = []
+    while qs is not None:
+        for attr in ("absmax", "code", "offset"):
+            t = getattr(qs, attr, None)
+            if isinstance(t, torch.Tensor):
+                out.append(t)
+        qs = getattr(qs, "state2", None)
+    scb = getattr(param, "SCB", None)  # 8-bit (LLM.int8) row scales
+    if isinstance(scb, torch.Tensor):
+        out.append(scb)
+    return out
+
+
+def measure(model, *, buffers: bool = True) -> int:
+    """Bytes held by `model`'s parameters (each shared tensor once), buffers, and bitsandbytes
+    quantization constants. Works on the meta device too (no memory is held there, but the sizes are)."""
+    seen: set = set()
+    total = 0
+
+    def add(t):
+        nonlocal total
+        key = id(t) if t.device.type == "meta" else (t.device.type, t.untyped_storage().data_ptr(),
+                                                       t.storage_offset(), t.numel())
+        if key not in seen:
+            seen.add(key)
+            total += _tensor_bytes(t)
+
+    for p in model.parameters():
+        add(p)
+        for t in quant_state_tensors(p):
+            add(t)
+    if buffers:
+        for b in model.buffers():
+            add(b)
+    return total

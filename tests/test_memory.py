@@ -1,0 +1,224 @@
+"""lorakit.memory: parameter counts equal transformers' on meta-device models, LoRA counts equal peft's,
+memory estimates add up, and measure() counts what a loaded 4-bit model really holds."""
+
+import logging
+
+import pytest
+import torch
+
+logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+
+from lorakit import memory  # noqa: E402
+from lorakit.checks import CheckFailed  # noqa: E402
+from lorakit.checks import memory as check  # noqa: E402
+
+
+def meta_model(cfg):
+    from transformers import AutoModelForCausalLM
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(memory.config(cfg))
+
+
+TINY = dict(model_type="llama", vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+            num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=False)
+
+
+# ---------------------------------------------------------------------------------------- counting
+
+@pytest.mark.parametrize("name", list(memory.CONFIGS))
+def test_count_parameters_equals_meta_model_and_published(name):
+    model = meta_model(name)
+    assert memory.count_parameters(memory.config(name)) == model.num_parameters() == memory.PUBLISHED[name]
+
+
+@pytest.mark.parametrize("name", ["llama-2-7b", "qwen2.5-0.5b", "mistral-7b", "llama-3.2-1b"])
+def test_modules_are_named_as_in_the_model(name):
+    model = meta_model(name)
+    mods = memory.modules(name)
+    assert list(mods) == [n for n, _ in model.named_modules()]
+    for n, m in model.named_modules():
+        if isinstance(m, torch.nn.Linear):
+            assert mods[n] == ("linear", m.in_features, m.out_features, m.bias is not None), n
+
+
+def test_facts():
+    cfg = memory.config("llama-2-7b")
+    assert memory.count_parameters(cfg) == 6_738_415_616
+    assert memory.lora_parameters(cfg, 8, ["q_proj", "v_proj"]) == 4_194_304
+    assert memory.bits_per_param("nf4") == 4.5
+    assert memory.bits_per_param("nf4", double_quant=True) == 4 + 8 / 64 + 32 / (64 * 256)
+    full = memory.estimate(cfg, "full", activations=False)
+    assert full.total_bytes == 16 * 6_738_415_616 and round(full.gb) == 108
+
+
+def test_config_accepts_names_dicts_and_configs():
+    cfg = memory.config("Mistral-7B")
+    assert cfg.model_type == "mistral" and memory.config(cfg) is cfg
+    assert memory.count_parameters(TINY) == memory.count_parameters(memory.config(TINY))
+
+
+# ---------------------------------------------------------------------------------------------- LoRA
+
+TARGETS = [["q_proj", "v_proj"], "all-linear", ["down_proj"], ["self_attn.o_proj", "gate_proj"],
+           r".*\.mlp\.(up|down)_proj", ["embed_tokens", "lm_head"], None]
+
+
+@pytest.mark.parametrize("name", ["llama-2-7b", "qwen2.5-0.5b", "mistral-7b"])
+@pytest.mark.parametrize("targets", TARGETS, ids=str)
+def test_lora_parameters_equal_peft(name, targets):
+    from peft import LoraConfig, get_peft_model
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        peft_model = get_peft_model(meta_model(name), LoraConfig(r=16, target_modules=targets))
+    trainable, _ = peft_model.get_nb_trainable_parameters()
+    assert memory.lora_parameters(name, 16, targets) == trainable
+
+
+def test_all_linear_leaves_out_lm_head():
+    cfg = memory.config(TINY)
+    everything = memory.ATTENTION + memory.MLP + ("lm_head",)
+    assert "lm_head" not in memory.lora_targets(cfg, "all-linear")
+    assert memory.lora_parameters(cfg, 4, "all-linear") + 4 * (64 + 256) == memory.lora_parameters(cfg, 4, list(everything))
+
+
+@pytest.mark.parametrize("r", [0, -8, 2.5, True, "8"])
+def test_bad_rank_says_so(r):
+    with pytest.raises(ValueError, match="rank r must be a positive whole number"):
+        memory.lora_parameters("llama-2-7b", r, ["q_proj"])
+
+
+def test_unknown_target_module_names_the_real_ones():
+    with pytest.raises(ValueError, match=r"\['query'\] not found.*q_proj"):
+        memory.lora_parameters("llama-2-7b", 8, ["q_proj", "query"])
+    with pytest.raises(ValueError, match="matches no module"):
+        memory.lora_parameters("llama-2-7b", 8, r".*\.c_attn")
+    with pytest.raises(ValueError, match="linear and embedding layers only"):
+        memory.lora_parameters("llama-2-7b", 8, ["input_layernorm"])
+
+
+def test_unsupported_architecture_names_the_supported_ones():
+    with pytest.raises(ValueError, match="llama, mistral, qwen2"):
+        memory.count_parameters(dict(model_type="gpt2", n_embd=64))
+    from transformers import GPT2Config
+    with pytest.raises(ValueError, match="llama, mistral, qwen2"):
+        memory.lora_parameters(GPT2Config(), 8, ["c_attn"])
+
+
+# ----------------------------------------------------------------------------------------- estimates
+
+def test_estimate_parts_and_order():
+    cfg = memory.config("llama-2-7b")
+    est = {m: memory.estimate(cfg, m, r=64, target_modules="all-linear") for m in memory.METHODS}
+    for e in est.values():
+        assert e.total_bytes == sum(e.parts.values()) > 0
+    assert est["qlora"].total_bytes < est["lora"].total_bytes < est["full"].total_bytes
+    q = est["qlora"]
+    n_lora = memory.lora_parameters(cfg, 64, "all-linear")
+    assert q.trainable == n_lora and q.parts["optimizer states"] == 8 * n_lora
+    nq = memory.quantized_parameters(cfg)
+    # 4.127 bits per quantized parameter, within the few per-tensor code tables
+    assert q.parts["quantization constants"] == pytest.approx(nq * (memory.bits_per_param("nf4", double_quant=True) - 4) / 8, rel=0.01)
+    assert "activations" in q.parts and "activations" not in memory.estimate(cfg, "qlora", activations=False).parts
+    longer = memory.estimate(cfg, "qlora", seq_len=2048).parts["activations"]
+    assert longer > q.parts["activations"]
+
+
+def test_estimate_bad_input():
+    with pytest.raises(ValueError, match="full, lora, qlora"):
+        memory.estimate("llama-2-7b", "dora")
+    with pytest.raises(ValueError, match="rank"):
+        memory.estimate("llama-2-7b", "lora", r=0)
+    with pytest.raises(ValueError, match="not found"):
+        memory.estimate("llama-2-7b", "qlora", target_modules=["attn"])
+
+
+# ------------------------------------------------------------------------------------------ measuring
+
+@pytest.fixture(scope="module")
+def saved_tiny(tmp_path_factory):
+    from transformers import AutoModelForCausalLM
+    folder = tmp_path_factory.mktemp("tiny")
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(memory.config(TINY), dtype=torch.bfloat16).save_pretrained(folder)
+    return folder
+
+
+def _buffers(model):
+    return sum(b.numel() * b.element_size() for b in model.buffers())
+
+
+def test_measure_bf16_equals_footprint_and_estimate(saved_tiny):
+    from transformers import AutoModelForCausalLM
+    model = AutoModelForCausalLM.from_pretrained(saved_tiny, dtype=torch.bfloat16)
+    assert memory.measure(model) == model.get_memory_footprint()
+    assert memory.measure(model) - _buffers(model) == memory.estimate(TINY, "lora", activations=False).weights_bytes
+
+
+def test_measure_counts_4bit_quantization_constants(saved_tiny):
+    import transformers
+    bnb_config = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                                 bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.bfloat16)
+    model = transformers.AutoModelForCausalLM.from_pretrained(saved_tiny, quantization_config=bnb_config,
+                                                              dtype=torch.bfloat16, device_map="cpu")
+    constants = sum(t.numel() * t.element_size() for p in model.parameters() for t in memory.quant_state_tensors(p))
+    assert constants > 0
+    assert memory.measure(model) == model.get_memory_footprint() + constants
+    est = memory.estimate(TINY, "qlora", activations=False)
+    assert est.parts["quantization constants"] == constants
+    assert memory.measure(model) - _buffers(model) == est.weights_bytes
+
+
+def test_measure_counts_tied_weights_once_and_works_on_meta():
+    model = meta_model("qwen2.5-0.5b")
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    assert memory.measure(model, buffers=False) == 4 * memory.count_parameters("qwen2.5-0.5b")  # fp32 default
+
+
+# -------------------------------------------------------------------------------------------- checks
+
+def _reference_count(cfg):
+    return memory.count_parameters(cfg)
+
+
+def test_checks_pass_on_reference_answers(capsys):
+    check.nf4_bits(lambda dq: memory.bits_per_param("nf4", double_quant=dq))
+    check.adamw_bytes(dict(check.ADAMW_PARTS))
+    check.count_parameters(_reference_count)
+    check.lora_params(lambda d_in, d_out, r: r * (d_in + d_out))
+    check.qlora_weights_gb(lambda cfg: memory.estimate(cfg, "qlora", activations=False).weights_bytes / 1e9)
+    assert capsys.readouterr().out.count("\u2705") == 5
+
+
+def test_checks_explain_wrong_answers():
+    with pytest.raises(CheckFailed, match="4.127"):
+        check.nf4_bits(lambda dq: 4.5)
+    with pytest.raises(CheckFailed, match="master weights"):
+        check.adamw_bytes({"weights": 2, "gradients": 2, "master weights": 2, "adam m": 4, "adam v": 4})
+
+    def untied(cfg):  # forgets that tied embeddings share lm_head
+        n = memory.count_parameters(cfg)
+        return n + (cfg.vocab_size * cfg.hidden_size if cfg.tie_word_embeddings else 0)
+    with pytest.raises(CheckFailed, match="lm_head"):
+        check.count_parameters(untied)
+
+    def no_gqa(cfg):  # k and v as wide as q
+        s = memory._sizes(cfg)
+        return memory.count_parameters(cfg) + s["layers"] * 2 * s["h"] * (s["q"] - s["kv"])
+    with pytest.raises(CheckFailed, match="grouped-query"):
+        check.count_parameters(no_gqa)
+    with pytest.raises(CheckFailed, match="72,000"):
+        check.lora_params(lambda d_in, d_out, r: d_in * r)
+    with pytest.raises(CheckFailed, match="bf16"):
+        check.qlora_weights_gb(lambda cfg: memory.count_parameters(cfg) * 0.5 / 1e9)
+
+
+def test_memory_bars_draws_one_bar_per_estimate():
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from lorakit import viz
+    cfg = memory.config("llama-2-7b")
+    ax = viz.memory_bars({m: memory.estimate(cfg, m) for m in memory.METHODS})
+    assert [t.get_text() for t in ax.get_yticklabels()] == list(memory.METHODS)
+    plt.close(ax.figure)
