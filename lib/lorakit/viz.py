@@ -29,14 +29,15 @@ def explore(draw, **controls):
     """Draw `draw(**defaults)` once as a static figure, then offer `controls` as widgets.
 
     Each control is an ipywidgets-style abbreviation: a list of options, a (min, max, step) tuple, or a
-    widget instance. Returns the ipywidgets `interactive` object, or None when widgets can't render."""
+    widget instance. The panel is displayed here; nothing is returned, so ending a cell with this call
+    does not display the panel a second time."""
     defaults = {k: _default(v) for k, v in controls.items()}
     import matplotlib.pyplot as plt
     draw(**defaults)
     plt.show()
     if not widgets_available():
         print("(Widgets are not available here: change the values in the call above and re-run the cell.)")
-        return None
+        return
     import ipywidgets as w
     from IPython.display import display
 
@@ -44,9 +45,7 @@ def explore(draw, **controls):
         draw(**kw)
         plt.show()
 
-    ui = w.interactive(_draw, {"manual": False}, **controls)
-    display(ui)
-    return ui
+    display(w.interactive(_draw, {"manual": False}, **controls))
 
 
 def _default(control):
@@ -61,3 +60,78 @@ def _default(control):
     if isinstance(control, list):
         return control[0]
     return control
+
+
+# --------------------------------------------------------------------------------------------------
+# Lesson 02 (LoRA)
+# --------------------------------------------------------------------------------------------------
+
+def lora_shapes(d_out: int = 5000, d_in: int = 4000, r: int = 8, ax=None):
+    """Lesson 02: the frozen weight W (d_out x d_in) beside LoRA's B (d_out x r) and A (r x d_in), drawn
+    to scale (a thin matrix gets at least a hairline so you can see it), with their parameter counts."""
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Rectangle
+
+    if ax is None:
+        _, ax = plt.subplots(figsize=(9, 3.6))
+    side = max(d_out, d_in)
+    w, h = d_in / side, d_out / side
+    thin = max(r / side, 0.012)
+    full, lora = d_out * d_in, r * (d_in + d_out)
+    ax.add_patch(Rectangle((0, 0), w, h, color="#9aa5b1"))
+    ax.text(w / 2, h / 2, f"W (frozen)\n{d_out:,} x {d_in:,}\n{full:,} numbers", ha="center", va="center")
+    ax.text(w + 0.12, h / 2, "+", fontsize=22, ha="center", va="center")
+    x0 = w + 0.25
+    ax.add_patch(Rectangle((x0, 0), thin, h, color="#dd8452"))
+    ax.text(x0 + thin / 2, -0.06, f"B\n{d_out:,} x {r}", ha="center", va="top")
+    ax.add_patch(Rectangle((x0 + thin + 0.05, h - thin), w, thin, color="#4c72b0"))
+    ax.text(x0 + thin + 0.05 + w / 2, h - thin - 0.04, f"A: {r} x {d_in:,}", ha="center", va="top")
+    ax.text(x0 + thin + 0.05 + w / 2, h / 2 - 0.1, f"B A has rank <= {r}\nA + B: {lora:,} numbers\n"
+            f"= {lora / full:.2%} of W", ha="center", va="center")
+    ax.set_xlim(-0.02, x0 + thin + 0.1 + w)
+    ax.set_ylim(-0.25, h + 0.05)
+    ax.set_aspect("equal")
+    ax.axis("off")
+    ax.set_title(f"LoRA update of a {d_out:,} x {d_in:,} weight at rank r = {r}")
+    return ax
+
+
+# ------------------------------------------------------------------------------ lesson 01: memory bars
+
+MEMORY_COLORS = {"weights": "#4c72b0", "quantization constants": "#8172b3", "gradients": "#dd8452",
+                 "fp32 master weights": "#c44e52", "optimizer states": "#937860", "adapters": "#55a868",
+                 "activations": "#8c8c8c"}
+
+
+def memory_bars(estimates: dict, gpus=(16, 24, 48, 80), ax=None, title: str | None = None):
+    """Stacked horizontal bars, one per `lorakit.memory.MemoryEstimate` (label -> estimate), a segment per
+    part, with dashed lines at common GPU sizes (GB). Returns the matplotlib Axes."""
+    import matplotlib.pyplot as plt
+    if ax is None:
+        _, ax = plt.subplots(figsize=(9, 1.4 + 0.6 * len(estimates)))
+    labels = list(estimates)
+    drawn = set()
+    for y, label in enumerate(labels):
+        left = 0.0
+        for part, nbytes in estimates[label].parts.items():
+            gb = nbytes / 1e9
+            ax.barh(y, gb, left=left, color=MEMORY_COLORS.get(part, "#cccccc"),
+                    label=part if part not in drawn else None)
+            drawn.add(part)
+            left += gb
+        ax.text(left, y, f" {left:,.1f} GB", va="center", fontsize=9)
+    top = max(e.gb for e in estimates.values())
+    for g in gpus:
+        if g <= top * 1.3:
+            ax.axvline(g, color="black", ls="--", lw=0.8, alpha=0.6)
+            ax.text(g, 0.98, f" {g} GB GPU", transform=ax.get_xaxis_transform(), ha="left", va="top",
+                    fontsize=8, rotation=90, alpha=0.8)
+    ax.set_yticks(range(len(labels)), labels)
+    ax.invert_yaxis()
+    ax.set_xlim(0, top * 1.3)
+    ax.set_xlabel("GB (1e9 bytes)")
+    if title:
+        ax.set_title(title)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1), fontsize=8, frameon=False)
+    ax.figure.tight_layout()
+    return ax
