@@ -1,0 +1,31 @@
+"""Hardened, parallel autograding on nbgrader: `lorakit grade` for instructors, `lorakit check` for learners.
+
+    from lorakit import grading
+    results = grading.grade("00_setup", ["submissions/"], workers=2)   # -> list[report.Graded]
+    ok = grading.check("my_copy_of_00_setup.ipynb")                       # visible checks, printed
+
+How a class is graded (each step in its own module):
+
+1. submission.py: the lesson is registered in the gradebook by nbgrader itself, and its graded cells (with
+   hidden tests) are read back from there; submissions are collected from folders or an LMS zip; each one is
+   laid over the key (edited or deleted test cells restored, stripped metadata recovered from first lines).
+2. sandbox.py + runner.py: every submission runs in its own process in a sandbox (namespaces, its own uid,
+   rlimits, no network, a private view of the filesystem), several at a time; test cells are judged by
+   code the learner cannot patch, and every submission ends as `graded` or `failed` with a reason.
+3. report.py: the nbgrader gradebook, grades.csv, feedback HTML without hidden tests, results.json.
+"""
+
+from __future__ import annotations
+
+__all__ = ["grade", "check", "default_db_url", "Limits", "Protections", "detect"]
+
+# Imported lazily: the sandbox's entry point (python -m lorakit.grading.sandbox) must start fast.
+_WHERE = {"grade": "batch", "check": "batch", "default_db_url": "batch",
+          "Limits": "sandbox", "Protections": "sandbox", "detect": "sandbox"}
+
+
+def __getattr__(name):
+    if name in _WHERE:
+        import importlib
+        return getattr(importlib.import_module(f"{__name__}.{_WHERE[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

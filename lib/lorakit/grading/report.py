@@ -1,0 +1,173 @@
+"""What grading leaves behind: the nbgrader gradebook, grades.csv, feedback HTML, Gradescope results.json.
+
+- The gradebook is nbgrader's own (any SQLAlchemy URL: SQLite by default, PostgreSQL for a team or for
+  several machines grading shards of one class); only the grader writes to it, never a sandbox. Failed
+  submissions are flagged so they show up in nbgrader's formgrader.
+- grades.csv has one row per submission with a `status` (graded / failed) and a `reason`, so a timeout is
+  never mistaken for a real zero.
+- Feedback HTML shows the learner their notebook with outputs and a verdict under every test cell; hidden
+  tests are never in it (only the visible part of a test cell is rendered, and a hidden failure says only
+  that a hidden test failed).
+- results.json follows Gradescope's autograder format.
+"""
+
+from __future__ import annotations
+
+import csv
+import html
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import nbformat
+
+
+@dataclass
+class Graded:
+    """One submission's result, as reported."""
+    student: str
+    lesson: str
+    source: str              # the submitted file
+    outcome: object          # runner.Outcome
+    max_score: float
+
+    @property
+    def score(self) -> float:
+        return self.outcome.score
+
+    @property
+    def status(self) -> str:
+        return self.outcome.status
+
+
+def _env_with_alembic() -> None:
+    bin_dir = str(Path(sys.executable).parent)
+    if bin_dir not in os.environ.get("PATH", "").split(os.pathsep):
+        os.environ["PATH"] = os.pathsep.join([bin_dir, os.environ.get("PATH", "")])
+
+
+def write_gradebook(db_url: str, g: Graded, test_ids: list[str]) -> None:
+    """Record `g` in the gradebook: one auto_score per test cell, the notebook flagged when it failed."""
+    from nbgrader.api import Gradebook, InvalidEntry, MissingEntry
+    _env_with_alembic()
+    zero_all = g.outcome.reason in ("tampering detected", "invalid notebook", "grader error")
+    import warnings
+    for attempt in range(3):  # another machine may create the same student at the same moment
+        try:
+            with warnings.catch_warnings(), Gradebook(db_url) as gb:
+                warnings.simplefilter("ignore")  # nbgrader's own SQLAlchemy autoflush warnings
+                gb.update_or_create_student(g.student)
+                try:
+                    gb.find_submission(g.lesson, g.student)
+                except MissingEntry:
+                    gb.add_submission(g.lesson, g.student)
+                for gid in test_ids:
+                    grade = gb.find_grade(gid, g.lesson, g.lesson, g.student)
+                    t = g.outcome.tests.get(gid)
+                    grade.auto_score = 0.0 if zero_all or t is None else float(t.points)
+                    grade.manual_score = None
+                nb = gb.find_submission_notebook(g.lesson, g.lesson, g.student)
+                nb.flagged = g.status != "graded"
+                gb.db.commit()
+            return
+        except InvalidEntry:
+            if attempt == 2:
+                raise
+            time.sleep(0.2 * (attempt + 1))
+
+
+def read_gradebook(db_url: str, lesson: str) -> dict[str, float]:
+    """student -> auto score of `lesson` (for tests and for checking a shared gradebook)."""
+    from nbgrader.api import Gradebook
+    _env_with_alembic()
+    out = {}
+    with Gradebook(db_url) as gb:
+        for sub in gb.find_assignment(lesson).submissions:
+            out[sub.student.id] = float(sub.score)
+    return out
+
+
+def write_csv(results: list[Graded], path: Path, test_ids: list[str]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["student", "lesson", "score", "max_score", "status", "reason", "detail", "seconds", *test_ids, "source"])
+        for g in sorted(results, key=lambda r: r.student):
+            o = g.outcome
+            zero = o.reason in ("tampering detected", "invalid notebook", "grader error")
+            w.writerow([g.student, g.lesson, f"{g.score:g}", f"{g.max_score:g}", o.status, o.reason, o.detail,
+                        f"{o.seconds:.1f}",
+                        *[("" if gid not in o.tests else f"{0 if zero else o.tests[gid].points:g}") for gid in test_ids],
+                        g.source])
+
+
+def results_json(g: Graded) -> dict:
+    """Gradescope's autograder results format."""
+    o = g.outcome
+    zero = o.reason in ("tampering detected", "invalid notebook", "grader error")
+    tests = [{"name": gid, "score": 0.0 if zero else t.points, "max_score": t.max_points,
+              "status": "passed" if t.passed and not zero else "failed", "output": t.message, "visibility": "visible"}
+             for gid, t in o.tests.items()]
+    summary = "graded" if o.status == "graded" else f"failed: {o.reason}" + (f" ({o.detail})" if o.detail else "")
+    return {"score": g.score, "max_score": g.max_score, "execution_time": round(o.seconds, 2),
+            "output": summary + ("\n" + "\n".join(o.notes) if o.notes else ""), "stdout_visibility": "hidden",
+            "tests": tests, "extra_data": {"status": o.status, "reason": o.reason, "student": g.student, "lesson": g.lesson}}
+
+
+def feedback_notebook(g: Graded, merged: nbformat.NotebookNode | None) -> nbformat.NotebookNode:
+    """The learner's notebook with outputs and a verdict under each test cell; hidden tests left out."""
+    o = g.outcome
+    head = [f"# Feedback: {g.lesson}", "", f"**{g.student}** — score **{g.score:g} / {g.max_score:g}**"]
+    if o.status != "graded":
+        head.append(f"\n**Grading failed: {o.reason}.** {html.escape(o.detail)}")
+    for note in o.notes:
+        head.append(f"\n- {html.escape(note)}")
+    cells = [nbformat.v4.new_markdown_cell("\n".join(head))]
+    for i, cell in enumerate(merged.cells if merged is not None else []):
+        meta = cell.metadata.get("lorakit", {})
+        if cell.cell_type == "markdown":
+            cells.append(nbformat.v4.new_markdown_cell(cell.source))
+            continue
+        new = nbformat.v4.new_code_cell(cell.source)   # test cells hold only their visible part (submission.merge)
+        new.outputs = [nbformat.from_dict(x) for x in o.outputs.get(i, [])]
+        gid = meta.get("grade_id")
+        if meta.get("kind") == "test" and gid in o.tests:
+            t = o.tests[gid]
+            mark = "\u2705" if t.passed else "\u274c"
+            new.outputs.append(nbformat.v4.new_output("stream", name="stdout",
+                                                      text=f"\n{mark} {gid}: {t.points:g} / {t.max_points:g} points — {t.message}\n"))
+        cells.append(new)
+    nb = nbformat.v4.new_notebook()
+    nb.cells = cells
+    nb.metadata["kernelspec"] = (merged.metadata.get("kernelspec") if merged is not None else None) or {}
+    return nb
+
+
+def feedback_html(nb: nbformat.NotebookNode) -> str:
+    from nbconvert import HTMLExporter
+    body, _ = HTMLExporter(template_name="classic").from_notebook_node(nb)
+    return body
+
+
+def write_submission_reports(g: Graded, merged, out: Path) -> None:
+    """results/STUDENT.json and feedback/STUDENT.html under `out`."""
+    (out / "results").mkdir(parents=True, exist_ok=True)
+    (out / "feedback").mkdir(parents=True, exist_ok=True)
+    (out / "results" / f"{g.student}.json").write_text(json.dumps(results_json(g), indent=1))
+    nb = feedback_notebook(g, merged)
+    try:
+        text = feedback_html(nb)
+    except Exception as e:  # a report problem must not lose the grade
+        text = f"<html><body><pre>{html.escape(json.dumps(results_json(g), indent=1))}\n\n(HTML rendering failed: {html.escape(str(e))})</pre></body></html>"
+    (out / "feedback" / f"{g.student}.html").write_text(text)
+
+
+def table(results: list[Graded]) -> str:
+    rows = [("student", "score", "status", "reason")] + [
+        (g.student, f"{g.score:g}/{g.max_score:g}", g.status, (g.outcome.reason + (f": {g.outcome.detail}" if g.outcome.detail else ""))[:90])
+        for g in sorted(results, key=lambda r: r.student)]
+    w = [max(len(r[i]) for r in rows) for i in range(3)]
+    return "\n".join(f"{a:<{w[0]}}  {b:>{w[1]}}  {c:<{w[2]}}  {d}" for a, b, c, d in rows)

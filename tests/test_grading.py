@@ -1,0 +1,256 @@
+"""The grading pipeline against known-good and known-bad submissions of lesson 00 (no model needed).
+
+One batch grades every submission of lorakit.grading.adversarial with 2 workers, sandbox on; each one must
+get its honest score or an explicit failure, never more than it earned, and the gradebook must be intact
+afterwards. The rest are fast unit tests of the pieces (merging, shards, zips, reports) and `lorakit check`.
+"""
+
+import csv
+import hashlib
+import json
+import shutil
+import socket
+import sqlite3
+import zipfile
+from pathlib import Path
+
+import nbformat
+import pytest
+
+from lorakit import cli, course
+from lorakit.grading import adversarial, report, submission
+from lorakit.grading.sandbox import Protections, detect
+
+LESSON = "00_setup"
+CELL_TIMEOUT = 4
+
+
+@pytest.fixture(scope="module")
+def listener():
+    """A TCP server on the grader's localhost: a sandboxed submission must not reach it."""
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    s.listen(64)
+    yield s.getsockname()[1]
+    s.close()
+
+
+@pytest.fixture(scope="module")
+def batch(tmp_path_factory, listener):
+    from lorakit import grading
+    tmp = tmp_path_factory.mktemp("grading")
+    db = tmp / "gradebook.db"
+    real_db = Path(grading.default_db_url().removeprefix("sqlite:///"))
+    before = hashlib.sha256(real_db.read_bytes()).hexdigest() if real_db.is_file() else None
+    subs = adversarial.lesson00(port=listener, secrets=[str(course.solution_path(LESSON)), str(db), str(real_db)])
+    subs.pop("correct_full")  # whole notebooks need realistic cell time limits: test_whole_notebooks
+    adversarial.write(subs, tmp / "submissions")
+    lines = []
+    results = grading.grade(LESSON, [tmp / "submissions"], workers=2, db=f"sqlite:///{db}", timeout=120,
+                            cell_timeout=CELL_TIMEOUT, out=tmp / "out",
+                            limits=grading.Limits(memory_mb=2048, processes=64), echo=lines.append)
+    return {"subs": subs, "results": {g.student: g for g in results}, "db": db, "out": tmp / "out", "log": lines,
+            "real_db": (real_db, before)}
+
+
+def test_every_submission_is_reported(batch):
+    assert set(batch["results"]) == set(batch["subs"])
+    rows = list(csv.DictReader(open(batch["out"] / "grades.csv")))
+    assert sorted(r["student"] for r in rows) == sorted(batch["subs"])
+    assert all(r["status"] in ("graded", "failed") for r in rows)
+    assert all(r["reason"] for r in rows if r["status"] == "failed"), "a failed row must say why"
+
+
+@pytest.mark.parametrize("name", [n for n in adversarial.lesson00() if n != "correct_full"])
+def test_honest_score_or_explicit_failure(batch, name):
+    expected = batch["subs"][name][1]
+    g = batch["results"][name]
+    o = g.outcome
+    assert g.score <= expected.score, f"{name} scored {g.score}, more than it earned ({expected.score}): {o}"
+    assert (g.score, o.status, o.reason) == (expected.score, expected.status, expected.reason), \
+        f"{name}: expected {expected}, got score {g.score}, {o.status} {o.reason!r} ({o.detail})"
+
+
+def test_protections_are_reported(batch):
+    assert batch["log"][0].startswith("sandbox:")
+    p = detect()
+    if not p.namespaces:
+        assert "protections OFF" in batch["log"][0]
+
+
+def test_gradebook_is_intact_and_matches_the_csv(batch):
+    con = sqlite3.connect(batch["db"])
+    assert con.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    con.close()
+    scores = report.read_gradebook(f"sqlite:///{batch['db']}", LESSON)
+    assert scores == {n: batch["subs"][n][1].score for n in batch["subs"]}
+    from nbgrader.api import Gradebook
+    with Gradebook(f"sqlite:///{batch['db']}") as gb:
+        for name, g in batch["results"].items():
+            nb = gb.find_submission_notebook(LESSON, LESSON, name)
+            assert nb.flagged == (g.status != "graded"), name
+    real_db, before = batch["real_db"]
+    if before is not None:
+        assert hashlib.sha256(real_db.read_bytes()).hexdigest() == before, "the course gradebook changed"
+
+
+def test_feedback_never_shows_hidden_tests(batch):
+    solution = nbformat.read(course.solution_path(LESSON), as_version=4)
+    hidden_lines = set()
+    for cell in solution.cells:
+        if submission.HIDDEN_BEGIN in cell.source:
+            hidden = cell.source.split(submission.HIDDEN_BEGIN, 1)[1].split(submission.HIDDEN_END, 1)[0]
+            hidden_lines |= {l.strip() for l in hidden.split("\n") if l.strip()}
+    assert hidden_lines
+    for name in batch["subs"]:
+        html = (batch["out"] / "feedback" / f"{name}.html").read_text()
+        text = json.dumps(json.loads((batch["out"] / "results" / f"{name}.json").read_text()))
+        for line in hidden_lines:
+            assert "HIDDEN TESTS" not in html and "6.738415616" not in html and "1_000_000_000" not in html, name
+            assert "6.738415616" not in text, name
+
+
+def test_results_json_is_gradescope_shaped(batch):
+    data = json.loads((batch["out"] / "results" / "partial.json").read_text())
+    assert data["score"] == 1 and data["max_score"] == 2
+    assert [(t["name"], t["score"], t["max_score"]) for t in data["tests"]] == [
+        ("ex00_bytes_per_param_test", 1.0, 1.0), ("ex00_weights_gb_test", 0.0, 1.0)]
+    assert "fp32" not in data["tests"][1]["output"] and "NotImplementedError" in data["tests"][1]["output"]
+
+
+def test_feedback_explains_failures_in_the_checks_words(batch):
+    data = json.loads((batch["out"] / "results" / "wrong_values.json").read_text())
+    assert "expected 4.0 bytes per parameter, found 8" in data["tests"][0]["output"]
+    tampered = batch["results"]["monkeypatch"].outcome
+    assert "lorakit.checks.setup.expect was replaced" in tampered.detail
+    notes = " ".join(batch["results"]["deleted_test"].outcome.notes)
+    assert "restored from the gradebook" in notes
+    notes = " ".join(batch["results"]["stripped_metadata"].outcome.notes)
+    assert "recovered from the cell's first line" in notes
+
+
+def test_shards_partition_a_class_into_one_gradebook(batch, tmp_path):
+    """Two 'machines' grade slices 1/2 and 2/2 of a zip download into the same gradebook."""
+    from lorakit import grading
+    zpath = tmp_path / "lms.zip"
+    with zipfile.ZipFile(zpath, "w") as zf:
+        for i, (kind, solved) in enumerate([("a", "all"), ("b", set()), ("c", {"ex00_bytes_per_param"}), ("d", "all")]):
+            nb = adversarial.student_notebook(LESSON, solved=solved, minimal=True)
+            zf.writestr(f"export/shard_{kind}/{LESSON}.ipynb", nbformat.writes(nb))
+        zf.writestr("../../evil/escape.ipynb", "{}")  # a zip-slip name stays inside the work folder
+    db = tmp_path / "gb.db"
+    shutil.copy(batch["db"], db)  # the lesson is registered already
+    seen = []
+    for i in (1, 2):
+        res = grading.grade(LESSON, [zpath], workers=2, db=f"sqlite:///{db}", shard=f"{i}/2", out=tmp_path / f"out{i}",
+                            cell_timeout=30, echo=None)
+        seen.append({g.student for g in res})
+    assert not (seen[0] & seen[1])
+    assert seen[0] | seen[1] == {"shard_a", "shard_b", "shard_c", "shard_d", "escape"}
+    scores = report.read_gradebook(f"sqlite:///{db}", LESSON)
+    assert {k: scores[k] for k in ("shard_a", "shard_b", "shard_c", "shard_d", "escape")} == \
+        {"shard_a": 2, "shard_b": 0, "shard_c": 1, "shard_d": 2, "escape": 0}
+    assert not (tmp_path.parent / "evil").exists()
+
+
+def test_whole_notebooks(batch, tmp_path):
+    """The whole lesson as handed in (solved, and untouched), with the normal per-cell limit."""
+    from lorakit import grading
+    subs = {"whole_solved": adversarial.student_notebook(LESSON), "whole_untouched": adversarial.student_notebook(LESSON, solved=set())}
+    for name, nb in subs.items():
+        (tmp_path / "in" / f"{name}.ipynb").parent.mkdir(exist_ok=True)
+        (tmp_path / "in" / f"{name}.ipynb").write_text(nbformat.writes(nb))
+    db = tmp_path / "gb.db"
+    shutil.copy(batch["db"], db)
+    res = {g.student: g for g in grading.grade(LESSON, [tmp_path / "in"], workers=2, db=f"sqlite:///{db}",
+                                                 out=tmp_path / "out", echo=None)}
+    assert (res["whole_solved"].score, res["whole_solved"].status) == (2, "graded"), res["whole_solved"].outcome
+    assert (res["whole_untouched"].score, res["whole_untouched"].status) == (0, "graded"), res["whole_untouched"].outcome
+    html = (tmp_path / "out" / "feedback" / "whole_solved.html").read_text()
+    assert "Llama-2-7B weights in bf16: 13.48 GB" in html  # the check's own words, in the feedback
+
+
+# ------------------------------------------------------------------------------------------ unit tests
+
+@pytest.fixture(scope="module")
+def key():
+    nb = nbformat.read(course.lesson_path(LESSON), as_version=4)
+    return submission.key_from_notebook(LESSON, nb)
+
+
+def test_ids_come_back_from_first_lines(key):
+    nb = adversarial.student_notebook(LESSON, minimal=True)
+    for c in nb.cells:
+        c.metadata = {}
+    m = submission.merge(nb, key)
+    kinds = [(c.metadata["lorakit"]["kind"], c.metadata["lorakit"].get("grade_id")) for c in m.notebook.cells]
+    assert kinds == [("code", "ex00_bytes_per_param"), ("test", "ex00_bytes_per_param_test"),
+                     ("code", "ex00_weights_gb"), ("test", "ex00_weights_gb_test")]
+
+
+def test_missing_and_edited_tests_are_restored_in_place(key):
+    nb = adversarial.student_notebook(LESSON, minimal=True)
+    nb.cells = [c for c in nb.cells if submission.cell_id(c) != "ex00_bytes_per_param_test"]
+    assert submission.cell_id(nb.cells[-1]) == "ex00_weights_gb_test"
+    nb.cells[-1].source = "# ex00_weights_gb_test\npass"
+    m = submission.merge(nb, key)
+    ids = [c.metadata["lorakit"].get("grade_id") for c in m.notebook.cells]
+    assert ids == ["ex00_bytes_per_param", "ex00_bytes_per_param_test", "ex00_weights_gb", "ex00_weights_gb_test"]
+    assert m.notebook.cells[-1].source == key.cells["ex00_weights_gb_test"].visible
+    assert any("edited" in n for n in m.notes) and any("missing" in n for n in m.notes)
+
+
+def test_visible_source_drops_hidden_tests():
+    src = "a = 1\n### BEGIN HIDDEN TESTS\nassert secret\n### END HIDDEN TESTS\nb = 2"
+    assert submission.visible_source(src) == "a = 1\nb = 2"
+
+
+def test_shard_is_deterministic_and_complete():
+    subs = [submission.Submission(f"s{i}", Path(f"s{i}.ipynb")) for i in range(50)]
+    parts = [submission.shard(subs, f"{i}/3") for i in (1, 2, 3)]
+    assert sorted(s.student for p in parts for s in p) == sorted(s.student for s in subs)
+    assert parts[0] == submission.shard(subs, "1/3")
+    with pytest.raises(course.CourseError):
+        submission.shard(subs, "4/3")
+
+
+def test_student_ids_from_common_layouts(tmp_path):
+    for rel in ["alice/00_setup/00_setup.ipynb", "bob/00_setup.ipynb", "carol_12345_00_setup.ipynb"]:
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_text("{}")
+    assert [s.student for s in submission.collect([tmp_path], LESSON, tmp_path / "w")] == ["alice", "bob", "carol_12345_00_setup"]
+
+
+def test_invalid_notebooks_say_why(tmp_path):
+    p = tmp_path / "x.ipynb"
+    p.write_text("[1, 2]")
+    with pytest.raises(ValueError, match="not a Jupyter notebook"):
+        submission.read_notebook(p)
+
+
+def test_protections_off_are_named():
+    off = Protections().off()
+    assert any("network" in o for o in off) and any("filesystem" in o for o in off) and any("user" in o for o in off)
+    assert "protections OFF" in Protections(rlimits=True).describe()
+
+
+def test_out_folder_inside_solutions_is_refused():
+    assert cli.main(["grade", LESSON, "nowhere", "--out", str(course.course_root() / "solutions" / "x")]) == 2
+
+
+# ----------------------------------------------------------------------------------- lorakit check
+
+def test_check_passes_a_solved_notebook_and_explains_a_stub(tmp_path, capsys):
+    good, stub = tmp_path / "good.ipynb", tmp_path / "stub.ipynb"
+    good.write_text(nbformat.writes(adversarial.student_notebook(LESSON, minimal=True)))
+    nb = adversarial.student_notebook(LESSON, solved={"ex00_bytes_per_param"}, minimal=True)
+    for c in nb.cells:  # downloaded from Colab: metadata gone
+        c.metadata = {}
+    stub.write_text(json.dumps(nb))
+    assert cli.main(["check", str(good)]) == 0
+    out = capsys.readouterr().out
+    assert "visible checks: 2 / 2 points" in out
+    assert cli.main(["check", str(stub), "--lesson", "00"]) == 1
+    out = capsys.readouterr().out
+    assert "\u2705 ex00_bytes_per_param_test" in out and "\u274c ex00_weights_gb_test" in out
+    assert "NotImplementedError" in out and "visible checks: 1 / 2 points" in out
