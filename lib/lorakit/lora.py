@@ -1,0 +1,191 @@
+"""LoRA from scratch: a low-rank adapter beside a frozen linear layer, injected by module name.
+
+LoRA (Hu et al. 2021, arXiv 2106.09685) freezes a pretrained weight W0 (out x in) and learns its change
+as a product of two thin matrices, B (out x r) and A (r x in), with r much smaller than in and out:
+
+    h = W0 x + (alpha / r) * B A x
+
+B starts at zero, so the adapted model starts exactly equal to the base model; only A and B train.
+After training, B A can be added into W0 ("merged"), so inference costs nothing extra.
+
+This file is lesson 02's reference and speaks peft's vocabulary (peft/tuners/lora/layer.py):
+`base_layer`, `lora_A`, `lora_B`, `lora_dropout`, `scaling`, `merge()`, `unmerge()`, so that a learner
+moving to `peft.get_peft_model(model, LoraConfig(...))` recognises every name, and the lesson proves
+the two numerically equal. `lorakit.qlora` builds its 4-bit layer on `LoRALinear`.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import warnings
+
+import torch
+from torch import nn
+
+__all__ = ["LoRALinear", "inject_lora", "lora_state_dict", "merge_lora", "trainable_parameters"]
+
+
+def _check_hyperparameters(r, alpha, dropout) -> None:
+    """Clear errors for values LoRA cannot use: what was given and what is accepted."""
+    if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
+        raise ValueError(f"r (the LoRA rank) must be a positive integer such as 8 or 16; got r={r!r}.")
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not alpha > 0:
+        raise ValueError(f"alpha must be a positive number (peft's default is alpha = r = 8); got alpha={alpha!r}.")
+    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
+        raise ValueError(f"dropout is a probability in [0, 1) (0.0 = no dropout, QLoRA used 0.05-0.1); "
+                         f"got dropout={dropout!r}.")
+
+
+class LoRALinear(nn.Module):
+    """A frozen `nn.Linear` plus a trainable low-rank update: base(x) + lora_B(lora_A(dropout(x))) * scaling.
+
+    base        the layer to adapt; it is kept as `base_layer` (never modified except by `merge`)
+    r           the rank of the update: lora_A is (r x in), lora_B is (out x r)
+    alpha       the update is scaled by alpha / r (by alpha / sqrt(r) with `use_rslora`, rank-stabilised
+                LoRA), so changing r does not change the step size the optimizer needs
+    dropout     dropout probability on the adapter's input only; the frozen path sees x unchanged
+    """
+
+    def __init__(self, base: nn.Linear, r: int = 8, alpha: float = 8, dropout: float = 0.0,
+                 use_rslora: bool = False):
+        super().__init__()
+        if isinstance(base, LoRALinear):
+            raise TypeError("this layer already is a LoRALinear: wrap the plain nn.Linear once, not twice.")
+        if not isinstance(base, nn.Linear):
+            raise TypeError(f"LoRALinear wraps an nn.Linear (a layer with in_features x out_features weights); "
+                            f"got {type(base).__name__}.")
+        _check_hyperparameters(r, alpha, dropout)
+        self.base_layer = base
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.r, self.lora_alpha, self.use_rslora = r, alpha, use_rslora
+        # One place where r, alpha and rsLoRA become behaviour.
+        self.scaling = alpha / math.sqrt(r) if use_rslora else alpha / r
+        self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        # Adapters live on the base weight's device; fp32 even beside a 16-bit or 4-bit base, as in peft
+        # (its default autocast_adapter_dtype=True), so small updates are not rounded away.
+        weight = base.weight
+        dtype = weight.dtype if weight.dtype in (torch.float32, torch.float64) else torch.float32
+        self.lora_A = nn.Linear(self.in_features, r, bias=False, device=weight.device, dtype=dtype)   # (r, in)
+        self.lora_B = nn.Linear(r, self.out_features, bias=False, device=weight.device, dtype=dtype)  # (out, r)
+        self.reset_lora_parameters()
+        for p in self.base_layer.parameters():
+            p.requires_grad_(False)
+        self.merged = False
+
+    @torch.no_grad()
+    def reset_lora_parameters(self) -> None:
+        # A like nn.Linear's own init (Microsoft's loralib and peft do the same), B zero: B A = 0 at start.
+        nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))  # uniform(+-1/sqrt(in))
+        nn.init.zeros_(self.lora_B.weight)
+
+    def lora_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The adapter branch alone: (..., in) -> (..., out), already scaled."""
+        x = x.to(self.lora_A.weight.dtype)
+        return self.lora_B(self.lora_A(self.lora_dropout(x))) * self.scaling  # (..., r) in between
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        result = self.base_layer(x)
+        if self.merged:  # B A is inside the base weight already
+            return result
+        return (result + self.lora_forward(x)).to(result.dtype)
+
+    def delta_weight(self) -> torch.Tensor:
+        """scaling * B @ A, shaped like the base weight (out, in): what `merge` adds (peft: get_delta_weight)."""
+        return (self.lora_B.weight @ self.lora_A.weight) * self.scaling
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """Add the update into the base weight: one matmul per layer at inference, no extra latency."""
+        if self.merged:
+            warnings.warn("this LoRALinear is already merged; merging again would add B A twice, so nothing "
+                          "was done. Call unmerge() first to merge new adapter weights.", stacklevel=2)
+            return
+        weight = self.base_layer.weight
+        weight += self.delta_weight().to(weight.dtype)
+        self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Subtract the update again: the inverse of `merge` (equal up to float rounding, as in peft)."""
+        if not self.merged:
+            warnings.warn("this LoRALinear is not merged; nothing to unmerge.", stacklevel=2)
+            return
+        weight = self.base_layer.weight
+        weight -= self.delta_weight().to(weight.dtype)
+        self.merged = False
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, r={self.r}, "
+                f"alpha={self.lora_alpha}, scaling={self.scaling:.4g}, merged={self.merged}")
+
+
+def _matches(name: str, target_modules) -> bool:
+    """peft's rule: a string is a regular expression the full module name must match; a list of names
+    matches a module whose full name is one of them or ends with '.' + one of them."""
+    if isinstance(target_modules, str):
+        return re.fullmatch(target_modules, name) is not None
+    return any(name == t or name.endswith("." + t) for t in target_modules)
+
+
+def _check_targets(target_modules):
+    if isinstance(target_modules, str):
+        return target_modules
+    if isinstance(target_modules, (list, tuple, set)) and target_modules and all(isinstance(t, str) for t in target_modules):
+        return list(target_modules)
+    raise TypeError(f"target_modules is a list of module names such as ['q_proj', 'v_proj'] (or one regular "
+                    f"expression string); got {target_modules!r}.")
+
+
+def inject_lora(model: nn.Module, target_modules, r: int = 8, alpha: float = 8, dropout: float = 0.0,
+                use_rslora: bool = False) -> int:
+    """Freeze `model` and replace every `nn.Linear` whose name matches `target_modules` by a `LoRALinear`,
+    in place. Returns the number of trainable parameters (the adapters' r * (in + out) per layer)."""
+    targets = _check_targets(target_modules)
+    _check_hyperparameters(r, alpha, dropout)
+    found = [(name, m) for name, m in model.named_modules() if name and _matches(name, targets)]
+    if not found:
+        linear = sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, nn.Linear)})
+        raise ValueError(f"target_modules={targets!r} matched no module of this {type(model).__name__}. "
+                         f"Its linear layers are named: {linear}.")
+    for name, m in found:
+        if not isinstance(m, nn.Linear) or isinstance(m, LoRALinear):
+            what = "already a LoRALinear (inject once)" if isinstance(m, LoRALinear) else type(m).__name__
+            raise TypeError(f"target module {name!r} is {what}; LoRA here adapts nn.Linear layers only. "
+                            f"Name the linear layers, e.g. ['q_proj', 'v_proj'].")
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for name, m in found:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, LoRALinear(m, r, alpha, dropout, use_rslora))
+    return trainable_parameters(model)
+
+
+def trainable_parameters(model: nn.Module) -> int:
+    """How many parameters receive gradients (peft's `print_trainable_parameters` counts the same)."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Only the adapter weights: {'model.layers.0.self_attn.q_proj.lora_A.weight': tensor, ...}.
+
+    These are all a fine-tune needs to save. peft's `set_peft_model_state_dict` loads them into a peft
+    model after prefixing each key with 'base_model.model.'."""
+    return {k: v.detach().clone() for k, v in model.state_dict().items() if ".lora_A." in k or ".lora_B." in k}
+
+
+@torch.no_grad()
+def merge_lora(model: nn.Module) -> nn.Module:
+    """Merge every `LoRALinear` into its base weight and put the plain `nn.Linear` back (peft:
+    `merge_and_unload`). Returns the model, which now has the base model's architecture."""
+    wrapped = [(name, m) for name, m in model.named_modules() if isinstance(m, LoRALinear)]
+    if not wrapped:
+        raise ValueError("merge_lora found no LoRALinear layers in this model: call inject_lora first.")
+    for name, m in wrapped:
+        if not m.merged:
+            m.merge()
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, m.base_layer)
+    return model
