@@ -1,0 +1,257 @@
+"""lorakit.checks.finetune (lesson 05): readiness errors say what to change, each self-check passes on a
+right answer and fails with a learner-facing message on a wrong one, and the adapter-gradient check
+catches bitsandbytes' CPU trap."""
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import pytest
+import torch
+
+from lorakit import env, memory, models
+from lorakit.checks import CheckFailed
+from lorakit.checks import finetune as check
+
+SMOLLM2 = dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+               num_key_value_heads=3, vocab_size=49152)
+
+
+def llama(**kw):
+    from transformers import LlamaConfig
+    return LlamaConfig(**kw)
+
+
+# ------------------------------------------------------------------------------------------ readiness
+
+def test_compute_dtype_for_auto_and_explicit():
+    assert check.compute_dtype_for("auto", "cpu") == torch.bfloat16
+    assert check.compute_dtype_for("float32", "cpu") == torch.float32
+
+
+def test_compute_dtype_for_rejects_unknown_names():
+    with pytest.raises(ValueError, match="COMPUTE_DTYPE='fp8'.*'auto'"):
+        check.compute_dtype_for("fp8", "cpu")
+
+
+def test_bf16_on_a_gpu_without_it_says_what_to_use(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (7, 5))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "Tesla T4")
+    with pytest.raises(ValueError, match="Tesla T4.*float16"):
+        check.compute_dtype_for("bfloat16", "cuda")
+    assert check.compute_dtype_for("auto", "cuda") == torch.float16
+
+
+def test_require_four_bit(monkeypatch):
+    assert "NF4" in check.require_four_bit("cpu")
+    monkeypatch.setattr(env, "four_bit_works", lambda device: (False, "ModuleNotFoundError: bitsandbytes"))
+    with pytest.raises(RuntimeError, match="pip install -e .*DEVICE='cpu'"):
+        check.require_four_bit("cpu")
+
+
+def test_unknown_model_id_stops_with_a_message():
+    with pytest.raises(models.ModelNotFoundError, match="embedded model"):
+        models.load_tokenizer("nobody/no-such-model-anywhere")
+
+
+# ------------------------------------------------------------------------------- trainable count
+
+def reference_predict(config, r, target_modules):
+    return check._lora_count(config, r, target_modules)
+
+
+@pytest.mark.parametrize("shapes", [SMOLLM2, dict(hidden_size=192, intermediate_size=512, num_hidden_layers=4,
+                                                  num_attention_heads=3, num_key_value_heads=3, vocab_size=2048)])
+@pytest.mark.parametrize("targets", [["q_proj", "v_proj"], check.PREFERENCE, ["down_proj"]])
+def test_reference_count_equals_lorakit_memory(shapes, targets):
+    cfg = llama(**shapes)
+    for r in (1, 8, 64):
+        assert check._lora_count(cfg, r, targets) == memory.lora_parameters(cfg, r, targets)
+
+
+def test_llama2_7b_counts_from_facts():
+    cfg = check.llama2_7b_config()
+    assert check._lora_count(cfg, 8, ["q_proj", "v_proj"]) == 4_194_304
+    assert check._lora_count(cfg, 64, check.PREFERENCE) == 159_907_840
+
+
+def test_trainable_count_check(capsys):
+    cfg = llama(**SMOLLM2)
+    check.trainable_count(reference_predict, cfg, 8, ["q_proj", "v_proj"])
+    assert "✅" in capsys.readouterr().out
+
+    def ignores_gqa(config, r, targets):  # treats k and v as hidden -> hidden
+        h = config.hidden_size
+        return config.num_hidden_layers * len(targets) * r * 2 * h if set(targets) <= {"q_proj", "k_proj", "v_proj", "o_proj"} else 0
+    with pytest.raises(CheckFailed, match=r"(?s)expected .* trainable parameters.*Hint"):
+        check.trainable_count(ignores_gqa, cfg, 8, ["q_proj", "v_proj"])
+
+    def stub(config, r, targets):
+        raise NotImplementedError()
+    with pytest.raises(CheckFailed, match="NotImplementedError"):
+        check.trainable_count(stub, cfg, 8, ["q_proj", "v_proj"])
+
+
+def test_targets_check():
+    cfg = llama(**SMOLLM2)
+
+    def right(config, r, budget):
+        return check._targets_for_budget(config, r, budget)
+    check.targets(right, cfg)
+    with pytest.raises(CheckFailed, match="over the budget"):
+        check.targets(lambda config, r, budget: list(check.PREFERENCE), cfg)
+    with pytest.raises(CheckFailed, match="expected"):
+        check.targets(lambda config, r, budget: ["q_proj"], cfg)
+
+
+def test_targets_reference_is_the_longest_prefix_that_fits():
+    cfg = check.llama2_7b_config()
+    assert check._targets_for_budget(cfg, 8, 4_194_304) == ["q_proj", "v_proj"]
+    assert check._targets_for_budget(cfg, 8, 4_194_303) == ["q_proj"]
+    assert check._targets_for_budget(cfg, 8, 0) == []
+    assert check._targets_for_budget(cfg, 1, 10**12) == check.PREFERENCE
+
+
+# ------------------------------------------------------------------------------- masking, exact match
+
+@pytest.fixture(scope="module")
+def tokenizer_and_data():
+    from lorakit import data
+    if not models.TINY_PATH.is_dir():
+        pytest.skip("the embedded model is not built yet (python -m lorakit.pretrain)")
+    return models.load_tokenizer(models.TINY), data.load_task("who_found")
+
+
+def test_masking_reference_equals_lorakit_data(tokenizer_and_data):
+    from lorakit import data
+    tok, ds = tokenizer_and_data
+    for ex in list(ds["train"])[:20]:
+        for max_length, padding in ((256, True), (256, False), (12, True), (30, False)):
+            assert check._reference(ex, tok, max_length, padding) == data.tokenize_with_masking(ex, tok, max_length, padding)
+
+
+def test_masking_check(tokenizer_and_data, capsys):
+    from lorakit import data
+    tok, ds = tokenizer_and_data
+    check.masking(data.tokenize_with_masking, tok, ds["train"])
+    check.truncation(data.tokenize_with_masking, tok, ds["train"])
+    assert "the loss sees only" in capsys.readouterr().out
+
+    def no_masking(ex, tokenizer, max_length=256, padding=True):
+        out = data.tokenize_with_masking(ex, tokenizer, max_length, padding)
+        out["labels"] = [t if m else -100 for t, m in zip(out["input_ids"], out["attention_mask"])]
+        return out
+    with pytest.raises(CheckFailed, match=r"(?s)prompt position.*-100 on every prompt token"):
+        check.masking(no_masking, tok, ds["train"])
+
+    def no_eos(ex, tokenizer, max_length=256, padding=True):
+        out = data.tokenize_with_masking(ex, tokenizer, max_length, padding=False)
+        out = {k: v[:-1] for k, v in out.items()}
+        if padding:
+            n = max_length - len(out["input_ids"])
+            out = {"input_ids": out["input_ids"] + [tokenizer.pad_token_id] * n,
+                   "attention_mask": out["attention_mask"] + [0] * n, "labels": out["labels"] + [-100] * n}
+        return out
+    with pytest.raises(CheckFailed):
+        check.masking(no_eos, tok, ds["train"])
+
+
+def test_exact_match_checks():
+    def right(answers, dataset):
+        return sum(a.strip() == ex["output"].strip() for a, ex in zip(answers, dataset)) / len(answers)
+    check.exact_match(right)
+    with pytest.raises(CheckFailed, match="expected a score"):
+        check.exact_match(lambda answers, dataset: sum(ex["output"] in a for a, ex in zip(answers, dataset)) / len(answers))
+    rows = [{"output": "Mia"}, {"output": "Tom"}]
+    check.before_eval(0.5, ["Mia", "Ben"], rows)
+    with pytest.raises(CheckFailed):
+        check.before_eval(0.0, ["Mia", "Ben"], rows)
+
+
+def test_improvement():
+    check.improvement(0.0, 0.9, min_gain=check.MIN_GAIN)
+    with pytest.raises(CheckFailed, match="expected a gain"):
+        check.improvement(0.1, 0.2, min_gain=check.MIN_GAIN)
+    with pytest.raises(CheckFailed, match="between 0 and 1"):
+        check.improvement(0.0, 90)
+
+
+# ---------------------------------------------------------------- trap 1: gradients after evaluation
+
+@pytest.fixture(scope="module")
+def small_llama_dir(tmp_path_factory):
+    from transformers import LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=256, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                      num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64)
+    path = tmp_path_factory.mktemp("llama")
+    LlamaForCausalLM(cfg).save_pretrained(path)
+    return path
+
+
+def four_bit_lora(path, disable_repack: bool):
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from transformers import AutoModelForCausalLM
+    model = AutoModelForCausalLM.from_pretrained(path, quantization_config=models.quantization_config("nf4"),
+                                                 dtype=torch.float32, device_map={"": "cpu"})
+    if disable_repack:
+        models.disable_cpu_inference_repack(model)
+    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    return get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                                            task_type="CAUSAL_LM"))
+
+
+def batch(n=2, length=16):
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 256, (n, length), generator=g)
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
+
+
+def evaluate(model):
+    model.eval()
+    with torch.no_grad():
+        model(input_ids=batch()["input_ids"])
+    model.train()
+
+
+def test_adapters_get_gradients_after_evaluation_when_repack_is_off(small_llama_dir, capsys):
+    model = four_bit_lora(small_llama_dir, disable_repack=True)
+    evaluate(model)
+    check.adapters_get_gradients(model, batch())
+    assert "still get gradients" in capsys.readouterr().out
+    assert all(p.grad is None for p in model.parameters())  # the probe leaves no gradients behind
+
+
+def test_adapters_check_catches_dead_adapters(small_llama_dir):
+    model = four_bit_lora(small_llama_dir, disable_repack=True)
+    for n, p in model.named_parameters():  # what trap 1 looks like from outside: B gets no gradient
+        if "lora_B" in n:
+            p.register_hook(lambda g: torch.zeros_like(g))
+    with pytest.raises(CheckFailed, match=r"(?s)got no gradient.*disable_cpu_inference_repack"):
+        check.adapters_get_gradients(model, batch())
+
+
+def test_same_outputs(small_llama_dir):
+    a = four_bit_lora(small_llama_dir, disable_repack=True)
+    b = four_bit_lora(small_llama_dir, disable_repack=True)
+    assert check.same_outputs(a, b, batch()) == 0.0
+    with torch.no_grad():
+        next(p for n, p in b.named_parameters() if "lora_B" in n).add_(0.1)
+    with pytest.raises(CheckFailed, match="differs from the trained model"):
+        check.same_outputs(a, b, batch())
+
+
+def _has_avx512_bf16() -> bool:
+    try:
+        return "avx512_bf16" in open("/proc/cpuinfo").read()
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not _has_avx512_bf16(), reason="bitsandbytes' CPU repack (trap 1) needs AVX512-BF16")
+def test_adapters_check_catches_the_real_trap(small_llama_dir):
+    model = four_bit_lora(small_llama_dir, disable_repack=False)
+    evaluate(model)  # eval() + no_grad: bitsandbytes repacks the 4-bit weights for inference
+    with pytest.raises(CheckFailed, match="got no gradient"):
+        check.adapters_get_gradients(model, batch())
