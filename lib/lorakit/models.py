@@ -41,77 +41,32 @@ def resolve(model_id: str) -> str:
 
 @dataclass(frozen=True)
 class Preset:
-    """A hub model the course's notebooks suit, with the sizes that decide its memory needs.
-
-    The memory numbers are estimates from the architecture (see `memory_gb`), not GPU measurements."""
+    """A hub model the course's notebooks suit. Its architecture is written out in
+    `lorakit.memory.CONFIGS[name]` (no hub access needed), so its size and memory needs come from
+    `lorakit.memory`: estimates from the architecture, not GPU measurements."""
     model_id: str
-    params: int                 # total, embeddings counted once when tied
-    hidden: int
-    intermediate: int
-    layers: int
-    kv_dim: int                 # num_key_value_heads * head_dim
-    vocab: int
-    tied: bool
     note: str = ""
-
-    @property
-    def linear_params(self) -> int:
-        """Parameters in the q/k/v/o/gate/up/down projections: the ones 4-bit quantization packs."""
-        per_layer = 2 * self.hidden * self.hidden + 2 * self.hidden * self.kv_dim + 3 * self.hidden * self.intermediate
-        return self.layers * per_layer
-
-    def lora_params(self, r: int = 16) -> int:
-        """Adapter parameters, r on all seven projections: r * (in + out) each."""
-        h, kv, i = self.hidden, self.kv_dim, self.intermediate
-        per_layer = r * ((h + h) * 2 + (h + kv) * 2 + (h + i) * 3)
-        return self.layers * per_layer
-
-    def activations_gb(self, batch: int = 8, seq: int = 512) -> float:
-        """A rough activation budget with gradient checkpointing: fp32 logits and their gradient (the big
-        vocabularies make this the largest part), one bf16 hidden state kept per layer, one layer's
-        recomputed activations, and about 0.5 GB of CUDA context."""
-        tokens = batch * seq
-        logits = tokens * self.vocab * 4 * 2
-        checkpoints = tokens * self.hidden * 2 * self.layers
-        one_layer = tokens * (10 * self.hidden + 3 * self.intermediate) * 2
-        return (logits + checkpoints + one_layer) / 1e9 + 0.5
-
-    def memory_gb(self, method: str = "qlora", r: int = 16, batch: int = 8, seq: int = 512) -> float:
-        """Estimated GB to fine-tune with batch x seq tokens: 'qlora' (nf4 + double quant: 4.127 bits
-        per linear parameter, the rest bf16; LoRA r on all linear layers), 'lora' (bf16 weights, same
-        adapters) or 'full' (16 bytes per parameter, mixed-precision AdamW)."""
-        if method == "full":
-            return self.params * 16 / 1e9 + self.activations_gb(batch, seq)
-        if method == "lora":
-            weights = self.params * 2
-        elif method == "qlora":
-            weights = self.linear_params * 4.127 / 8 + (self.params - self.linear_params) * 2
-        else:
-            raise ValueError(f"unknown method {method!r}: use 'qlora', 'lora' or 'full'")
-        adapters = self.lora_params(r) * 16  # bf16 weight + grad, fp32 master + Adam m, v
-        return (weights + adapters) / 1e9 + self.activations_gb(batch, seq)
 
 
 PRESETS = {
-    "smollm2-135m": Preset("HuggingFaceTB/SmolLM2-135M", 134_515_008, 576, 1536, 30, 192, 49152, True,
-                           "the quickest: every lesson runs in minutes on a free Colab T4"),
-    "qwen2.5-0.5b": Preset("Qwen/Qwen2.5-0.5B", 494_032_768, 896, 4864, 24, 128, 151936, True,
-                           "q/k/v have biases (peft adapts them the same way)"),
-    "llama-3.2-1b": Preset("meta-llama/Llama-3.2-1B", 1_235_814_400, 2048, 8192, 16, 512, 128256, True,
-                           "gated on the hub: accept the licence and log in first"),
-    "qwen2.5-1.5b": Preset("Qwen/Qwen2.5-1.5B", 1_543_714_304, 1536, 8960, 28, 256, 151936, True,
-                           "T4 has no bf16: load_base picks fp16 there"),
+    "smollm2-135m": Preset("HuggingFaceTB/SmolLM2-135M", "the quickest: every lesson runs in minutes on a free Colab T4"),
+    "qwen2.5-0.5b": Preset("Qwen/Qwen2.5-0.5B", "q/k/v have biases (peft adapts them the same way)"),
+    "llama-3.2-1b": Preset("meta-llama/Llama-3.2-1B", "gated on the hub: accept the licence and log in first"),
+    "qwen2.5-1.5b": Preset("Qwen/Qwen2.5-1.5B", "T4 has no bf16: load_base picks fp16 there"),
 }
 
 
-def presets_table() -> str:
-    """PRESETS as a Markdown table of estimated memory needs (GB; batch 8 x 512 tokens, gradient
-    checkpointing) for QLoRA, LoRA and full fine-tuning. Estimates from the architecture, not measured."""
-    rows = ["| preset | hub id | parameters | QLoRA r=16 | LoRA r=16 (bf16) | full FT (AdamW) | note |",
+def presets_table(r: int = 16, batch_size: int = 8, seq_len: int = 512) -> str:
+    """PRESETS as a Markdown table of estimated memory needs (GB; `batch_size` x `seq_len` tokens,
+    gradient checkpointing) for QLoRA and LoRA (rank r on all linear layers) and full fine-tuning."""
+    from . import memory
+    rows = [f"| preset | hub id | parameters | QLoRA r={r} | LoRA r={r} (bf16) | full FT (AdamW) | note |",
             "|---|---|---|---|---|---|---|"]
     for name, p in PRESETS.items():
-        rows.append(f"| {name} | `{p.model_id}` | {p.params / 1e6:,.0f}M | {p.memory_gb('qlora'):.1f} GB "
-                    f"| {p.memory_gb('lora'):.1f} GB | {p.memory_gb('full'):.1f} GB | {p.note} |")
+        gb = {m: memory.estimate(name, m, r=r, target_modules="all-linear", batch_size=batch_size,
+                                 seq_len=seq_len).total_bytes / 1e9 for m in ("qlora", "lora", "full")}
+        rows.append(f"| {name} | `{p.model_id}` | {memory.count_parameters(name) / 1e6:,.0f}M | {gb['qlora']:.1f} GB "
+                    f"| {gb['lora']:.1f} GB | {gb['full']:.1f} GB | {p.note} |")
     return "\n".join(rows)
 
 
