@@ -46,16 +46,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--student", action="store_true", help="run the student versions from lessons/ instead, past errors")
     p.set_defaults(func=_run)
 
-    try:
-        from .grading import cli as grading_cli  # `grade` and `check`
-        grading_cli.add_commands(sub)
-    except ImportError:
-        pass
-    try:
-        from . import sweep
-        sweep.add_command(sub)
-    except ImportError:
-        pass
+    from . import sweep
+    from .grading import cli as grading_cli
+    grading_cli.add_commands(sub)  # `grade` and `check`
+    sweep.add_command(sub)         # `sweep`
 
     args = parser.parse_args(argv)
     from .course import CourseError
