@@ -9,6 +9,8 @@ CONSTRAINTS := $(if $(HAS_GPU),,-c constraints/cpu.txt)
 # Extra pip arguments, e.g. PIP_ARGS="--extra-index-url https://download.pytorch.org/whl/cpu" on a laptop.
 PIP_ARGS ?=
 PORT ?= 8888
+# Jupyter refuses to run as root unless told (containers, Colab-like VMs, CI machines).
+ALLOW_ROOT := $(if $(filter 0,$(shell id -u)),--allow-root,)
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
@@ -22,7 +24,7 @@ $(BIN)/.installed: pyproject.toml constraints/cpu.txt
 
 lab: $(BIN)/.installed
 	$(BIN)/jupyter lab --no-browser --ip=127.0.0.1 --port=$(PORT) --notebook-dir=lessons \
-		--ServerApp.open_browser=False
+		--ServerApp.open_browser=False $(ALLOW_ROOT)
 
 test: $(BIN)/.installed
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
