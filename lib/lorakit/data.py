@@ -312,7 +312,7 @@ def generate_answers(model, tokenizer, dataset, max_new_tokens: int = 8, batch_s
         model.eval()
         with torch.no_grad(), _no_cpu_inference_repack(model):
             for i in tqdm(range(0, len(prompts), batch_size), desc="exact match", unit="batch",
-                          disable=not progress, leave=False):
+                          disable=not progress):
                 enc = tokenizer(prompts[i:i + batch_size], return_tensors="pt", padding=True,
                                 add_special_tokens=False).to(device)
                 gen = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
