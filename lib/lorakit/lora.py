@@ -141,24 +141,33 @@ def inject_lora(model: nn.Module, target_modules, r: int = 8, alpha: float = 8, 
                 use_rslora: bool = False) -> int:
     """Freeze `model` and replace every `nn.Linear` whose name matches `target_modules` by a `LoRALinear`,
     in place. Returns the number of trainable parameters (the adapters' r * (in + out) per layer)."""
-    targets = _check_targets(target_modules)
     _check_hyperparameters(r, alpha, dropout)
+    return replace_linears(model, target_modules, lambda m: LoRALinear(m, r, alpha, dropout, use_rslora))
+
+
+def replace_linears(model: nn.Module, target_modules, make_layer, adapted: tuple = (LoRALinear,),
+                    method: str = "LoRA") -> int:
+    """The injection both LoRA and QLoRA use: check `target_modules` (peft's rule: a list of name
+    suffixes or one regular expression), freeze every parameter, then swap each matching `nn.Linear`
+    for `make_layer(linear)`. Layers of the `adapted` types are refused (inject once). Returns the count
+    of trainable parameters."""
+    targets = _check_targets(target_modules)
     found = [(name, m) for name, m in model.named_modules() if name and _matches(name, targets)]
     if not found:
         linear = sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, nn.Linear)})
         raise ValueError(f"target_modules={targets!r} matched no module of this {type(model).__name__}. "
                          f"Its linear layers are named: {linear}.")
     for name, m in found:
-        if not isinstance(m, nn.Linear) or isinstance(m, LoRALinear):
-            what = "already a LoRALinear (inject once)" if isinstance(m, LoRALinear) else type(m).__name__
-            raise TypeError(f"target module {name!r} is {what}; LoRA here adapts nn.Linear layers only. "
+        if isinstance(m, adapted) or not isinstance(m, nn.Linear):
+            what = (f"already a {type(m).__name__} (already adapted: inject once)" if isinstance(m, adapted)
+                    else type(m).__name__)
+            raise TypeError(f"target module {name!r} is {what}; {method} adapts nn.Linear layers only. "
                             f"Name the linear layers, e.g. ['q_proj', 'v_proj'].")
     for p in model.parameters():
         p.requires_grad_(False)
     for name, m in found:
         parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, LoRALinear(m, r, alpha, dropout, use_rslora))
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, make_layer(m))
     return trainable_parameters(model)
 
 

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lorakit.lora import LoRALinear, _check_hyperparameters, _check_targets, _matches, trainable_parameters
+from lorakit.lora import LoRALinear, _check_hyperparameters, replace_linears
 from lorakit.nf4 import BLOCKSIZES, NF4State, dequantize_nf4, quantize_nf4
 
 __all__ = ["MatMulNF4", "NF4Linear", "QLoRALinear", "QLoRAMergeError", "quantize_and_inject",
@@ -189,23 +189,11 @@ def quantize_and_inject(model: nn.Module, target_modules, r: int = 8, alpha: flo
     """Freeze `model` and replace every `nn.Linear` whose name matches `target_modules` (peft's rule: a
     list of name suffixes or one regular expression) by a `QLoRALinear`, in place. Returns the number of
     trainable parameters: the adapters only."""
-    targets = _check_targets(target_modules)
     _check_hyperparameters(r, alpha, dropout)
-    found = [(name, m) for name, m in model.named_modules() if name and _matches(name, targets)]
-    if not found:
-        linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)})
-        raise ValueError(f"target_modules={targets!r} matched no module of this {type(model).__name__}. "
-                         f"Its linear layers are named: {linear}.")
-    for name, m in found:
-        if not isinstance(m, nn.Linear):
-            what = "already adapted (inject once)" if isinstance(m, (LoRALinear, NF4Linear)) else type(m).__name__
-            raise TypeError(f"target module {name!r} is {what}; QLoRA quantizes and adapts nn.Linear layers "
-                            f"only. Name the linear layers, e.g. ['q_proj', 'v_proj'].")
-    for p in model.parameters():
-        p.requires_grad_(False)
-    for name, m in found:
-        _replace(model, name, QLoRALinear(m, r, alpha, dropout, blocksize, double_quant, compute_dtype, use_rslora))
-    return trainable_parameters(model)
+    return replace_linears(
+        model, target_modules,
+        lambda m: QLoRALinear(m, r, alpha, dropout, blocksize, double_quant, compute_dtype, use_rslora),
+        adapted=(LoRALinear, NF4Linear), method="QLoRA")
 
 
 def _is_4bit(module: nn.Module) -> bool:
