@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import importlib
 import importlib.metadata as md
-import logging
 import os
 import platform
 import shutil
@@ -90,8 +89,7 @@ def print_versions() -> None:
 
 
 def import_bitsandbytes():
-    """Import bitsandbytes with its harmless import-time kernel-hub message silenced (FACTS.md)."""
-    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    """Import bitsandbytes (lorakit/__init__ has already silenced its harmless kernel-hub message)."""
     return importlib.import_module("bitsandbytes")
 
 

@@ -9,13 +9,12 @@ shipped inside the package in Hugging Face format; on a GPU machine it is any hu
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from lorakit.env import compute_dtype, pick_device
+from lorakit.env import compute_dtype, import_bitsandbytes, pick_device
 
 TINY = "lorakit/tiny-stories-llama"
 TINY_PATH = Path(__file__).parent / "assets" / "tiny-stories-llama"
@@ -74,13 +73,6 @@ def presets_table(r: int = 16, batch_size: int = 8, seq_len: int = 512) -> str:
 # bitsandbytes on a CPU
 # --------------------------------------------------------------------------------------------------
 
-def _import_bitsandbytes():
-    # Silence "Failed to load CPU gemm_4bit_forward from kernels-community" (harmless, printed at import).
-    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
-    import bitsandbytes
-    return bitsandbytes
-
-
 def disable_cpu_inference_repack(model) -> int:
     """Switch off bitsandbytes' CPU inference repack on every `Linear4bit` of `model`; returns how many.
 
@@ -89,7 +81,7 @@ def disable_cpu_inference_repack(model) -> int:
     it silently get no gradients and the loss stays flat. `load_base` calls this for 4-bit models on CPU,
     so that "evaluate the base model, then train" works as it does on a GPU.
     """
-    bnb = _import_bitsandbytes()
+    bnb = import_bitsandbytes()
     n = 0
     for module in model.modules():
         if isinstance(module, bnb.nn.Linear4bit):
@@ -108,12 +100,12 @@ def quantization_config(quantization, dtype: torch.dtype | None = None):
     if isinstance(quantization, BitsAndBytesConfig):
         return quantization
     if isinstance(quantization, str) and quantization.lower() in ("nf4", "fp4"):
-        _import_bitsandbytes()
+        import_bitsandbytes()
         return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=quantization.lower(),
                                   bnb_4bit_use_double_quant=True,
                                   bnb_4bit_compute_dtype=dtype or torch.bfloat16)
     if isinstance(quantization, str) and quantization.lower() == "int8":
-        _import_bitsandbytes()
+        import_bitsandbytes()
         return BitsAndBytesConfig(load_in_8bit=True)
     raise ValueError(f"quantization={quantization!r} is not one of the accepted values: None, "
                      f"{', '.join(repr(q) for q in QUANTIZATIONS)}, or a transformers.BitsAndBytesConfig")

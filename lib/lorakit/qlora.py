@@ -283,9 +283,6 @@ def bitsandbytes_lora(linear: nn.Linear, r: int = 8, alpha: float = 8, dropout: 
 
     bitsandbytes' CPU inference repack (FACTS.md, trap 1) is switched off so that the adapters keep
     receiving gradients after an evaluation in eval() mode under no_grad."""
-    import logging
-
-    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     import bitsandbytes as bnb
     from peft import LoraConfig
     from peft.tuners.lora.bnb import Linear4bit as PeftLinear4bit

@@ -6,13 +6,10 @@ what differs: which dtype or shape, how many codes, and the usual cause.
 
 from __future__ import annotations
 
-import logging
 
 import torch
 
 from . import close, expect, passed
-
-logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
 
 # Shapes that exercise full blocks, a partial last block, and an odd number of elements.
 SHAPES = [(64, 64), (33, 65), (7, 9), (1, 1), (5000,)]

@@ -32,8 +32,6 @@ def _packed_and_state(linear):
 
 
 def _bnb_bytes(linear) -> torch.Tensor:
-    from lorakit.models import _import_bitsandbytes
-    _import_bitsandbytes()
     import bitsandbytes.functional as BF
     packed, _ = BF.quantize_4bit(linear.weight.detach().float(), blocksize=64, quant_type="nf4",
                                  compress_statistics=True)
