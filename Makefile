@@ -40,7 +40,8 @@ grade: $(BIN)/.installed
 	$(BIN)/lorakit grade $(LESSON) $(SUBMISSIONS)
 
 bench: $(BIN)/.installed
-	@for b in benchmarks/bench_*.py; do echo "== $$b"; $(BIN)/python $$b || exit 1; done
+	@failed=""; for b in benchmarks/bench_*.py; do echo "== $$b"; $(BIN)/python $$b || failed="$$failed $$b"; done; \
+	if [ -n "$$failed" ]; then echo "promises not met or benchmarks failed:$$failed"; exit 1; fi
 
 env: $(BIN)/.installed
 	$(BIN)/lorakit env
