@@ -123,14 +123,6 @@ def test(grade_id: str, src: str, points: float = 1) -> nbformat.NotebookNode:
     return _nbgrader(code(src), grade_id, solution=False, grade=True, points=points, locked=True)
 
 
-def written(grade_id: str, src: str = "YOUR ANSWER HERE", points: float = 1) -> nbformat.NotebookNode:
-    """A manually graded markdown answer."""
-    cell = markdown(src)
-    cell.metadata["nbgrader"] = {"grade": True, "grade_id": grade_id, "locked": False, "points": points,
-                                 "schema_version": 3, "solution": True}
-    return cell
-
-
 def notebook(cells: list) -> nbformat.NotebookNode:
     nb = nbformat.v4.new_notebook()
     nb.cells = list(cells)
@@ -150,9 +142,14 @@ def colab_badge(lesson: str) -> str:
     return f"[![Open In Colab]({BADGE_IMAGE})]({colab_url(lesson)})"
 
 
+def colab_requirement() -> str:
+    """The pip requirement the setup cell installs on Colab: the kit (and with it the tested stack)."""
+    return f"lorakit @ git+{REPOSITORY}@{BRANCH}"
+
+
 def colab_install_command() -> list[str]:
-    """What the setup cell runs on Colab: the kit (and with it the tested stack) from the repository."""
-    return [sys.executable, "-m", "pip", "install", "-q", f"lorakit @ git+{REPOSITORY}@{BRANCH}"]
+    """What the setup cell runs on Colab."""
+    return [sys.executable, "-m", "pip", "install", "-q", colab_requirement()]
 
 
 SETUP_SOURCE = """\
@@ -160,13 +157,13 @@ SETUP_SOURCE = """\
 import importlib.util, subprocess, sys
 ON_COLAB = importlib.util.find_spec("google") is not None and importlib.util.find_spec("google.colab") is not None
 if ON_COLAB:
-    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "lorakit @ git+{repo}@{branch}"], check=True)
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "{requirement}"], check=True)
 from lorakit.env import print_versions
 print_versions()"""
 
 
 def setup_source() -> str:
-    return SETUP_SOURCE.format(repo=REPOSITORY, branch=BRANCH)
+    return SETUP_SOURCE.format(requirement=colab_requirement())
 
 
 def stamp(nb: nbformat.NotebookNode, lesson: str) -> bool:
