@@ -8,9 +8,10 @@ The same world feeds two places:
 - the pretraining corpus of the embedded base model (`lorakit.pretrain`): a share of its stories
   already ask and answer questions in plain words ("Who found the red ball? Mia found it."), so the
   model knows the material and the skill before it has ever seen our prompt template;
-- the instruction datasets (`load_task`): a fresh story, a question in the Alpaca-style template, and a
-  short answer. The base model does not answer in this format (about 0% exact match); a LoRA adapter
-  learns it in a minute or two of CPU training.
+- the instruction datasets (`load_task`): a fresh story with one find among two to four children, a
+  question in the Alpaca-style template, and a short answer. The base model does not answer in this
+  format (0% exact match); a LoRA adapter learns `who_found` to about 100% in under a minute of CPU
+  training. (`what_found`, which copies the thing, stays near 0% on the embedded model.)
 
 What made that fine-tuning work (FACTS.md): the answer starts with a space right after the response
 marker, so it tokenizes exactly like the pretraining text, and the loss is computed on the answer only
@@ -62,13 +63,16 @@ def _join_names(names: list[str]) -> str:
     return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
 
 
-def make_story(rng: random.Random, *, recap: float = 0.0) -> tuple[str, list[dict]]:
+def make_story(rng: random.Random, *, recap: float = 0.0, n_finds: int | None = None) -> tuple[str, list[dict]]:
     """One short story and its finds: [{"who": "Mia", "what": "a red ball", "thing": "red ball",
     "where": "under a tree"}, ...]. With probability `recap` the story ends with questions about the
-    finds answered in plain words, the skill the instruction tasks later ask for in a template."""
+    finds answered in plain words, the skill the instruction tasks later ask for in a template.
+    `n_finds=None` (the pretraining corpus) lets 2 or 3 children find something; the instruction tasks
+    ask for 1, with the other children in the story as distractors."""
     n_kids = rng.choice([2, 2, 3, 3, 4])
     kids = rng.sample(NAMES, n_kids)
-    n_finds = rng.randint(2, min(3, n_kids))
+    if n_finds is None:
+        n_finds = rng.randint(2, min(3, n_kids))
     finders = rng.sample(kids, n_finds)
     things = []
     while len(things) < n_finds:  # every find in a story is a different thing
@@ -122,7 +126,7 @@ def story_corpus(n_stories: int, seed: int = 0, recap: float = 0.35):
 
 TASKS = {
     "who_found": "Read the story, then answer the question with a name.",
-    "what_found": "Read the story, then say what the child found.",
+    "what_found": "Read the story, then say what the child found.",  # too hard for the embedded model
 }
 SPLITS = {"train": 2000, "validation": 200, "test": 200}
 # Each split comes from its own seed (and a seed far from the pretraining corpus' seed 0).
@@ -130,9 +134,15 @@ _SPLIT_SEEDS = {"train": 1001, "validation": 2002, "test": 3003}
 
 
 def make_example(rng: random.Random, task: str) -> dict:
-    """One example: {"instruction", "input", "output"}; `output` is the bare answer, no leading space."""
-    story, finds = make_story(rng, recap=0.0)
-    f = rng.choice(finds)
+    """One example: {"instruction", "input", "output"}; `output` is the bare answer, no leading space.
+
+    The story has one find among two to four children. With two or three finds in a story, the
+    embedded model learns the format and the candidate names but not which child found which thing:
+    exact match stalls near the 40% a guess among the finders gets (answer loss at ln 2), with any
+    adapter and with more pretraining recaps (measured in issue #3). One find keeps a real reading
+    task (pick the finder, not the other children) that a 2M-parameter model can learn."""
+    story, finds = make_story(rng, recap=0.0, n_finds=1)
+    f = finds[0]
     if task == "who_found":
         question, answer = f"Who found the {f['thing']}?", f["who"]
     elif task == "what_found":

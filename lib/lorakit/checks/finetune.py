@@ -19,7 +19,10 @@ from . import CheckFailed, expect, passed
 # q and v, then k and o), then the MLP. The exercise picks the longest prefix that fits.
 PREFERENCE = ["q_proj", "v_proj", "k_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 # What the fine-tuned model must gain over the base, in held-out exact match, for the graded test.
-MIN_GAIN = 0.30
+# Measured on who_found: 0% -> 100% with the CI parameters (40 steps, 50 held-out examples) and with
+# the defaults (100 steps), so 0.6 leaves room for another CPU or seed and still catches a model that
+# learned the format but not the task (a guess among the children gets about a third).
+MIN_GAIN = 0.60
 
 
 # --------------------------------------------------------------------------------------------------
