@@ -6,7 +6,9 @@ side by side in one run, while checking that the bytes and the dequantized value
 
 Prints one table: dtype, operation, lorakit ms, bitsandbytes ms, ratio (lorakit / bitsandbytes; the
 promise is <= 1.0), bit-exact. Timings alternate between the two implementations and keep the best
-of `--repeats`, so a busy machine slows both alike.
+of `--repeats`, so a busy machine slows both alike. A last column, "floor ms", times allocating the
+output and writing it once (`torch.empty(...).fill_(0)`): no dequantize can be faster, and it shows how
+much of bitsandbytes' dequantize time is the first touch of fresh memory rather than decoding.
 """
 
 from __future__ import annotations
@@ -58,17 +60,19 @@ def main() -> int:
             "q_bnb": lambda: bnbF.quantize_4bit(W, blocksize=64, quant_type="nf4", compress_statistics=dq),
             "d_ours": lambda: nf4.dequantize_nf4(packed, state),
             "d_bnb": lambda: bnbF.dequantize_4bit(ref, ref_state, quant_type="nf4"),
+            "floor": lambda: torch.empty(W.numel(), dtype=dtype).fill_(0),
         }, args.repeats)
         name = str(dtype).removeprefix("torch.")
-        rows.append((name, "quantize", t["q_ours"], t["q_bnb"], q_exact))
-        rows.append((name, "dequantize", t["d_ours"], t["d_bnb"], d_exact))
+        rows.append((name, "quantize", t["q_ours"], t["q_bnb"], q_exact, None))
+        rows.append((name, "dequantize", t["d_ours"], t["d_bnb"], d_exact, t["floor"]))
         all_exact &= q_exact and d_exact
 
     print(f"NF4, {args.size}x{args.size}, blocksize 64, double quantization {'on' if args.double_quant else 'off'}, "
           f"{torch.get_num_threads()} threads, torch {torch.__version__}")
-    print(f"{'dtype':<9} {'operation':<11} {'lorakit ms':>11} {'bnb ms':>9} {'ratio':>7}  bit-exact")
-    for name, op, ours, theirs, exact in rows:
-        print(f"{name:<9} {op:<11} {ours:>11.1f} {theirs:>9.1f} {ours / theirs:>7.2f}  {'yes' if exact else 'NO'}")
+    print(f"{'dtype':<9} {'operation':<11} {'lorakit ms':>11} {'bnb ms':>9} {'ratio':>7}  {'bit-exact':<9}  floor ms")
+    for name, op, ours, theirs, exact, floor in rows:
+        print(f"{name:<9} {op:<11} {ours:>11.1f} {theirs:>9.1f} {ours / theirs:>7.2f}  {'yes' if exact else 'NO':<9}  "
+              f"{'' if floor is None else f'{floor:.1f}'}")
     return 0 if all_exact else 1
 
 
