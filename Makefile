@@ -23,11 +23,12 @@ FAST := not notebooks and not browser and not slow
 .PHONY: lab test test-fast course lessons grade bench env lock install clean
 
 # One stamp per extra: `make lab` installs the kit for learners ([lab]: + JupyterLab), everything else the
-# full set ([dev]: + nbgrader, pytest, playwright). A stamp is written only after a whole, checked install:
-# an interrupted or failed one leaves none, and the next make installs again.
+# full set ([dev]: + nbgrader, pytest, playwright; it includes [lab], so it stamps that too). A stamp is
+# written only after a whole, checked install: an interrupted or failed one leaves none, and the next make
+# installs again.
 $(VENV)/.installed-%: pyproject.toml $(LOCK)
 	@$(PYTHON) lib/lorakit/install.py venv --venv $(VENV) --extra $* --lock $(LOCK) --python-name $(PYTHON) -- $(PIP_ARGS)
-	@touch $@
+	@touch $@ $(if $(filter dev instructor,$*),$(VENV)/.installed-lab)
 
 install: $(VENV)/.installed-$(or $(EXTRA),lab)  ## make install EXTRA=instructor: the kit with an extra, nothing started
 

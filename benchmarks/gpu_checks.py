@@ -2,15 +2,15 @@
 the device machine and calls this; `--dry-run` runs the same code on the CPU with small sizes and lists the
 lessons it would execute (tests/test_gpu_checks.py runs it), so a device run does not find its bugs first.
 
-1. lessons   every lesson's solution notebook on cuda with the embedded model (papermill), lesson 05 with
-             RESULTS_JSON so its before/after exact match is reported (section 6)
-2. nf4       lorakit.nf4 bytes vs bitsandbytes' CUDA quantize_4bit: packed codes, absmax, double
+1. nf4       lorakit.nf4 bytes vs bitsandbytes' CUDA quantize_4bit: packed codes, absmax, double
              quantization, dequantized values: bit-exact or how many differ
-3. speed     QLoRALinear vs bitsandbytes Linear4bit + peft LoRA, forward+backward, same shapes and adapters
-4. paged     PagedAdamW / PagedAdamW8bit vs torch AdamW: where the optimizer state lives (unified memory,
+2. speed     QLoRALinear vs bitsandbytes Linear4bit + peft LoRA, forward+backward, same shapes and adapters
+3. paged     PagedAdamW / PagedAdamW8bit vs torch AdamW: where the optimizer state lives (unified memory,
              outside torch's allocator), and whether the updates agree
-5. memory    torch.cuda.max_memory_allocated of LoRA / QLoRA / full fine-tuning steps on random-init models
+4. memory    torch.cuda.max_memory_allocated of LoRA / QLoRA / full fine-tuning steps on random-init models
              vs lorakit.memory.estimate for the same configuration
+5. lessons   every lesson's solution notebook on cuda with the embedded model (papermill), lesson 05 first
+             and with RESULTS_JSON so its before/after exact match is reported (section 6)
 6. lesson 05 before/after exact match, training seconds and peak memory, from the lesson's own JSON
 
     python benchmarks/gpu_checks.py                     # all, on cuda (exits 2 without a GPU)
@@ -38,12 +38,15 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the device machine has no network; everything is embedded
 logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
 
-SECTIONS = ("lessons", "nf4", "speed", "paged", "memory", "lesson05")
+# The measurements first (short and bounded), then the lessons (lesson 05 first among them), so that a budget
+# spent by slow notebooks still leaves every measurement done.
+SECTIONS = ("nf4", "speed", "paged", "memory", "lessons", "lesson05")
 # Seconds each section is expected to need on an H200 (a section is skipped when less than this is left).
 NEEDS = {"lessons": 60, "nf4": 10, "speed": 20, "paged": 15, "memory": 60, "lesson05": 0}
 NF4_SHAPES = [(4096, 4096), (11008, 4096), (3, 1000)]            # the last one ends in a partial block
 SPEED_SHAPES = [(4096, 4096, 4096), (11008, 4096, 4096), (4096, 11008, 4096)]  # (out, in, tokens)
 MEMORY_MODELS = ("smollm2-135m", "llama-3.2-1b")
+RESERVE_FOR_LESSONS = 240  # seconds the memory section leaves for the lessons (it skips its larger models)
 DRY = {"nf4": [(64, 64), (3, 100)], "speed": [(128, 64, 32)], "memory": ("tiny",)}
 
 
@@ -65,7 +68,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--only", nargs="+", choices=SECTIONS, metavar="SECTION",
                    help=f"run only these sections ({', '.join(SECTIONS)}); default all")
     p.add_argument("--dry-run", action="store_true", help="the CPU, small sizes, lessons listed but not run")
-    p.add_argument("--budget", type=float, default=480, help="seconds for the whole run (default 480)")
+    p.add_argument("--budget", type=float, default=450, help="seconds for the whole run (default 450)")
     p.add_argument("--out", default=os.environ.get("OUT", "build/gpu/out"), help="folder for JSON and executed notebooks")
     p.add_argument("--lessons", nargs="+", metavar="LESSON", help="lessons to run (default: every lesson)")
     p.add_argument("--params", help="a parameters file for the lessons (e.g. grading/ci_params.yml, shorter); "
@@ -114,7 +117,8 @@ def lesson_plan(args, out: Path) -> list[tuple[str, dict]]:
     from lorakit import course
     params = course.load_params(args.params) if args.params else {}
     plan = []
-    for lesson in course.select(args.lessons):
+    chosen = course.select(args.lessons)
+    for lesson in sorted(chosen, key=lambda name: not name.startswith("05_")):  # lesson 05 first, then in order
         p = {**course.params_for(lesson, params), "DEVICE": "cuda"}
         if lesson.startswith("05_"):
             p["RESULTS_JSON"] = str((out / f"{lesson}.json").resolve())
@@ -136,8 +140,8 @@ def run_lessons(args, out: Path, budget: Budget) -> tuple[list[list], bool]:
         src = course.solution_path(lesson)
         t0 = time.perf_counter()
         try:
-            nb = course.execute(src, out / "lessons" / f"{lesson}.ipynb", params, timeout=args.cell_timeout,
-                                cwd=src.parent)
+            nb = course.execute(src, out / "lessons" / f"{lesson}.ipynb", params, cwd=src.parent,
+                                timeout=int(max(30, min(args.cell_timeout, budget.left()))))
             graded = course.graded_cells(nb)
             passed = sum(g[1] for g in graded)
             rows.append([lesson, "ok", time.perf_counter() - t0, f"{passed}/{len(graded)} graded cells pass"])
@@ -285,7 +289,8 @@ def _random_model(name: str, dtype, device):
     return model, cfg
 
 
-def memory_vs_estimate(device, names, batch_size: int, seq_len: int, rank: int) -> list[list]:
+def memory_vs_estimate(device, names, batch_size: int, seq_len: int, rank: int, budget: Budget | None = None,
+                       reserve: float = 0) -> list[list]:
     """Peak memory of two training steps (after the model is built) vs lorakit.memory.estimate: LoRA and
     QLoRA at rank `rank` on all linear layers with gradient checkpointing, full fine-tuning with AdamW in
     fp32 weights under bf16 autocast (16 bytes per parameter, like the estimate's mixed precision)."""
@@ -297,6 +302,9 @@ def memory_vs_estimate(device, names, batch_size: int, seq_len: int, rank: int) 
     cuda = device.type == "cuda"
     rows = []
     for name in names:
+        if budget is not None and rows and budget.left() < reserve:
+            rows.append([name, "skipped: the rest of the budget is kept for the lessons", "", "", ""])
+            continue
         for method in ("lora", "qlora", "full"):
             _free()
             if cuda:
@@ -394,7 +402,8 @@ def main(argv=None) -> int:
                   (lambda: paged_optimizers(device)) if device.type == "cuda" else None),
         "memory": (f"peak memory vs lorakit.memory.estimate (batch {batch} x {seq}, r={args.rank}, all linear layers)",
                    ["model (random init)", "method", "estimate GB", "max_memory_allocated GB", "measured / estimate"],
-                   lambda: memory_vs_estimate(device, models, batch, seq, args.rank)),
+                   lambda: memory_vs_estimate(device, models, batch, seq, args.rank, budget,
+                                              reserve=RESERVE_FOR_LESSONS if "lessons" in args.sections else 0)),
         "lesson05": ("lesson 05 before/after (from the lesson's RESULTS_JSON)",
                      ["model", "device", "dtype", "steps", "exact match before", "after", "training s", "peak memory"],
                      lambda: lesson05_row(out)),

@@ -5,6 +5,7 @@ gets one line naming the fix, and offline is set only where it belongs (tests an
 from __future__ import annotations
 
 import ast
+import functools
 import http.server
 import importlib.metadata as md
 import json
@@ -71,10 +72,15 @@ def _imports(source: str) -> set[str]:
     return out
 
 
-def _distribution(module: str, provides=md.packages_distributions()) -> str | None:
+@functools.cache
+def _provides() -> dict:
+    return md.packages_distributions()  # scans every installed distribution: once
+
+
+def _distribution(module: str) -> str | None:
     if module in sys.stdlib_module_names or module in ("lorakit", "__future__"):
         return None
-    dists = provides.get(module)
+    dists = _provides().get(module)
     assert dists, f"{module!r} is imported but no installed distribution provides it"
     return install.normalize(dists[0])
 
@@ -144,7 +150,8 @@ def test_environment_yml_is_generated_from_pyproject():
     spec = yaml.safe_load(committed)
     conda = {d.split()[0] for d in spec["dependencies"] if isinstance(d, str)}
     declared = _names(PROJECT["dependencies"] + PROJECT["optional-dependencies"]["lab"])
-    assert {install.CONDA_NAMES.get(n, n) for n in declared} <= conda
+    assert {install.CONDA_NAMES.get(n, n) for n in declared if n not in install.PIP_ONLY} <= conda
+    assert not set(install.PIP_ONLY) & conda, "bitsandbytes: conda-forge has linux-64 builds only; pip installs it"
     assert spec["dependencies"][-1] == {"pip": ["-e .[lab]"]} and "conda-forge" in spec["channels"]
 
 

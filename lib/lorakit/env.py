@@ -157,19 +157,17 @@ def version_lines() -> list[Line]:
     for name, ver in versions(STACK + INSTRUCTOR_TOOLS).items():
         if name == "python":
             continue
-        pin = tested.get(name)
+        pin, spec = tested.get(name), outside.get(install.normalize(name))
         if ver is None and name in INSTRUCTOR_TOOLS:
             lines.append(Line(name, "not installed (instructors only: pip install 'lorakit[instructor]')", "OK"))
         elif ver is None:
-            fix = f"pip install '{name}=={pin}'" if pin else "pip install lorakit"
-            lines.append(Line(name, f"not installed: {fix}", "missing" if name in REQUIRED else "warning"))
-        elif install.normalize(name) in outside:
-            fix = f"pip install '{name}=={pin}'" if pin else f"pip install '{name}{outside[install.normalize(name)]}'"
-            lines.append(Line(name, f"{ver} is outside the range lorakit supports "
-                                    f"({outside[install.normalize(name)]}): {fix}", "missing"))
+            lines.append(Line(name, f"not installed: {install.fix(name)}", "missing" if name in REQUIRED else "warning"))
+        elif spec:
+            lines.append(Line(name, f"{ver} is outside the range lorakit supports ({spec}): {install.fix(name, spec)}",
+                              "missing"))
         elif differs(ver, pin):
-            lines.append(Line(name, f"{ver}, tested {pin}: results may differ from the course's "
-                                    f"(`make lab` installs the tested versions)", "warning"))
+            lines.append(Line(name, f"{ver}, tested {pin}: results may differ from the course's (Colab's setup "
+                                    f"cell and `make lab` install the tested versions)", "warning"))
         else:
             lines.append(Line(name, ver + (f" (tested {pin})" if pin else ""), "OK"))
     return lines

@@ -376,15 +376,18 @@ def require_extra(extra: str) -> None:
                            f"lorakit[{extra}]: pip install 'lorakit[{extra}]' (in a checkout, make test installs it)")
 
 
+def fix(name: str, spec: str = "") -> str:
+    """The command that brings `name` back to its tested version (or into `spec` when the lock has none)."""
+    pin = tested().get(normalize(name))
+    return f"pip install '{name}=={pin}'" if pin else f"pip install '{name}{spec}'"
+
+
 def check() -> int:
     """After an install: every learner dependency in range, torch the build this machine should have."""
     import importlib.metadata as md
     bad = out_of_range()
     for name, version, spec in bad:
-        pin = tested().get(name)
-        fix = f"pip install '{name}=={pin}'" if pin else f"pip install '{name}{spec}'"
-        print(f"lorakit install: {name} {version} is outside the range lorakit supports ({spec}): {fix}",
-              file=sys.stderr)
+        say(f"{name} {version} is outside the range lorakit supports ({spec}): {fix(name, spec)}")
     torch = md.version("torch")
     build = "CUDA" if "+cu" in torch or _requires_nvidia() else ("CPU" if "+cpu" in torch else "default")
     if build == "CUDA" and not has_nvidia_gpu() and sys.platform != "darwin":
@@ -445,6 +448,8 @@ def colab() -> int:
 
 # pip name -> conda-forge name, where they differ.
 CONDA_NAMES = {"torch": "pytorch"}
+# Left to pip (PyPI has wheels for Linux, macOS and Windows): conda-forge builds bitsandbytes for linux-64 only.
+PIP_ONLY = ("bitsandbytes",)
 
 
 def environment_yml(root: Path = ROOT, lock: str | os.PathLike = LOCK) -> str:
@@ -453,12 +458,14 @@ def environment_yml(root: Path = ROOT, lock: str | os.PathLike = LOCK) -> str:
     from packaging.requirements import Requirement
     proj = project(root)
     python = _locked_python(lock)
-    reqs = [Requirement(r) for r in proj["dependencies"] + proj["optional-dependencies"]["lab"]]
+    reqs = [Requirement(r) for r in proj["dependencies"] + proj["optional-dependencies"]["lab"]
+            if normalize(Requirement(r).name) not in PIP_ONLY]
     lines = ["# conda / mamba: `conda env create -f environment.yml`, `conda activate lorakit`, then `jupyter lab`.",
              "# Generated from pyproject.toml by `make lock` (python lib/lorakit/install.py environment);",
              "# tests/test_install.py fails when the two differ. conda-forge's pytorch is the CUDA build where an",
              "# NVIDIA driver is present and the CPU build elsewhere; `lorakit env` shows how the versions conda",
-             "# chose compare with the tested ones (lib/lorakit/tested.txt).",
+             "# chose compare with the tested ones (lib/lorakit/tested.txt). bitsandbytes comes from PyPI through",
+             "# the pip line (conda-forge builds it for linux-64 only).",
              "name: lorakit",
              "channels:",
              "  - conda-forge",
