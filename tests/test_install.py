@@ -113,8 +113,9 @@ def test_this_environment_runs_the_lock():
     hand, or a dependency added to pyproject.toml without `make lock`, shows up here."""
     lock_path = install.LOCK
     lock = install.read_lock(lock_path)
-    running = {install.normalize(d.metadata["Name"]): d.version for d in md.distributions()
+    running = {install.normalize(d.metadata["Name"]): d.version for d in install.installed()
                if install.normalize(d.metadata["Name"]) not in install.NOT_LOCKED}
+    assert len(running) > 100, "the environment's site-packages were not found"
     unlocked = sorted(set(running) - set(lock))
     assert not unlocked, f"installed but not in {lock_path.name}: {unlocked}: run `make lock` (or remove them)"
     wrong = {n: (v, lock[n]) for n, v in running.items() if install.base_version(v) != lock[n]}
@@ -312,6 +313,28 @@ def test_missing_extra_names_the_extra(monkeypatch, capsys):
     assert install.missing_for("dev") == ["nbgrader"]  # dev includes instructor includes lab
     monkeypatch.setattr(md, "version", real)
     assert install.missing_for("dev") == []
+
+
+HIDE_INSTRUCTOR_TOOLS = """
+import sys
+class _Hide:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in ("nbgrader", "nbconvert", "jupyterlab", "notebook", "jupyter_server"):
+            raise ModuleNotFoundError(f"No module named {name!r} (hidden: a learner's install)", name=name)
+sys.meta_path.insert(0, _Hide())
+"""
+
+
+@pytest.mark.slow
+def test_lorakit_check_works_from_a_learners_install(tmp_path):
+    """`lorakit check` is for learners (the README's Colab steps use it): it must run without the
+    instructor's extra. Every Python process of the run gets the instructor tools hidden."""
+    (tmp_path / "sitecustomize.py").write_text(HIDE_INSTRUCTOR_TOOLS)
+    environ = {**os.environ, "PYTHONPATH": str(tmp_path)}
+    res = subprocess.run([sys.executable, "-m", "lorakit.cli", "check", str(course.lesson_path("00_setup"))],
+                         capture_output=True, text=True, timeout=600, env=environ, cwd=tmp_path)
+    assert "hidden: a learner's install" not in res.stdout + res.stderr, res.stdout[-2000:] + res.stderr[-2000:]
+    assert "visible checks:" in res.stdout and res.returncode == 1, res.stdout[-2000:] + res.stderr[-2000:]
 
 
 # ------------------------------------------------------------------------- tested vs running

@@ -90,14 +90,21 @@ def tested(path: str | os.PathLike = LOCK) -> dict[str, str]:
         return {}
 
 
+def installed():
+    """The distributions installed in this environment's site-packages (what pip lists): not the copies a
+    package vendors and puts on sys.path itself (setuptools adds its _vendor folder once imported)."""
+    import importlib.metadata as md
+    import sysconfig
+    paths = sysconfig.get_paths()
+    return list(md.distributions(path=list(dict.fromkeys([paths["purelib"], paths["platlib"]]))))
+
+
 def freeze(header: str = "") -> str:
     """The running environment as a lock: every installed distribution but the kit and pip's own tools,
     `name==version`, sorted; torch without its build label (+cpu), so that a GPU machine gets the CUDA
     build of the same release from the same lock."""
-    import importlib.metadata as md
-
     pins = {}
-    for dist in md.distributions():
+    for dist in installed():
         name = dist.metadata["Name"]
         if name and normalize(name) not in NOT_LOCKED:
             pins[normalize(name)] = (name, base_version(dist.version) if normalize(name) == "torch" else dist.version)
@@ -137,7 +144,7 @@ def too_new_for(floor: tuple[int, int]) -> list[str]:
     from packaging.specifiers import SpecifierSet
     version = f"{floor[0]}.{floor[1]}.0"
     out = []
-    for dist in md.distributions():
+    for dist in installed():
         spec = dist.metadata.get("Requires-Python")
         if spec and normalize(dist.metadata["Name"]) not in NOT_LOCKED and not SpecifierSet(spec).contains(version):
             out.append(f"{dist.metadata['Name']} {dist.version} (Python {spec})")
@@ -395,7 +402,7 @@ def check() -> int:
             f"build is much smaller (rm -rf .venv and run make again when {CPU_INDEX} answers)")
     lock = tested()
     differ = [f"{d.metadata['Name']} {d.version} (tested {lock[normalize(d.metadata['Name'])]})"
-              for d in md.distributions()
+              for d in installed()
               if normalize(d.metadata["Name"] or "") in lock
               and base_version(d.version) != lock[normalize(d.metadata["Name"])]]
     if differ:
