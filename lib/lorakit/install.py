@@ -502,9 +502,6 @@ def main(argv: list[str] | None = None) -> int:
     v.add_argument("--lock", default=str(LOCK))
     v.add_argument("--python-name", default="python3", help="how the user named this Python (for messages)")
     v.add_argument("pip_args", nargs=argparse.REMAINDER, help="after --: extra pip arguments (make's PIP_ARGS)")
-    a = sub.add_parser("pip-args", help="print the pip arguments make adds (the lock, the CPU index)")
-    a.add_argument("--lock", default=str(LOCK))
-    a.add_argument("--timeout", type=float, default=PROBE_SECONDS)
     sub.add_parser("check", help="check the running environment after an install")
     sub.add_parser("colab", help="on Colab: install the learner's dependencies at the tested versions")
     f = sub.add_parser("freeze", help="print the running environment as a lock (make lock)")
@@ -518,10 +515,6 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "venv":
             extra_args = [a for a in args.pip_args if a != "--"]
             make_venv(args.venv, args.extra, args.lock, extra_args, python=args.python_name)
-        elif args.command == "pip-args":
-            pargs, why = pip_args(args.lock, timeout=args.timeout)
-            say(f"torch: {why}")
-            print(" ".join(pargs))
         elif args.command == "check":
             return check()
         elif args.command == "colab":
