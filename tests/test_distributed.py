@@ -280,16 +280,22 @@ def test_two_processes_step_like_one_process_on_the_combined_batch(runs):
     assert ddp.losses == pytest.approx(one.losses, rel=1e-4)
     w1, w2 = one.adapter_weights(), ddp.adapter_weights()
     assert set(w1) == set(w2) and len(w1) == 2 * 4 * 2  # lora_A and lora_B of q_proj and v_proj in 4 layers
-    for k in w1:
-        torch.testing.assert_close(w2[k], w1[k], rtol=1e-4, atol=1e-5)
     assert any(w1[k].abs().max() > 0 for k in w1 if "lora_B" in k), "B starts at zero: the runs must have trained"
+    # equal to float rounding (the all-reduce adds in another order), far closer than the per-rank-mean trap
+    assert _difference(one, ddp) < 1e-4
+    assert _difference(one, runs["mean"]) > 10 * _difference(one, ddp)
+
+
+def _difference(a, b) -> float:
+    wa, wb = a.adapter_weights(), b.adapter_weights()
+    assert set(wa) == set(wb)
+    return max((wa[k] - wb[k]).abs().max().item() for k in wa)
 
 
 @pytest.mark.timeout(900)
 def test_the_mean_per_rank_does_not_step_like_one_process(runs):
     """The course tasks mixed: answers of 2 and 4 tokens, so the slices hold different numbers of them."""
-    w1, wm = runs["one"].adapter_weights(), runs["mean"].adapter_weights()
-    assert max((wm[k] - w1[k]).abs().max().item() for k in w1) > 1e-4
+    assert _difference(runs["one"], runs["mean"]) > 1e-4
     assert any(abs(a - b) > 1e-4 * abs(b) for a, b in zip(runs["mean"].losses, runs["one"].losses))
 
 
@@ -308,10 +314,8 @@ def test_fsdp2_shards_the_model_and_steps_like_one_process(runs):
     for r in fsdp.ranks:
         assert r["local_param_bytes"] == pytest.approx(full / 2, rel=0.01), "each rank should hold half the weights"
     assert fsdp.losses == pytest.approx(one.losses, rel=1e-4)
-    w1, w3 = one.adapter_weights(), fsdp.adapter_weights()
-    assert set(w1) == set(w3)
-    for k in w1:
-        torch.testing.assert_close(w3[k], w1[k], rtol=1e-4, atol=1e-5)
+    assert _difference(one, fsdp) < 1e-4
+    assert _difference(one, runs["mean"]) > 10 * _difference(one, fsdp)
 
 
 @pytest.mark.timeout(300)

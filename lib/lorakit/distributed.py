@@ -175,8 +175,10 @@ def train(cfg: RunConfig) -> dict:
     started (RANK / WORLD_SIZE in the environment, set by accelerate and torchrun; none: one process). Writes
     out_dir/rank<N>.json and, on rank 0 only, out_dir/adapter/; returns this rank's record."""
     import random
+    import warnings
     from datetime import timedelta
 
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")  # peft calls a renamed method
     torch.set_num_threads(cfg.threads)
     require_backend("gloo", int(os.environ.get("WORLD_SIZE", 1)))
     from accelerate import Accelerator
@@ -191,9 +193,12 @@ def train(cfg: RunConfig) -> dict:
                          "or use sharding='none'")
 
     from peft import LoraConfig, get_peft_model
+    from transformers.utils import logging as transformers_logging
 
     from lorakit import data, models
 
+    # No progress bars in a worker: forked from a notebook, tqdm's widgets would write to the notebook's channel.
+    transformers_logging.disable_progress_bar()
     set_seed(cfg.seed)  # the same adapter initialisation in every process
     model, tokenizer = models.load_base(cfg.model_id, device="cpu")
     model = get_peft_model(model, LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=0.0,
@@ -348,12 +353,15 @@ def notebook_launch(config, num_processes: int = 2) -> RunResult:
     split_batch(cfg.global_batch_size, num_processes)
     require_backend("gloo", num_processes)
     _fresh(cfg.out_dir)
+    threads = torch.get_num_threads()  # on Colab the function runs in this process and would change it
     try:
         with _env(OMP_NUM_THREADS=str(cfg.threads)):
             notebook_launcher(train, args=(asdict(cfg),), num_processes=num_processes, use_port=str(free_port()))
     except ChildFailedError as e:
         collect(cfg.out_dir)  # raises with the failed rank's own error when it wrote one
         raise DistributedRunError(f"a worker failed: {e}") from None
+    finally:
+        torch.set_num_threads(threads)
     return collect(cfg.out_dir)
 
 

@@ -37,6 +37,7 @@ OPTIMIZER_BYTES = {"adamw": 8, "adamw_bf16": 4, "adamw_8bit": 2, "sgd": 0}
 # peft's default LoRA targets for these architectures (TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING).
 PEFT_DEFAULT_TARGETS = ("q_proj", "v_proj")
 ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
+MLP = ("gate_proj", "up_proj", "down_proj")
 # Data-parallel sharding, by ZeRO stage (Rajbhandari et al. 2019, arXiv 1910.02054): "none" is DDP (every
 # device holds all model states), "zero1" shards the optimizer states, "zero2" the gradients too, "zero3"
 # the weights too. PyTorch FSDP's strategies are accepted by name: they keep the same per-device memory.
@@ -45,7 +46,6 @@ FSDP_SHARDING = {"NO_SHARD": "none", "SHARD_GRAD_OP": "zero2", "FULL_SHARD": "ze
 # dtypes bitsandbytes can pack 4-bit weights into (`bnb_4bit_quant_storage`): the bytes are the same, but
 # FSDP shards only floating-point tensors.
 QUANT_STORAGE = ("uint8", "bf16", "fp16", "fp32")
-MLP = ("gate_proj", "up_proj", "down_proj")
 
 _LLAMA2 = dict(model_type="llama", vocab_size=32000, max_position_embeddings=4096, rms_norm_eps=1e-5,
                tie_word_embeddings=False)
