@@ -5,7 +5,8 @@ median and the range of training throughput (real tokens per second of training,
 out), and the ratio to one process.
 
 Its promise is correctness, not speed: every multi-process run ends with the adapter one process trains on the
-combined batches (to 1e-5), and each FSDP rank holds 1/T of the weights. Exits 1 otherwise.
+combined batches (to 1e-4: float rounding; the per-rank-mean trap is off by 1e-2), and each FSDP rank holds 1/T
+of the weights. Exits 1 otherwise.
 
     python benchmarks/bench_distributed.py               # T = 2, 3 repeats of 30 steps
     python benchmarks/bench_distributed.py --repeats 5 --steps 60
@@ -50,16 +51,19 @@ def main(argv=None) -> int:
                 results[name] = (run.adapter_weights(), run)
                 print(f"repeat {rep + 1}/{args.repeats}  {name:<34} {run.tokens_per_second:8,.0f} tokens/s", flush=True)
 
-    base = statistics.median(speeds[next(iter(setups))])
+    first = speeds[next(iter(setups))]
+    base = statistics.median(first)
     print(f"\n{'setup':<34} {'tokens/s (median)':>18} {'range':>18} {'ratio':>7}")
     for name, v in speeds.items():
-        print(f"{name:<34} {statistics.median(v):>18,.0f} {min(v):>8,.0f}-{max(v):<9,.0f} {statistics.median(v) / base:>7.2f}")
+        overlap = v is not first and min(v) <= max(first) and min(first) <= max(v)
+        print(f"{name:<34} {statistics.median(v):>18,.0f} {min(v):>8,.0f}-{max(v):<9,.0f} {statistics.median(v) / base:>7.2f}"
+              + ("  (ranges overlap: not distinguishable)" if overlap else ""))
 
     ok = True
     reference, one = results[next(iter(setups))]
     for name, (weights, run) in list(results.items())[1:]:
         diff = max((weights[k] - reference[k]).abs().max().item() for k in reference)
-        same = diff <= 1e-5
+        same = diff <= 1e-4
         print(f"{name}: largest adapter difference from one process {diff:.2e} ({'same' if same else 'DIFFERENT'})")
         ok &= same
         if "FSDP" in name:

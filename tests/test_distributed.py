@@ -334,6 +334,20 @@ def test_a_launch_that_overruns_its_timeout_is_stopped(tmp_path):
         distributed.accelerate_launch(files, timeout=20)
 
 
+@pytest.mark.timeout(300)
+def test_the_written_script_runs_under_torchrun_too(tmp_path):
+    """The script's docstring offers `torchrun --nproc_per_node 2 train_lora.py config.json`: it works."""
+    cfg = distributed.RunConfig(out_dir=str(tmp_path / "out"), **{**RUN, "max_steps": 2})
+    files = distributed.write_launch_files(tmp_path, cfg, 2)
+    assert "torchrun --nproc_per_node 2 train_lora.py config.json" in files["script"].read_text()
+    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                          str(distributed.free_port()), str(files["script"]), str(files["config"])],
+                         capture_output=True, text=True, timeout=280, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert res.returncode == 0, res.stderr[-3000:]
+    run = distributed.collect(tmp_path / "out")
+    assert run.world_size == 2 and [r["wrote_adapter"] for r in run.ranks] == [True, False]
+
+
 def test_launch_files_refuse_a_batch_the_processes_cannot_split(tmp_path):
     with pytest.raises(ValueError, match="does not split evenly over 3 processes"):
         distributed.write_launch_files(tmp_path, distributed.RunConfig(out_dir=str(tmp_path), global_batch_size=8), 3)

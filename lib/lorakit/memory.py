@@ -316,10 +316,12 @@ class MemoryEstimate:
         return sum(self.offloaded.values())
 
     def table(self) -> str:
-        rows = [f"{k:<24}{v / 1e9:>10.2f} GB" for k, v in self.parts.items()]
         where = "" if self.notes.get("world_size", 1) == 1 else ", per device"
-        rows.append(f"{'total (' + self.method + where + ')':<24}{self.gb:>10.2f} GB")
-        rows += [f"{k + ' (CPU)':<24}{v / 1e9:>10.2f} GB" for k, v in self.offloaded.items()]
+        total = f"total ({self.method}{where})"
+        w = max(24, 1 + max(len(name) for name in [*self.parts, total, *(k + " (CPU)" for k in self.offloaded)]))
+        rows = [f"{k:<{w}}{v / 1e9:>10.2f} GB" for k, v in self.parts.items()]
+        rows.append(f"{total:<{w}}{self.gb:>10.2f} GB")
+        rows += [f"{k + ' (CPU)':<{w}}{v / 1e9:>10.2f} GB" for k, v in self.offloaded.items()]
         return "\n".join(rows)
 
     def __str__(self) -> str:

@@ -169,6 +169,6 @@ def sharding_curves(cfg, method: str, devices=(1, 2, 4, 8, 16, 32, 64), gpus=(24
     for axis in (ax.yaxis,):
         axis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
         axis.set_minor_formatter(FuncFormatter(lambda v, _: f"{v:g}" if str(v)[0] in "25" else ""))
-    ax.legend(fontsize=8, frameon=False)
+    ax.legend(fontsize=8, frameon=False, loc="upper left", bbox_to_anchor=(1.01, 1))
     ax.figure.tight_layout()
     return ax
