@@ -456,9 +456,9 @@ def estimate(cfg, method: str, r: int = 8, target_modules=None, batch_size: int 
         sharded.add("gradients")
     if stage >= 3:
         sharded |= {"weights", "quantization constants", "adapters"}
-    to_host = ({"fp32 master weights", "optimizer states"} | ({"weights", "quantization constants", "adapters",
-                                                                "gradients"} if stage == 3 else set())
-               if cpu_offload else set())
+    to_host = {"fp32 master weights", "optimizer states"} if cpu_offload else set()
+    if cpu_offload and stage == 3:
+        to_host |= {"weights", "quantization constants", "adapters", "gradients"}
     offloaded: dict[str, int] = {}
     for part in list(parts):
         if part in sharded:

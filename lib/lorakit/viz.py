@@ -166,9 +166,8 @@ def sharding_curves(cfg, method: str, devices=(1, 2, 4, 8, 16, 32, 64), gpus=(24
            title=f"{cfg if isinstance(cfg, str) else 'model'}, {method}: memory of one device")
     ax.set_xticks(list(devices), [str(d) for d in devices])
     from matplotlib.ticker import FuncFormatter
-    for axis in (ax.yaxis,):
-        axis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
-        axis.set_minor_formatter(FuncFormatter(lambda v, _: f"{v:g}" if str(v)[0] in "25" else ""))
+    ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    ax.yaxis.set_minor_formatter(FuncFormatter(lambda v, _: f"{v:g}" if str(v)[0] in "25" else ""))
     ax.legend(fontsize=8, frameon=False, loc="upper left", bbox_to_anchor=(1.01, 1))
     ax.figure.tight_layout()
     return ax
