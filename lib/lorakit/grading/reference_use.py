@@ -1,0 +1,140 @@
+"""Flags for the instructor: does a submission's own code lean on lorakit instead of answering the exercise?
+
+The kit is installed where the learner's code runs (later lessons build on earlier lessons' references), so
+an answer can simply call lorakit's own implementation of the exercise, and it computes the right answer on
+any input the grader draws. The policy: such a submission is graded like any other, but flagged: a
+`flags` column in grades.csv, a line at the top of the feedback, the notebook flagged in the gradebook.
+Whether it earns the points is the instructor's call (some courses allow it for a lesson already passed).
+
+The submission's source is read, never run, in the grader's process. Only the learner's own code is read:
+cells that differ from every code cell of the lesson as released (an exercise's answer, a cell the learner
+added or changed). What is flagged:
+
+- reference: a use of an object a check names in its `reference` (`from lorakit.lora import LoRALinear`,
+  `nf4.quantize_nf4(...)` with `nf4` bound to lorakit.nf4 anywhere in the notebook, `from lorakit.nf4 import *`);
+- grader: a use of `lorakit.grading` or `lorakit.checks.judged` (nothing a lesson needs);
+- introspection: looking through the running process (gc's object lists, stack frames, other threads'
+  frames, trace hooks), the tools of the attacks an in-process grader could not stop;
+- dynamic code: exec, eval, compile, __import__, importlib: code the grader cannot read.
+
+Limits: this reads source, so an answer that reaches the reference through data built at run time (a
+getattr with a computed name on an object lorakit returned) or that copies the reference's source text into
+the notebook is not flagged; dynamic code is flagged as such, not as a reference. A check without a
+`reference` has nothing to flag for its exercise.
+"""
+
+from __future__ import annotations
+
+import ast
+
+from ..checks import judged
+
+INTERNALS = ("lorakit.grading", "lorakit.checks.judged")
+PROCESS = {"gc.get_objects", "gc.get_referrers", "gc.get_referents", "sys._current_frames", "sys._getframe",
+           "sys.settrace", "sys.setprofile", "threading.settrace", "inspect.stack", "inspect.currentframe"}
+FRAME_ATTRIBUTES = {"f_locals", "f_globals", "f_back", "tb_frame", "gi_frame", "cr_frame"}
+DYNAMIC = {"exec", "eval", "compile", "__import__", "importlib.import_module"}
+
+
+def references(key) -> set[str]:
+    """What the lesson's checks name as the reference answers of their exercises."""
+    out = set()
+    for kc in key.tests:
+        for call in kc.calls:
+            out.update(judged.find(call.check).reference)
+    return out
+
+
+def _python(source: str) -> ast.Module | None:
+    """The cell as Python (IPython's magics and shell escapes turned into calls first), or None."""
+    from IPython.core.inputtransformer2 import TransformerManager
+    try:
+        return ast.parse(TransformerManager().transform_cell(source))
+    except (SyntaxError, ValueError):
+        return None
+
+
+def _bindings(tree: ast.Module, names: dict[str, str]) -> None:
+    """Add the names bound by the imports in `tree` ("ref" -> "lorakit.nf4", "g" -> "gc.get_objects")."""
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            for a in node.names:
+                if a.asname:
+                    names[a.asname] = a.name
+                else:
+                    top = a.name.split(".")[0]
+                    names[top] = top
+        elif isinstance(node, ast.ImportFrom) and not node.level and node.module:
+            for a in node.names:
+                if a.name != "*":
+                    names[a.asname or a.name] = f"{node.module}.{a.name}"
+
+
+def _dotted(node, names: dict[str, str]) -> str | None:
+    """`a.b.c` resolved through `names` ("nf4.quantize_nf4" -> "lorakit.nf4.quantize_nf4"), or None."""
+    parts = []
+    while isinstance(node, ast.Attribute):
+        parts.append(node.attr)
+        node = node.value
+    if not isinstance(node, ast.Name):
+        return None
+    return ".".join([names.get(node.id, node.id), *reversed(parts)])
+
+
+def _hits(dotted: str, targets) -> list[str]:
+    return [t for t in targets if dotted == t or dotted.startswith(t + ".")]
+
+
+def _learner_cells(nb, key):
+    """(where, syntax tree) of the learner's own code cells, and the names all code cells bind."""
+    from .submission import cell_id
+    trees, names = [], {}
+    for i, cell in enumerate(nb.cells):
+        if cell.cell_type != "code":
+            continue
+        tree = _python(cell.source)
+        if tree is None:
+            continue
+        _bindings(tree, names)
+        gid = cell_id(cell)
+        if cell.source.strip() in key.instructor or (gid in key.cells and key.cells[gid].kind == "test"):
+            continue
+        trees.append((gid or f"cell {i}", tree))
+    return trees, names
+
+
+def flags(nb, key) -> list[str]:
+    """Why the instructor should look at this submission (see the module docstring); empty when nothing."""
+    refs = references(key)
+    trees, names = _learner_cells(nb, key)
+    out: list[str] = []
+
+    def flag(text):
+        if text not in out:
+            out.append(text)
+
+    for where, tree in trees:
+        for node in ast.walk(tree):
+            used = []                                  # dotted names this node uses
+            if isinstance(node, ast.ImportFrom) and not node.level and node.module:
+                for a in node.names:
+                    if a.name == "*":
+                        used += [r for r in refs if r.startswith(node.module + ".")] + [node.module]
+                    else:
+                        used.append(f"{node.module}.{a.name}")
+            elif isinstance(node, ast.Import):
+                used += [a.name for a in node.names]
+            elif isinstance(node, (ast.Attribute, ast.Name)):
+                used.append(_dotted(node, names))
+                if isinstance(node, ast.Attribute) and node.attr in FRAME_ATTRIBUTES:
+                    flag(f"{where}: looks through the running process (.{node.attr}: stack frames)")
+            for dotted in filter(None, used):
+                for r in _hits(dotted, refs):
+                    flag(f"{where}: uses lorakit's reference {r}, the answer of an exercise")
+                for t in _hits(dotted, INTERNALS):
+                    flag(f"{where}: uses the grader's own code ({t})")
+                if dotted in PROCESS:
+                    flag(f"{where}: looks through the running process ({dotted}: gc, frames or threads)")
+                if dotted in DYNAMIC:
+                    flag(f"{where}: runs code the grader cannot read ({dotted})")
+    return out
