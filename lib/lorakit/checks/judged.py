@@ -407,6 +407,8 @@ class Check:
 def _explain_error(etype: str, message: str) -> str:
     if etype == "DataError":
         return f"the answer could not be sent to the grader: {message}"
+    if etype == "CheckFailed":  # the probe itself saw what is wrong (not callable, not a pair, ...)
+        return message
     if etype == "CellTimeout":
         return f"your code did not finish: {message}"
     text = f"your code raised {etype}: {message}".rstrip(": ")

@@ -47,17 +47,28 @@ def frame(msg: dict, raw: dict | None = None) -> bytes:
 
 
 class Lines:
-    """Splits what arrives on a pipe into lines, refusing a line longer than MAX_MESSAGE."""
+    """Splits what arrives on a pipe into lines, refusing a line longer than MAX_MESSAGE (without ever
+    holding more than that, or copying a long line more than once)."""
 
     def __init__(self):
-        self.buf = b""
+        self.parts: list[bytes] = []
+        self.size = 0
 
     def feed(self, chunk: bytes) -> list[bytes]:
-        self.buf += chunk
-        *lines, self.buf = self.buf.split(b"\n")
-        if len(self.buf) > MAX_MESSAGE or any(len(line) > MAX_MESSAGE for line in lines):
-            raise ProtocolError(f"a message longer than {MAX_MESSAGE:,} bytes")
-        return lines
+        lines = []
+        while True:
+            i = chunk.find(b"\n")
+            if i < 0:
+                self.parts.append(chunk)
+                self.size += len(chunk)
+                if self.size > MAX_MESSAGE:
+                    raise ProtocolError(f"a message longer than {MAX_MESSAGE:,} bytes")
+                return lines
+            if self.size + i > MAX_MESSAGE:
+                raise ProtocolError(f"a message longer than {MAX_MESSAGE:,} bytes")
+            lines.append(b"".join([*self.parts, chunk[:i]]))
+            self.parts, self.size = [], 0
+            chunk = chunk[i + 1:]
 
 
 class Channel:
@@ -89,7 +100,9 @@ def parse(line: bytes) -> dict:
     An answer's "reply" is left as parsed JSON: `reply()` decodes it (a bad reply fails one check, not the
     conversation)."""
     try:
-        msg = judged.loads(line, where="a message", limit=MAX_MESSAGE)
+        msg = judged.loads(line.decode("utf-8"), where="a message", limit=MAX_MESSAGE)
+    except UnicodeDecodeError:
+        raise ProtocolError("a message that is not UTF-8 text") from None
     except judged.DataError as e:
         raise ProtocolError(f"a message that is not JSON ({e})") from None
     if not isinstance(msg, dict) or not isinstance(msg.get("op"), str):

@@ -12,7 +12,8 @@ added or changed). What is flagged:
 
 - reference: a use of an object a check names in its `reference` (`from lorakit.lora import LoRALinear`,
   `nf4.quantize_nf4(...)` with `nf4` bound to lorakit.nf4 anywhere in the notebook, `from lorakit.nf4 import *`);
-- grader: a use of `lorakit.grading` or `lorakit.checks.judged` (nothing a lesson needs);
+- grader: a use of `lorakit.grading` or `lorakit.checks.judged` (nothing a lesson needs), or an
+  assignment to an attribute of a lorakit module (`lorakit.checks.setup.expect = ...`);
 - introspection: looking through the running process (gc's object lists, stack frames, other threads'
   frames, trace hooks), the tools of the attacks an in-process grader could not stop;
 - dynamic code: exec, eval, compile, __import__, importlib: code the grader cannot read.
@@ -126,6 +127,9 @@ def flags(nb, key) -> list[str]:
                 used += [a.name for a in node.names]
             elif isinstance(node, (ast.Attribute, ast.Name)):
                 used.append(_dotted(node, names))
+                target = used[-1] if isinstance(node, ast.Attribute) and isinstance(node.ctx, (ast.Store, ast.Del)) else ""
+                if target and (target == "lorakit" or target.startswith("lorakit.")):
+                    flag(f"{where}: changes lorakit's own code ({target})")
                 if isinstance(node, ast.Attribute) and node.attr in FRAME_ATTRIBUTES:
                     flag(f"{where}: looks through the running process (.{node.attr}: stack frames)")
             for dotted in filter(None, used):
