@@ -359,7 +359,7 @@ class truncation:
         cases, labels = [], []
         for ex in _examples(rng, 2 if rng.grading else 1):
             answer = len(tokenizer(" " + ex["output"].strip(), add_special_tokens=False)["input_ids"]) + 1
-            for extra in ((rng.integer(0, 4), rng.integer(5, 30)) if rng.grading else (3, 12)):
+            for extra in ((rng.integer(1, 4), rng.integer(5, 30)) if rng.grading else (3, 12)):
                 for padding in (True, False):
                     cases.append([ex, answer + extra, padding])
                     labels.append(f"max_length={answer + extra} (padding={padding})")
