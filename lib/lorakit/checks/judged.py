@@ -27,6 +27,10 @@ written as a class whose body holds the three functions and the answer's shape:
             ...                                   # expect(...) like any check
             return "the passed message"
 
+Optional in the class body: `reference`, the kit's objects that answer the exercise (a submission whose
+own code uses one is graded but flagged, see lorakit.grading.reference_use). `draw` can read `rng.grading`
+(True for seed="grading") to ask more of a hidden call.
+
 In a notebook, `check.weights_gb(weights_gb)` runs the three parts in the learner's kernel with seed 0: a
 self-check that explains what is wrong. `check.weights_gb(weights_gb, seed="grading")` (a test cell's
 hidden part) does the same on a fresh seed. When `lorakit grade` grades a submission, the process that
