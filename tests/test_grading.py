@@ -119,7 +119,8 @@ def test_feedback_never_shows_hidden_tests(batch):
 def test_a_thread_reading_frames_finds_no_hidden_test(batch):
     """The spy thread saw the grader's requests (so it really looked) and nothing more: no test source."""
     html = (batch["out"] / "feedback" / "frame_reader.html").read_text()
-    assert "SPY" in html and html_escape("'op': 'probe'") in html, "the spy thread found nothing: the attack did not run"
+    seen = "'op': 'probe'"
+    assert "SPY" in html and (seen in html or html_escape(seen) in html), "the spy thread found nothing: the attack did not run"
     assert "seed=" not in html and "BEGIN HIDDEN" not in html
 
 
@@ -389,3 +390,21 @@ def test_the_lessons_own_cells_are_never_flagged(key):
     from lorakit.grading import reference_use
     nb = nbformat.read(course.lesson_path(LESSON), as_version=4)
     assert reference_use.flags(nb, key) == []
+
+
+def test_a_lesson_with_tensors_is_graded_end_to_end(tmp_path):
+    """Lesson 03 (NF4) whole, solved and untouched, with the CI parameters: tensors cross as data, the judge
+    compares with bitsandbytes in the grader's process; the solution earns every point, the stub none."""
+    from lorakit import grading
+    lesson = "03_nf4"
+    subs = {"solved": adversarial.student_notebook(lesson), "untouched": adversarial.student_notebook(lesson, solved=set())}
+    adversarial.write({k: (v, None) for k, v in subs.items()}, tmp_path / "in")
+    params = course.params_for(lesson, course.load_params(course.course_root() / "grading" / "ci_params.yml"))
+    res = {g.student: g for g in grading.grade(lesson, [tmp_path / "in"], workers=2, db=f"sqlite:///{tmp_path / 'gb.db'}",
+                                               out=tmp_path / "out", params=params, echo=None)}
+    solved, untouched = res["solved"], res["untouched"]
+    assert (solved.status, solved.score) == ("graded", solved.max_score), solved.outcome
+    assert (untouched.status, untouched.score) == ("graded", 0), untouched.outcome
+    messages = " ".join(t.message for t in solved.outcome.tests.values())
+    assert "bit-exact with bitsandbytes" in messages and "(inputs drawn when graded)" in messages
+    assert not solved.outcome.flags, solved.outcome.flags   # the lesson's own use of lorakit.nf4 is not flagged

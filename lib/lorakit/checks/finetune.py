@@ -509,12 +509,12 @@ def _rebuild(adapter: dict):
                                           bnb_4bit_compute_dtype=getattr(torch, q.get("bnb_4bit_compute_dtype", "float32")))
     model, tokenizer = models.load_base(_base_model_id(adapter["base"]), quantization=quantization, device="cpu")
     targets = adapter["target_modules"]
-    expect(isinstance(targets, str) or set(targets) <= set(PREFERENCE),
-           f"the adapter targets {targets}; the grader rebuilds adapters on {PREFERENCE}.")
+    expect(isinstance(targets, list) and targets and set(targets) <= set(PREFERENCE),  # names, never a regex
+           f"the adapter targets {targets!r}; the grader rebuilds adapters on a list of {PREFERENCE}.")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         config = LoraConfig(r=adapter["r"], lora_alpha=adapter["alpha"], use_rslora=adapter["use_rslora"],
-                            target_modules=targets if isinstance(targets, str) else list(targets), task_type="CAUSAL_LM")
+                            target_modules=list(targets), task_type="CAUSAL_LM")
         peft_model = get_peft_model(model, config)
         wanted = set(get_peft_model_state_dict(peft_model))
         result = set_peft_model_state_dict(peft_model, adapter["tensors"])

@@ -100,6 +100,7 @@ class Session:
         self.sel = selectors.DefaultSelector()
         self.sel.register(rfd, selectors.EVENT_READ)
         self.rfd, self.lines, self.queue = rfd, protocol.Lines(), []
+        os.set_blocking(wfd, False)
         self.deadline = t0 + self.timeout
         self.cell_deadline = None
         self.where = "before the first cell"
@@ -191,11 +192,14 @@ class Session:
 
     def _send(self, msg: dict, raw: dict | None = None) -> None:
         data = memoryview(protocol.frame(msg, raw))
-        while data:  # the sandbox reads requests only when it waits for one: never block on a full pipe
+        while data:  # a sandbox that stops reading must not block the grader (the pipe is non-blocking)
             _, ready, _ = select.select([], [self.wfd], [], max(0.0, self.deadline - time.monotonic()))
             if not ready:
                 raise _Stopped("timeout", f"the grading process stopped reading requests (at {self.where})")
-            data = data[os.write(self.wfd, data[:65536]):]
+            try:
+                data = data[os.write(self.wfd, data[:65536]):]
+            except BlockingIOError:
+                continue
 
     def _read(self, deadline: float) -> dict | None:
         """The next message (schema-checked), or None when the sandbox closed its end."""
