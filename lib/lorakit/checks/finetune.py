@@ -302,13 +302,21 @@ def _examples(rng, n: int, split: str = "train") -> list[dict]:
     return data.generate_task("who_found", {split: n})[split]
 
 
+def _ids(v):
+    """Token ids as a list of ints (from a list, a tuple or a tensor), else the value as data or its repr."""
+    if hasattr(v, "tolist"):
+        v = v.tolist()
+    if isinstance(v, (list, tuple)) and all(type(t) is int for t in v):
+        return list(v)
+    return data_or_repr(v)
+
+
 def _tokenized(inputs, fn):
     tokenizer = _tokenizer()
     out = []
     for ex, max_length, padding in inputs["cases"]:
         got = _call(fn, dict(ex), tokenizer, max_length, padding, what="tokenize_with_masking")
-        out.append({k: [int(t) for t in v] if isinstance(v, (list, tuple)) and all(isinstance(t, int) for t in v)
-                    else data_or_repr(v) for k, v in got.items()} if isinstance(got, dict) else data_or_repr(got))
+        out.append({str(k): _ids(v) for k, v in got.items()} if isinstance(got, dict) else data_or_repr(got))
     return {"results": out}
 
 
