@@ -386,10 +386,28 @@ def test_flags_read_the_learners_own_code(key, answer, flagged):
         assert all(f.startswith("ex00_bytes_per_param:") for f in flags), flags
 
 
-def test_the_lessons_own_cells_are_never_flagged(key):
+@pytest.mark.parametrize("lesson", ["00_setup", "01_memory", "02_lora", "03_nf4", "04_qlora_from_scratch",
+                                    "05_qlora_finetune"])
+def test_the_lessons_own_answers_are_never_flagged(lesson):
+    """The instructor's answers use earlier lessons' references where the course means them to (the NF4 table
+    in lesson 03's dequantize, lesson 02's LoRALinear under lesson 04's QLoRALinear): no flag."""
     from lorakit.grading import reference_use
-    nb = nbformat.read(course.lesson_path(LESSON), as_version=4)
-    assert reference_use.flags(nb, key) == []
+    release = nbformat.read(course.lesson_path(lesson), as_version=4)
+    key = submission.key_from_notebook(lesson, release)
+    assert reference_use.flags(release, key) == []
+    assert reference_use.flags(adversarial.student_notebook(lesson), key) == []
+
+
+def test_a_reference_used_in_an_exercise_of_its_own_is_flagged():
+    from lorakit.grading import reference_use
+    lesson = "03_nf4"
+    key = submission.key_from_notebook(lesson, nbformat.read(course.lesson_path(lesson), as_version=4))
+    nb = adversarial.student_notebook(lesson)
+    for c in nb.cells:
+        if submission.cell_id(c) == "ex03_nf4_code":
+            c.source = "# ex03_nf4_code\ndef nf4_values():\n    return ref.nf4_code()"
+    assert reference_use.flags(nb, key) == ["ex03_nf4_code: uses lorakit's reference lorakit.nf4.nf4_code, the answer of "
+                                            "an exercise"]
 
 
 def test_a_lesson_with_tensors_is_graded_end_to_end(tmp_path):

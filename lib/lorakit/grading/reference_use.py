@@ -11,7 +11,8 @@ cells that differ from every code cell of the lesson as released (an exercise's 
 added or changed). What is flagged:
 
 - reference: a use of an object a check names in its `reference` (`from lorakit.lora import LoRALinear`,
-  `nf4.quantize_nf4(...)` with `nf4` bound to lorakit.nf4 anywhere in the notebook, `from lorakit.nf4 import *`);
+  `nf4.quantize_nf4(...)` with `nf4` bound to lorakit.nf4 anywhere in the notebook, `from lorakit.nf4 import *`),
+  in the cell of the exercise that check grades, or in any cell the learner added;
 - grader: a use of `lorakit.grading` or `lorakit.checks.judged` (nothing a lesson needs), or an
   assignment to an attribute of a lorakit module (`lorakit.checks.setup.expect = ...`);
 - introspection: looking through the running process (gc's object lists, stack frames, other threads'
@@ -37,12 +38,24 @@ FRAME_ATTRIBUTES = {"f_locals", "f_globals", "f_back", "tb_frame", "gi_frame", "
 DYNAMIC = {"exec", "eval", "compile", "__import__", "importlib.import_module"}
 
 
-def references(key) -> set[str]:
-    """What the lesson's checks name as the reference answers of their exercises."""
-    out = set()
-    for kc in key.tests:
-        for call in kc.calls:
-            out.update(judged.find(call.check).reference)
+def references(key) -> dict[str | None, set[str]]:
+    """exercise grade_id -> what the checks of its test cells (the ones that follow it) name as reference
+    answers; None -> all of them (for cells that are no exercise: the learner's own)."""
+    out: dict[str | None, set[str]] = {None: set()}
+    exercise = None
+    for gid in key.order:
+        kc = key.cells.get(gid)
+        if kc is None:
+            continue
+        if kc.kind == "solution":
+            exercise = gid
+            out.setdefault(gid, set())
+        elif kc.kind == "test":
+            for call in kc.calls:
+                refs = set(judged.find(call.check).reference)
+                out[None] |= refs
+                if exercise is not None:
+                    out[exercise] |= refs
     return out
 
 
@@ -100,13 +113,13 @@ def _learner_cells(nb, key):
         gid = cell_id(cell)
         if cell.source.strip() in key.instructor or (gid in key.cells and key.cells[gid].kind == "test"):
             continue
-        trees.append((gid or f"cell {i}", tree))
+        trees.append((gid or f"cell {i}", gid if gid in key.cells else None, tree))
     return trees, names
 
 
 def flags(nb, key) -> list[str]:
     """Why the instructor should look at this submission (see the module docstring); empty when nothing."""
-    refs = references(key)
+    by_exercise = references(key)
     trees, names = _learner_cells(nb, key)
     out: list[str] = []
 
@@ -114,7 +127,10 @@ def flags(nb, key) -> list[str]:
         if text not in out:
             out.append(text)
 
-    for where, tree in trees:
+    for where, gid, tree in trees:
+        # an exercise's cell may use the references of other exercises (the lesson's own answers do: the
+        # NF4 table in dequantize_nf4); any other cell of the learner's may use none
+        refs = by_exercise.get(gid, by_exercise[None])
         for node in ast.walk(tree):
             used = []                                  # dotted names this node uses
             if isinstance(node, ast.ImportFrom) and not node.level and node.module:
