@@ -121,7 +121,8 @@ def test_a_thread_reading_frames_finds_no_hidden_test(batch):
     html = (batch["out"] / "feedback" / "frame_reader.html").read_text()
     seen = "'op': 'probe'"
     assert "SPY" in html and (seen in html or html_escape(seen) in html), "the spy thread found nothing: the attack did not run"
-    assert "seed=" not in html and "BEGIN HIDDEN" not in html
+    found = [line for line in html.splitlines() if "SPY" in line]
+    assert not any("grading" in line or "HIDDEN" in line for line in found), found
 
 
 def html_escape(text):
