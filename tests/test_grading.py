@@ -121,8 +121,8 @@ def test_a_thread_reading_frames_finds_no_hidden_test(batch):
     html = (batch["out"] / "feedback" / "frame_reader.html").read_text()
     seen = "'op': 'probe'"
     assert "SPY" in html and (seen in html or html_escape(seen) in html), "the spy thread found nothing: the attack did not run"
-    found = [line for line in html.splitlines() if "SPY" in line]
-    assert not any("grading" in line or "HIDDEN" in line for line in found), found
+    for secret in ('seed="grading"', "BEGIN HIDDEN TESTS"):   # what only the hidden parts hold
+        assert secret not in html and html_escape(secret) not in html
 
 
 def html_escape(text):

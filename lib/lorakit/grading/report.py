@@ -55,15 +55,29 @@ def _env_with_alembic() -> None:
         os.environ["PATH"] = os.pathsep.join([bin_dir, os.environ.get("PATH", "")])
 
 
+def gradebook(db_url: str):
+    """nbgrader's Gradebook at `db_url`, open. Two machines that create a new PostgreSQL gradebook's tables at
+    the same moment collide (a unique violation in the catalog); the loser waits and opens it again."""
+    from nbgrader.api import Gradebook
+    from sqlalchemy.exc import IntegrityError, ProgrammingError
+    _env_with_alembic()
+    for attempt in range(6):
+        try:
+            return Gradebook(db_url)
+        except (IntegrityError, ProgrammingError):
+            if attempt == 5:
+                raise
+            time.sleep(0.3 * (attempt + 1))
+
+
 def write_gradebook(db_url: str, g: Graded, test_ids: list[str]) -> None:
     """Record `g` in the gradebook: one auto_score per test cell, the notebook flagged when it failed."""
-    from nbgrader.api import Gradebook, InvalidEntry, MissingEntry
+    from nbgrader.api import InvalidEntry, MissingEntry
     from sqlalchemy.exc import IntegrityError
-    _env_with_alembic()
     import warnings
     for attempt in range(5):  # another machine may create the same student at the same moment
         try:
-            with warnings.catch_warnings(), Gradebook(db_url) as gb:
+            with warnings.catch_warnings(), gradebook(db_url) as gb:
                 warnings.simplefilter("ignore")  # nbgrader's own SQLAlchemy autoflush warnings
                 gb.update_or_create_student(g.student)
                 try:
@@ -87,10 +101,8 @@ def write_gradebook(db_url: str, g: Graded, test_ids: list[str]) -> None:
 
 def read_gradebook(db_url: str, lesson: str) -> dict[str, float]:
     """student -> auto score of `lesson` (for tests and for checking a shared gradebook)."""
-    from nbgrader.api import Gradebook
-    _env_with_alembic()
     out = {}
-    with Gradebook(db_url) as gb:
+    with gradebook(db_url) as gb:
         for sub in gb.find_assignment(lesson).submissions:
             out[sub.student.id] = float(sub.score)
     return out

@@ -179,12 +179,11 @@ def build_key(lesson: str, db_url: str, workdir: Path, root: Path | None = None)
 
 def _key_from_gradebook(lesson: str, db_url: str, solution) -> Key | None:
     """The key from the gradebook, or None when it lacks the lesson or its test cells differ from `solution`."""
-    from nbgrader.api import Gradebook, MissingEntry
+    from nbgrader.api import MissingEntry
     if db_url.startswith("sqlite:///") and not Path(db_url.removeprefix("sqlite:///")).is_file():
         return None
-    from .report import _env_with_alembic
-    _env_with_alembic()
-    with Gradebook(db_url) as gb:
+    from .report import gradebook
+    with gradebook(db_url) as gb:
         try:
             nb = gb.find_notebook(lesson, lesson)
         except MissingEntry:
