@@ -102,7 +102,7 @@ def test_two_shards_graded_at_once_into_one_postgres_gradebook(postgres, tmp_pat
         grades = con.execute(sa.text(
             "SELECT st.id, gc.name, count(*), max(g.auto_score) FROM grade g "
             "JOIN submitted_notebook sn ON g.notebook_id = sn.id JOIN submitted_assignment sa ON sn.assignment_id = sa.id "
-            "JOIN student st ON sa.student_id = st.id JOIN grade_cells gc ON g.cell_id = gc.id "
+            "JOIN student st ON sa.student_id = st.id JOIN base_cell gc ON g.cell_id = gc.id "
             "GROUP BY st.id, gc.name")).all()
         n_assignments = con.execute(sa.text("SELECT count(*) FROM assignment WHERE name = :lesson"), {"lesson": LESSON}).scalar()
     engine.dispose()

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
-
 
 def _grade(args) -> int:
     from .. import course
