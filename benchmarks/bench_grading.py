@@ -1,12 +1,15 @@
-"""Grading throughput: `lorakit grade` (sandbox on, 2 workers) vs stock `nbgrader autograde` (one submission
-after another), side by side on the same 20 submissions of lesson 00, into separate gradebooks.
+"""Grading throughput: `lorakit grade` (sandbox on, 2 workers, verdicts from the trusted judge) vs stock
+`nbgrader autograde` (one submission after another, checks run in the learner's kernel), side by side on the
+same 20 submissions of lesson 00, into separate gradebooks.
 
-    python benchmarks/bench_grading.py          # 20 submissions, exercise and test cells only (~1.5 min)
+    python benchmarks/bench_grading.py          # 20 submissions, exercise and test cells only (~1 min)
     python benchmarks/bench_grading.py --full   # 20 whole lesson notebooks (torch, bitsandbytes: ~5 min on 2 busy cores)
 
 Both sides register the lesson in their gradebook before the clock starts. lorakit's time includes what
-stock autograde does not do (feedback HTML, results.json, grades.csv). Prints submissions per minute and the
-throughput ratio; the promise is a ratio >= 1.8 on two cores.
+stock autograde does not do (drawing the hidden inputs and judging in the trusted process, feedback HTML,
+results.json, grades.csv). Prints seconds, submissions per minute, the throughput ratio (the promise: >= 5x
+on two cores) and whether the two agree on every submission's score (they must: all are honest). Exits 1
+when a promise is not met.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from lorakit import course, grading  # noqa: E402
 from lorakit.grading import adversarial, report, submission  # noqa: E402
 
 LESSON = "00_setup"
+PROMISE = 5.0   # lorakit grade at least this many times stock autograde's throughput
 
 
 def main() -> int:
@@ -75,9 +79,12 @@ def main() -> int:
         print(f"{'grader':<40} {'seconds':>8} {'subs/min':>9}")
         print(f"{'stock nbgrader autograde (sequential)':<40} {stock:8.1f} {60 * args.n / stock:9.1f}")
         print(f"{f'lorakit grade ({args.workers} workers, sandbox on)':<40} {ours:8.1f} {60 * args.n / ours:9.1f}")
-        print(f"throughput ratio (lorakit / stock): {stock / ours:.2f}x   (target >= 1.8)")
-        print(f"scores agree on {agree}/{len(ours_scores)} submissions; lorakit failures: {failed}")
-        return 0
+        ratio = stock / ours
+        print(f"throughput ratio (lorakit / stock): {ratio:.2f}x   (promise >= {PROMISE:g}x)")
+        print(f"scores agree with stock nbgrader on {agree}/{len(ours_scores)} submissions; lorakit failures: {failed}")
+        met = ratio >= PROMISE and agree == len(ours_scores) == args.n and not failed
+        print("promise met" if met else "PROMISE NOT MET")
+        return 0 if met else 1
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

@@ -77,32 +77,33 @@ def test_llama2_7b_counts_from_facts():
 
 
 def test_trainable_count_check(capsys):
-    cfg = llama(**SMOLLM2)
-    check.trainable_count(reference_predict, cfg, 8, ["q_proj", "v_proj"])
+    check.trainable_count(reference_predict)
+    check.trainable_count(reference_predict, seed="grading")  # Llama-2-7B, SmolLM2 (GQA), made-up shapes
     assert "✅" in capsys.readouterr().out
 
     def ignores_gqa(config, r, targets):  # treats k and v as hidden -> hidden
+        shapes = check._shapes(config)
         h = config.hidden_size
-        return config.num_hidden_layers * len(targets) * r * 2 * h if set(targets) <= {"q_proj", "k_proj", "v_proj", "o_proj"} else 0
+        return config.num_hidden_layers * sum(r * (2 * h if m in ("k_proj", "v_proj") else sum(shapes[m])) for m in targets)
+    check.trainable_count(ignores_gqa)  # the lesson's model has no grouped-query attention...
     with pytest.raises(CheckFailed, match=r"(?s)expected .* trainable parameters.*Hint"):
-        check.trainable_count(ignores_gqa, cfg, 8, ["q_proj", "v_proj"])
+        check.trainable_count(ignores_gqa, seed="grading")  # ...SmolLM2 has
 
     def stub(config, r, targets):
         raise NotImplementedError()
     with pytest.raises(CheckFailed, match="NotImplementedError"):
-        check.trainable_count(stub, cfg, 8, ["q_proj", "v_proj"])
+        check.trainable_count(stub)
 
 
 def test_targets_check():
-    cfg = llama(**SMOLLM2)
-
     def right(config, r, budget):
         return check._targets_for_budget(config, r, budget)
-    check.targets(right, cfg)
+    check.targets(right)
+    check.targets(right, seed="grading")
     with pytest.raises(CheckFailed, match="over the budget"):
-        check.targets(lambda config, r, budget: list(check.PREFERENCE), cfg)
+        check.targets(lambda config, r, budget: list(check.PREFERENCE))
     with pytest.raises(CheckFailed, match="expected"):
-        check.targets(lambda config, r, budget: ["q_proj"], cfg)
+        check.targets(lambda config, r, budget: ["q_proj"])
 
 
 def test_targets_reference_is_the_longest_prefix_that_fits():
@@ -133,9 +134,9 @@ def test_masking_reference_equals_lorakit_data(tokenizer_and_data):
 
 def test_masking_check(tokenizer_and_data, capsys):
     from lorakit import data
-    tok, ds = tokenizer_and_data
-    check.masking(data.tokenize_with_masking, tok, ds["train"])
-    check.truncation(data.tokenize_with_masking, tok, ds["train"])
+    for seed in (0, "grading"):
+        check.masking(data.tokenize_with_masking, seed=seed)
+        check.truncation(data.tokenize_with_masking, seed=seed)
     assert "the loss sees only" in capsys.readouterr().out
 
     def no_masking(ex, tokenizer, max_length=256, padding=True):
@@ -143,7 +144,7 @@ def test_masking_check(tokenizer_and_data, capsys):
         out["labels"] = [t if m else -100 for t, m in zip(out["input_ids"], out["attention_mask"])]
         return out
     with pytest.raises(CheckFailed, match=r"(?s)prompt position.*-100 on every prompt token"):
-        check.masking(no_masking, tok, ds["train"])
+        check.masking(no_masking)
 
     def no_eos(ex, tokenizer, max_length=256, padding=True):
         out = data.tokenize_with_masking(ex, tokenizer, max_length, padding=False)
@@ -154,13 +155,14 @@ def test_masking_check(tokenizer_and_data, capsys):
                    "attention_mask": out["attention_mask"] + [0] * n, "labels": out["labels"] + [-100] * n}
         return out
     with pytest.raises(CheckFailed):
-        check.masking(no_eos, tok, ds["train"])
+        check.masking(no_eos)
 
 
 def test_exact_match_checks():
     def right(answers, dataset):
         return sum(a.strip() == ex["output"].strip() for a, ex in zip(answers, dataset)) / len(answers)
     check.exact_match(right)
+    check.exact_match(right, seed="grading")
     with pytest.raises(CheckFailed, match="expected a score"):
         check.exact_match(lambda answers, dataset: sum(ex["output"] in a for a, ex in zip(answers, dataset)) / len(answers))
     rows = [{"output": "Mia"}, {"output": "Tom"}]
@@ -169,12 +171,27 @@ def test_exact_match_checks():
         check.before_eval(0.0, ["Mia", "Ben"], rows)
 
 
-def test_improvement():
-    check.improvement(0.0, 0.9, min_gain=check.MIN_GAIN)
-    with pytest.raises(CheckFailed, match="expected a gain"):
-        check.improvement(0.1, 0.2, min_gain=check.MIN_GAIN)
-    with pytest.raises(CheckFailed, match="between 0 and 1"):
-        check.improvement(0.0, 90)
+def test_improvement_is_measured_by_the_judge_not_reported(small_llama_dir, monkeypatch):
+    """An adapter that learned nothing (B = 0) fails however good the scores the notebook reports; the judge
+    loads the base model, puts the adapter on it and asks its own questions."""
+    from peft import LoraConfig, get_peft_model
+    model, _ = models.load_base(models.TINY, quantization="nf4", device="cpu")
+    model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"))
+    monkeypatch.setattr(check, "N_HELD_OUT", 8)
+    with pytest.raises(CheckFailed, match=r"(?s)exact match went from .* \(base model\) to .* \(with your adapter\).*"
+                                          r"your notebook measured 0.0% -> 100.0%"):
+        check.improvement(model, "who_found", 0.0, 1.0)
+    with pytest.raises(CheckFailed, match="not one of the lesson's tasks"):
+        check.improvement(model, "who_knows", 0.0, 1.0)
+    with pytest.raises(CheckFailed, match="fine-tuned peft model"):
+        check.improvement(object(), "who_found", 0.0, 1.0)
+
+
+def test_improvement_refuses_a_base_it_may_not_load():
+    adapter = {"tensors": {}, "r": 4, "alpha": 8, "use_rslora": False, "target_modules": ["q_proj"],
+               "base": "/etc/somewhere", "quantization": {}}
+    with pytest.raises(CheckFailed, match="grader evaluates adapters of the embedded model"):
+        check._rebuild(adapter)
 
 
 # ---------------------------------------------------------------- trap 1: gradients after evaluation

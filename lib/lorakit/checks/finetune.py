@@ -1,12 +1,14 @@
-"""Self-checks for lesson 05 (QLoRA fine-tuning with transformers, peft and bitsandbytes).
+"""Checks for lesson 05 (QLoRA fine-tuning with transformers, peft and bitsandbytes).
 
-Two kinds of helpers live here:
+Three kinds of helpers live here:
 
 - *readiness checks* the lesson runs before it loads anything (`compute_dtype_for`, `require_four_bit`):
   bad input stops early with a message that says what to change;
-- *self-checks* behind the graded test cells (`trainable_count`, `targets`, `masking`, `exact_match`,
-  `before_eval`, `improvement`) and the two proofs the lesson shows on the way (`adapters_get_gradients`
-  after the evaluation before training, `same_outputs` after reloading the adapter).
+- *judged checks* behind the graded test cells (`trainable_count`, `targets`, `masking`, `truncation`,
+  `exact_match`, `before_eval`, `improvement`; see lorakit.checks.judged). `improvement` never trusts the
+  notebook's scores: the probe sends the adapter, and the judge evaluates it on questions it draws;
+- the two proofs the lesson shows on the way (`adapters_get_gradients` after the evaluation before training,
+  `same_outputs` after reloading the adapter).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from __future__ import annotations
 import torch
 
 from . import CheckFailed, expect, passed
+from .judged import data_or_repr, judged
 
 # QLoRA's order of preference when a budget allows only some layers: attention first (the LoRA paper's
 # q and v, then k and o), then the MLP. The exercise picks the longest prefix that fits.
@@ -77,6 +80,42 @@ def _lora_count(config, r: int, target_modules) -> int:
     return config.num_hidden_layers * sum(r * sum(shapes[m]) for m in target_modules)
 
 
+def llama2_7b_config():
+    """Llama-2-7B's shapes (no download): 32 blocks, hidden 4096, intermediate 11008, 32 heads."""
+    from transformers import LlamaConfig
+
+    return LlamaConfig(**LLAMA2_7B)
+
+
+LLAMA2_7B = dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+                 num_key_value_heads=32, vocab_size=32000)
+SMOLLM2_135M = dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+                    num_key_value_heads=3, vocab_size=49152)
+
+
+def _tiny() -> dict:
+    """The embedded model's shapes (the lesson's default MODEL_ID)."""
+    import json
+
+    from lorakit.models import TINY_PATH
+    cfg = json.loads((TINY_PATH / "config.json").read_text())
+    return {k: cfg[k] for k in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                                "num_key_value_heads", "head_dim", "vocab_size")}
+
+
+def _config(d: dict):
+    from transformers import LlamaConfig
+    return LlamaConfig(**d)
+
+
+def _made_up(rng) -> dict:
+    heads = rng.choice([4, 8, 12, 16, 32])
+    head_dim = rng.choice([32, 64, 128])
+    return dict(hidden_size=heads * head_dim, intermediate_size=64 * rng.integer(4, 200),
+                num_hidden_layers=rng.integer(1, 48), num_attention_heads=heads,
+                num_key_value_heads=rng.choice([k for k in (1, 2, 4, 8, heads) if heads % k == 0]), vocab_size=32000)
+
+
 def _call(fn, *args, what: str):
     try:
         return fn(*args)
@@ -84,49 +123,57 @@ def _call(fn, *args, what: str):
         raise CheckFailed(f"`{what}` still raises NotImplementedError.",) from None
 
 
-def trainable_count(predict_trainable, config, r: int, target_modules, peft_model=None) -> None:
-    """The learner's `predict_trainable(config, r, target_modules)` against peft's count on the real
-    model and lorakit.memory.lora_parameters, for the lesson's recipe and for all linear layers."""
-    expect(callable(predict_trainable), "`predict_trainable` should be a function of (config, r, target_modules).")
-    target_modules = list(target_modules)
-    got = _call(predict_trainable, config, r, target_modules, what="predict_trainable")
-    expected = _lora_count(config, r, target_modules)
-    expect(isinstance(got, int) or (hasattr(got, "__int__") and float(got).is_integer()),
-           f"`predict_trainable` should return a whole number of parameters, found {got!r}.")
-    per_layer = {m: r * sum(_shapes(config)[m]) for m in target_modules}
-    expect(int(got) == expected,
-           f"r={r} on {target_modules}: expected {expected:,} trainable parameters, found {int(got):,}.",
-           f"each adapted layer adds A (r x in) and B (out x r), that is r * (in + out) parameters; per block "
-           f"that is {per_layer}, times {config.num_hidden_layers} blocks.")
-    if peft_model is not None:
-        counted = peft_model.get_nb_trainable_parameters()[0]
-        expect(int(got) == counted, f"peft counts {counted:,} trainable parameters on the model, you predicted {int(got):,}.",
-               "did the peft model get the same r and target_modules?")
-    try:
+@judged
+class trainable_count:
+    """`predict_trainable(config, r, target_modules)` against lorakit.memory.lora_parameters and peft's count,
+    for the lesson's recipe and for all linear layers."""
+    answer = {"counts": [object]}
+    reference = ("lorakit.memory.lora_parameters",)
+
+    def draw(rng):
+        from lorakit.models import ALL_LINEAR
+        if rng.grading:
+            cases = [["Llama-2-7B", LLAMA2_7B, 8, ["q_proj", "v_proj"]], ["Llama-2-7B", LLAMA2_7B, 64, PREFERENCE],
+                     ["SmolLM2-135M", SMOLLM2_135M, 16, PREFERENCE]]
+            cases += [[f"made-up model #{i + 1}", _made_up(rng), rng.choice([1, 4, 8, 16, 64]),
+                       rng.sample(PREFERENCE, rng.integer(1, 7))] for i in range(3)]
+        else:
+            cases = [["the embedded model", _tiny(), 16, list(ALL_LINEAR)], ["the embedded model", _tiny(), 16, ["q_proj", "v_proj"]],
+                     ["Llama-2-7B", LLAMA2_7B, 8, ["q_proj", "v_proj"]]]
+        return {"cases": cases}
+
+    def probe(inputs, fn):
+        expect(callable(fn), "`predict_trainable` should be a function of (config, r, target_modules).")
+        out = []
+        for _, cfg, r, targets in inputs["cases"]:
+            got = _call(fn, _config(cfg), r, list(targets), what="predict_trainable")
+            all_linear = _call(fn, _config(cfg), r, list(PREFERENCE), what="predict_trainable")
+            out.append([data_or_repr(got), data_or_repr(all_linear)])
+        return {"counts": out}
+
+    def judge(inputs, answer):
         from lorakit.memory import lora_parameters
-    except ImportError:  # the library reference is optional for this check
-        lora_parameters = None
-    if lora_parameters is not None:
-        for targets in (target_modules, PREFERENCE):
-            ref = int(lora_parameters(config, r, targets))
-            mine = int(_call(predict_trainable, config, r, list(targets), what="predict_trainable"))
-            expect(mine == ref, f"r={r} on {targets}: lorakit.memory.lora_parameters says {ref:,}, you say {mine:,}.",
-                   "every projection has its own in and out sizes: k_proj and v_proj are smaller when the model "
-                   "uses grouped-query attention (num_key_value_heads < num_attention_heads).")
-    all_linear = int(_call(predict_trainable, config, r, PREFERENCE, what="predict_trainable"))
-    expect(all_linear == _lora_count(config, r, PREFERENCE),
-           f"r={r} on all seven projections: expected {_lora_count(config, r, PREFERENCE):,}, found {all_linear:,}.",
-           "gate_proj and up_proj map hidden -> intermediate, down_proj intermediate -> hidden.")
-    passed(f"trainable parameters predicted: {int(got):,} (r={r} on {', '.join(target_modules)}), "
-           f"{all_linear:,} on all linear layers")
-
-
-def llama2_7b_config():
-    """Llama-2-7B's shapes (no download): 32 blocks, hidden 4096, intermediate 11008, 32 heads."""
-    from transformers import LlamaConfig
-
-    return LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
-                       num_attention_heads=32, num_key_value_heads=32, vocab_size=32000)
+        expect(len(answer["counts"]) == len(inputs["cases"]), "`predict_trainable` should answer once per call.")
+        for (name, d, r, targets), pair in zip(inputs["cases"], answer["counts"]):
+            cfg = _config(d)
+            got, all_linear = pair if isinstance(pair, list) and len(pair) == 2 else (pair, None)
+            expected = lora_parameters(cfg, r, list(targets))
+            expect(expected == _lora_count(cfg, r, targets), "lorakit.memory and this check disagree: a bug in the kit.")
+            expect(type(got) is int or (type(got) is float and got.is_integer()),
+                   f"`predict_trainable` should return a whole number of parameters, found {got!r}.")
+            per_layer = {m: r * sum(_shapes(cfg)[m]) for m in targets}
+            expect(int(got) == expected,
+                   f"{name}, r={r} on {targets}: expected {expected:,} trainable parameters, found {int(got):,}.",
+                   f"each adapted layer adds A (r x in) and B (out x r), that is r * (in + out) parameters; per block "
+                   f"that is {per_layer}; times {cfg.num_hidden_layers} blocks. k_proj and v_proj are smaller when the "
+                   "model uses grouped-query attention (num_key_value_heads < num_attention_heads).")
+            want_all = lora_parameters(cfg, r, PREFERENCE)
+            expect(all_linear == want_all, f"{name}, r={r} on all seven projections: expected {want_all:,}, found {all_linear!r}.",
+                   "gate_proj and up_proj map hidden -> intermediate, down_proj intermediate -> hidden.")
+        name, _, r, targets = inputs["cases"][0]
+        got, all_linear = answer["counts"][0]
+        return (f"trainable parameters predicted: {int(got):,} (r={r} on {', '.join(targets)}), "
+                f"{int(all_linear):,} on all linear layers")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -142,30 +189,57 @@ def _targets_for_budget(config, r, budget, preference=PREFERENCE):
     return chosen
 
 
-def targets(targets_for_budget, config, cases=None) -> None:
-    """The learner's `targets_for_budget(config, r, budget)`: the longest prefix of PREFERENCE that fits."""
-    expect(callable(targets_for_budget), "`targets_for_budget` should be a function of (config, r, budget).")
-    source_budget = _lora_count(config, 8, ["q_proj", "v_proj"])
-    cases = cases or [(8, source_budget), (2, source_budget), (1, source_budget), (4, 10**12), (8, 0)]
-    for r, budget in cases:
-        got = _call(targets_for_budget, config, r, budget, what="targets_for_budget")
-        expected = _targets_for_budget(config, r, budget)
-        expect(isinstance(got, (list, tuple)), f"`targets_for_budget` should return a list of module names, found {got!r}.")
-        got = list(got)
-        over = _lora_count(config, r, [m for m in got if m in PREFERENCE])
-        expect(over <= budget or not got,
-               f"r={r}, budget {budget:,}: your choice {got} costs {over:,} trainable parameters, over the budget.",
-               "stop before the first module that would take the total over the budget.")
-        expect(got == expected, f"r={r}, budget {budget:,}: expected {expected}, found {got}.",
-               "walk PREFERENCE in order and keep adding modules while the total still fits; return the list "
-               "(empty when not even the first fits).")
-    passed(f"targets for a budget of {source_budget:,} (what r=8 on q_proj, v_proj costs): "
-           + "; ".join(f"r={r}: {len(_targets_for_budget(config, r, source_budget))} kinds" for r in (8, 4, 2, 1)))
+@judged
+class targets:
+    """`targets_for_budget(config, r, budget)`: the longest prefix of PREFERENCE that fits."""
+    answer = {"choices": [object]}
+
+    def draw(rng):
+        tiny = _tiny()
+        source_budget = _lora_count(_config(tiny), 8, ["q_proj", "v_proj"])
+        if rng.grading:
+            cases = [[LLAMA2_7B, r, b] for r, b in [(8, 4_194_304), (64, 4_194_304), (2, 10**9), (16, 50_000_000), (1, 10)]]
+            cases += [[d, rng.choice([1, 2, 8, 32]), rng.integer(0, _lora_count(_config(d), 8, PREFERENCE))]
+                      for d in (_made_up(rng) for _ in range(3))]
+        else:
+            cases = [[tiny, r, b] for r, b in [(8, source_budget), (2, source_budget), (1, source_budget), (4, 10**12), (8, 0)]]
+        return {"cases": cases, "source_budget": source_budget}
+
+    def probe(inputs, fn):
+        expect(callable(fn), "`targets_for_budget` should be a function of (config, r, budget).")
+        out = []
+        for cfg, r, budget in inputs["cases"]:
+            got = _call(fn, _config(cfg), r, budget, what="targets_for_budget")
+            out.append(list(got) if isinstance(got, (list, tuple)) else data_or_repr(got))
+        return {"choices": [data_or_repr(c) for c in out]}
+
+    def judge(inputs, answer):
+        expect(len(answer["choices"]) == len(inputs["cases"]), "`targets_for_budget` should answer once per call.")
+        for (d, r, budget), got in zip(inputs["cases"], answer["choices"]):
+            cfg = _config(d)
+            expected = _targets_for_budget(cfg, r, budget)
+            expect(isinstance(got, list), f"`targets_for_budget` should return a list of module names, found {got!r}.")
+            over = _lora_count(cfg, r, [m for m in got if m in PREFERENCE])
+            expect(over <= budget or not got,
+                   f"r={r}, budget {budget:,}: your choice {got} costs {over:,} trainable parameters, over the budget.",
+                   "stop before the first module that would take the total over the budget.")
+            expect(got == expected, f"r={r}, budget {budget:,}: expected {expected}, found {got}.",
+                   "walk PREFERENCE in order and keep adding modules while the total still fits; return the list "
+                   "(empty when not even the first fits).")
+        budget, tiny = inputs["source_budget"], _config(_tiny())
+        return (f"targets for a budget of {budget:,} (what r=8 on q_proj, v_proj costs): "
+                + "; ".join(f"r={r}: {len(_targets_for_budget(tiny, r, budget))} kinds" for r in (8, 4, 2, 1)))
 
 
 # --------------------------------------------------------------------------------------------------
 # Exercise: tokenization with label masking
 # --------------------------------------------------------------------------------------------------
+
+def _tokenizer():
+    """The embedded model's tokenizer: the one both sides of a check agree on (the exercise takes any)."""
+    from lorakit.models import load_tokenizer
+    return load_tokenizer()
+
 
 def _reference(example, tokenizer, max_length, padding):
     """The exercise's answer: lorakit.data.tokenize_with_masking without the BOS token that the library
@@ -194,10 +268,12 @@ def _where(i, ref):
 
 
 def _compare(got, ref, label):
+    expect(isinstance(got, dict), f"{label}: `tokenize_with_masking` should return a dict, found {got!r}.")
     for key in ("input_ids", "attention_mask", "labels"):
         expect(key in got, f"{label}: the result has no {key!r} (keys found: {sorted(got)}).",
                "return a dict with input_ids, attention_mask and labels.")
-        g, e = list(got[key]), list(ref[key])
+        g, e = got[key], list(ref[key])
+        expect(isinstance(g, list), f"{label}: {key} should be a list of token ids, found {g!r}.")
         expect(len(g) == len(e), f"{label}: {key} has {len(g)} tokens, expected {len(e)}.",
                "with padding=True every sequence is padded to exactly max_length; with padding=False it is "
                "prompt + answer + EOS, nothing more.")
@@ -216,33 +292,94 @@ def _compare(got, ref, label):
             raise CheckFailed(f"{label}: {key}[{i}] (a {where} position) is {g[i]}, expected {e[i]}.\nHint: {hint}")
 
 
-def masking(tokenize_with_masking, tokenizer, dataset, max_length: int = 256, n: int = 3) -> None:
-    """The learner's `tokenize_with_masking(example, tokenizer, max_length, padding)` against
-    lorakit.data.tokenize_with_masking on a few examples, padded and unpadded; prints what the loss sees."""
-    expect(callable(tokenize_with_masking), "`tokenize_with_masking` should be a function.")
-    for k in range(min(n, len(dataset))):
-        ex = dataset[k]
-        for padding in (True, False):
-            got = _call(tokenize_with_masking, ex, tokenizer, max_length, padding, what="tokenize_with_masking")
-            expect(isinstance(got, dict), f"`tokenize_with_masking` should return a dict, found {type(got).__name__}.")
-            _compare(got, _reference(ex, tokenizer, max_length, padding), f"example {k} (padding={padding})")
-    got = tokenize_with_masking(dataset[0], tokenizer, max_length, True)
-    seen = [t for t in got["labels"] if t != -100]
-    n_prompt = sum(1 for t, m in zip(got["labels"], got["attention_mask"]) if t == -100 and m == 1)
-    n_pad = sum(1 for m in got["attention_mask"] if m == 0)
-    passed(f"masking: {n_prompt} prompt and {n_pad} padding tokens masked with -100; the loss sees only "
-           f"{tokenizer.decode(seen)!r} (expected answer {dataset[0]['output']!r})")
+def _examples(rng, n: int, split: str = "train") -> list[dict]:
+    """Examples of the lesson's task: the shipped split's first ones, or new ones from the seed."""
+    from lorakit import data
+    if rng.grading:
+        import random
+        r = random.Random(rng.new_seed())
+        return [data.make_example(r, "who_found") for _ in range(n)]
+    return data.generate_task("who_found", {split: n})[split]
 
 
-def truncation(tokenize_with_masking, tokenizer, dataset) -> None:
+def _ids(v):
+    """Token ids as a list of ints (from a list, a tuple or a tensor), else the value as data or its repr."""
+    if hasattr(v, "tolist"):
+        v = v.tolist()
+    if isinstance(v, (list, tuple)) and all(type(t) is int for t in v):
+        return list(v)
+    return data_or_repr(v)
+
+
+def _tokenized(inputs, fn):
+    tokenizer = _tokenizer()
+    out = []
+    for ex, max_length, padding in inputs["cases"]:
+        got = _call(fn, dict(ex), tokenizer, max_length, padding, what="tokenize_with_masking")
+        out.append({str(k): _ids(v) for k, v in got.items()} if isinstance(got, dict) else data_or_repr(got))
+    return {"results": out}
+
+
+def _judge_tokenized(inputs, answer):
+    tokenizer = _tokenizer()
+    expect(len(answer["results"]) == len(inputs["cases"]), "`tokenize_with_masking` should answer once per call.")
+    for k, ((ex, max_length, padding), got) in enumerate(zip(inputs["cases"], answer["results"])):
+        label = inputs["labels"][k]
+        _compare(got, _reference(ex, tokenizer, max_length, padding), label)
+    return tokenizer
+
+
+@judged
+class masking:
+    """`tokenize_with_masking(example, tokenizer, max_length, padding)` against lorakit.data.tokenize_with_masking
+    on a few examples, padded and unpadded; says what the loss sees."""
+    answer = {"results": [object]}
+    reference = ("lorakit.data.tokenize_with_masking",)
+
+    def draw(rng):
+        examples = _examples(rng, 5 if rng.grading else 3)
+        max_length = 512 if rng.grading else 256
+        cases = [[ex, max_length, padding] for ex in examples for padding in (True, False)]
+        return {"cases": cases, "labels": [f"example {i // 2} (padding={c[2]})" for i, c in enumerate(cases)]}
+
+    def probe(inputs, fn):
+        expect(callable(fn), "`tokenize_with_masking` should be a function.")
+        return _tokenized(inputs, fn)
+
+    def judge(inputs, answer):
+        tokenizer = _judge_tokenized(inputs, answer)
+        got, ex = answer["results"][0], inputs["cases"][0][0]
+        seen = [t for t in got["labels"] if t != -100]
+        n_prompt = sum(1 for t, m in zip(got["labels"], got["attention_mask"]) if t == -100 and m == 1)
+        n_pad = sum(1 for m in got["attention_mask"] if m == 0)
+        return (f"masking: {n_prompt} prompt and {n_pad} padding tokens masked with -100; the loss sees only "
+                f"{tokenizer.decode(seen)!r} (expected answer {ex['output']!r})")
+
+
+@judged
+class truncation:
     """A max_length too short for the example: the prompt loses its start, the answer stays whole."""
-    ex = dataset[0]
-    answer = len(tokenizer(" " + ex["output"].strip(), add_special_tokens=False)["input_ids"]) + 1
-    for max_length in (answer + 3, answer + 12):
-        for padding in (True, False):
-            got = _call(tokenize_with_masking, ex, tokenizer, max_length, padding, what="tokenize_with_masking")
-            _compare(got, _reference(ex, tokenizer, max_length, padding), f"max_length={max_length} (padding={padding})")
-    passed("truncation keeps the whole answer and cuts the start of the prompt")
+    answer = {"results": [object]}
+    reference = ("lorakit.data.tokenize_with_masking",)
+
+    def draw(rng):
+        tokenizer = _tokenizer()
+        cases, labels = [], []
+        for ex in _examples(rng, 2 if rng.grading else 1):
+            answer = len(tokenizer(" " + ex["output"].strip(), add_special_tokens=False)["input_ids"]) + 1
+            for extra in ((rng.integer(1, 4), rng.integer(5, 30)) if rng.grading else (3, 12)):
+                for padding in (True, False):
+                    cases.append([ex, answer + extra, padding])
+                    labels.append(f"max_length={answer + extra} (padding={padding})")
+        return {"cases": cases, "labels": labels}
+
+    def probe(inputs, fn):
+        expect(callable(fn), "`tokenize_with_masking` should be a function.")
+        return _tokenized(inputs, fn)
+
+    def judge(inputs, answer):
+        _judge_tokenized(inputs, answer)
+        return "truncation keeps the whole answer and cuts the start of the prompt"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -259,38 +396,182 @@ _CASES = [
 ]
 
 
-def exact_match(exact_match_score) -> None:
-    """The learner's `exact_match_score(answers, dataset)` on small hand-made cases."""
-    expect(callable(exact_match_score), "`exact_match_score` should be a function of (answers, dataset).")
-    for answers, outputs, expected in _CASES:
-        rows = [{"instruction": "", "input": "", "output": o} for o in outputs]
-        got = _call(exact_match_score, answers, rows, what="exact_match_score")
-        expect(isinstance(got, (int, float)) and abs(float(got) - expected) < 1e-9,
-               f"answers {answers} for expected outputs {outputs}: expected a score of {expected}, found {got!r}.",
-               "count an answer as right when it equals the example's output after .strip() on both (case "
-               "matters, and an answer that goes on after the right words is wrong); divide by the number of examples.")
-    passed("exact_match_score agrees on hand-made cases (stripped, case-sensitive, no extra words)")
+def _share(answers, outputs) -> float:
+    return sum(a.strip() == o.strip() for a, o in zip(answers, outputs)) / len(answers)
 
 
-def before_eval(before, answers, dataset) -> None:
-    """`before` is the share of `answers` that match the dataset (lorakit.data.exact_match's rule)."""
-    expect(isinstance(before, (int, float)), f"`before` should be a number between 0 and 1, found {before!r}.")
-    ref = sum(a.strip() == ex["output"].strip() for a, ex in zip(answers, dataset)) / len(answers)
-    expect(abs(before - ref) < 1e-9, f"`before` is {before}, but {ref:.3f} of the base model's answers match.",
-           "compute before = exact_match_score(before_answers, eval_ds).")
-    passed(f"before fine-tuning: exact match {before:.1%} on {len(answers)} held-out examples")
+@judged
+class exact_match:
+    """`exact_match_score(answers, dataset)` on hand-made cases (and made-up ones when graded)."""
+    answer = {"scores": [object]}
+    reference = ("lorakit.data.exact_match",)
+
+    def draw(rng):
+        cases = [[a, o] for a, o, _ in _CASES]
+        if rng.grading:
+            from lorakit.data import NAMES
+            for _ in range(6):
+                outputs = [rng.choice(NAMES) for _ in range(rng.integer(1, 9))]
+                answers = [rng.choice([o, f" {o} ", o.lower(), f"{o} found it", rng.choice(NAMES), f"{o}\n", ""])
+                           for o in outputs]
+                cases.append([answers, [rng.choice([o, f" {o}", f"{o} "]) for o in outputs]])
+        return {"cases": cases}
+
+    def probe(inputs, fn):
+        expect(callable(fn), "`exact_match_score` should be a function of (answers, dataset).")
+        return {"scores": [data_or_repr(_call(fn, list(answers), [{"instruction": "", "input": "", "output": o}
+                                                                   for o in outputs], what="exact_match_score"))
+                           for answers, outputs in inputs["cases"]]}
+
+    def judge(inputs, answer):
+        expect(len(answer["scores"]) == len(inputs["cases"]), "`exact_match_score` should answer once per call.")
+        for (answers, outputs), got in zip(inputs["cases"], answer["scores"]):
+            expected = _share(answers, outputs)
+            expect(type(got) in (int, float) and abs(float(got) - expected) < 1e-9,
+                   f"answers {answers} for expected outputs {outputs}: expected a score of {expected}, found {got!r}.",
+                   "count an answer as right when it equals the example's output after .strip() on both (case "
+                   "matters, and an answer that goes on after the right words is wrong); divide by the number of examples.")
+        return "exact_match_score agrees on hand-made cases (stripped, case-sensitive, no extra words)"
 
 
-def improvement(before, after, min_gain: float = 0.0) -> None:
-    """The fine-tuned model beats the base on held-out exact match by at least `min_gain`."""
-    for name, value in (("before", before), ("after", after)):
-        expect(isinstance(value, (int, float)) and 0 <= value <= 1,
-               f"`{name}` should be an exact-match share between 0 and 1, found {value!r}.")
-    expect(after - before > min_gain,
-           f"exact match went from {before:.1%} to {after:.1%}: expected a gain of more than {min_gain:.0%}.",
-           "train longer (MAX_STEPS), check the learning rate, and check that the adapters get gradients "
-           "(the check after the evaluation before training).")
-    passed(f"fine-tuning gain: exact match {before:.1%} -> {after:.1%} (+{after - before:.1%})")
+@judged
+class before_eval:
+    """`before` is the share of the base model's answers that match the held-out outputs (the rule of
+    lorakit.data.exact_match). Only a consistency check of the notebook's numbers: `improvement` measures
+    the model itself."""
+    answer = {"before": object, "answers": [object], "outputs": [str]}
+
+    def draw(rng):
+        return {}
+
+    def probe(inputs, before, answers, dataset):
+        return {"before": data_or_repr(before), "answers": [data_or_repr(a) for a in answers],
+                "outputs": [str(ex["output"]) for ex in dataset]}
+
+    def judge(inputs, a):
+        before = a["before"]
+        expect(type(before) in (int, float), f"`before` should be a number between 0 and 1, found {before!r}.")
+        expect(a["answers"] and all(type(x) is str for x in a["answers"]),
+               "`before_answers` should be the base model's answers, as strings.")
+        ref = _share(a["answers"], a["outputs"])
+        expect(abs(before - ref) < 1e-9, f"`before` is {before}, but {ref:.3f} of the base model's answers match.",
+               "compute before = exact_match_score(before_answers, eval_ds).")
+        return f"before fine-tuning: exact match {before:.1%} on {len(a['answers'])} held-out examples"
+
+
+# --------------------------------------------------------------------------------------------------
+# Graded: the fine-tuned adapter, measured by the grader on questions it draws
+# --------------------------------------------------------------------------------------------------
+
+N_HELD_OUT = 64            # questions the judge asks the base model and the fine-tuned one
+QUANT_KEYS = {"load_in_4bit": bool, "bnb_4bit_quant_type": ("nf4", "fp4"), "bnb_4bit_use_double_quant": bool,
+              "bnb_4bit_compute_dtype": ("float32", "bfloat16", "float16")}
+
+
+def _adapter(model) -> dict:
+    """What the judge needs to rebuild the learner's fine-tuned model: the adapter's tensors, its LoRA
+    settings and how the base was loaded (data only)."""
+    from peft import get_peft_model_state_dict
+    cfg = model.peft_config[model.active_adapter]
+    quant = getattr(model.config, "quantization_config", None)
+    quant = quant.to_dict() if hasattr(quant, "to_dict") else (quant or {})
+    targets = cfg.target_modules
+    return {"tensors": {k: v.detach().float().cpu() for k, v in get_peft_model_state_dict(model).items()},
+            "r": cfg.r, "alpha": cfg.lora_alpha, "use_rslora": bool(getattr(cfg, "use_rslora", False)),
+            "target_modules": sorted(targets) if isinstance(targets, (set, list, tuple)) else str(targets),
+            "base": str(cfg.base_model_name_or_path),
+            "quantization": {k: str(quant[k]).removeprefix("torch.") if k == "bnb_4bit_compute_dtype" else quant[k]
+                             for k in QUANT_KEYS if k in quant}}
+
+
+def _base_model_id(name: str) -> str:
+    """The model id of the adapter's base, if it is one the grader may load: the embedded model (by id or
+    by its packaged folder) or a preset (from the local cache: the grader is offline)."""
+    from lorakit.models import PRESETS, TINY, TINY_PATH
+    import os
+    if name == TINY or os.path.realpath(name) == os.path.realpath(TINY_PATH):
+        return TINY
+    ids = {p.model_id for p in PRESETS.values()}
+    expect(name in ids, f"the adapter's base model is {name!r}; the grader evaluates adapters of the embedded model "
+           f"({TINY}) or of {sorted(ids)}.", "fine-tune the lesson's MODEL_ID.")
+    return name
+
+
+def _rebuild(adapter: dict):
+    """The base model loaded as the learner loaded it, with the learner's adapter: (model, tokenizer)."""
+    import warnings
+
+    from peft import LoraConfig, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
+    from transformers import BitsAndBytesConfig
+
+    from lorakit import models
+    q = adapter["quantization"]
+    for k, v in q.items():
+        allowed = QUANT_KEYS[k]
+        expect(isinstance(v, allowed) if isinstance(allowed, type) else v in allowed,
+               f"the base model's quantization setting {k}={v!r} is not one the lesson uses.")
+    quantization = None
+    if q.get("load_in_4bit"):
+        quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=q.get("bnb_4bit_quant_type", "nf4"),
+                                          bnb_4bit_use_double_quant=q.get("bnb_4bit_use_double_quant", False),
+                                          bnb_4bit_compute_dtype=getattr(torch, q.get("bnb_4bit_compute_dtype", "float32")))
+    model, tokenizer = models.load_base(_base_model_id(adapter["base"]), quantization=quantization, device="cpu")
+    targets = adapter["target_modules"]
+    expect(isinstance(targets, list) and targets and set(targets) <= set(PREFERENCE),  # names, never a regex
+           f"the adapter targets {targets!r}; the grader rebuilds adapters on a list of {PREFERENCE}.")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        config = LoraConfig(r=adapter["r"], lora_alpha=adapter["alpha"], use_rslora=adapter["use_rslora"],
+                            target_modules=list(targets), task_type="CAUSAL_LM")
+        peft_model = get_peft_model(model, config)
+        wanted = set(get_peft_model_state_dict(peft_model))
+        result = set_peft_model_state_dict(peft_model, adapter["tensors"])
+    unexpected = sorted(set(adapter["tensors"]) - wanted) + list(getattr(result, "unexpected_keys", []) or [])
+    missing = sorted(wanted - set(adapter["tensors"]))
+    expect(not unexpected and not missing, f"the adapter does not fit its base model: unexpected tensors "
+           f"{unexpected[:3]}, missing {missing[:3]}.")
+    return peft_model, tokenizer
+
+
+@judged
+class improvement:
+    """The fine-tuned model beats its base on held-out questions the grader draws, measured by the grader:
+    the probe sends the adapter's tensors and settings, the judge loads the base model, puts the adapter on
+    it and asks both the questions (the notebook's own numbers are only shown)."""
+    answer = {"adapter": dict, "task": str, "before": object, "after": object}
+
+    def draw(rng):
+        return {"seed": rng.new_seed() if rng.grading else 0, "n": N_HELD_OUT,
+                "min_gain": MIN_GAIN if rng.grading else 0.0}
+
+    def probe(inputs, model, task, before, after):
+        expect(hasattr(model, "peft_config"), f"`model` should be the fine-tuned peft model, found {type(model).__name__}.")
+        return {"adapter": _adapter(model), "task": str(task), "before": data_or_repr(before), "after": data_or_repr(after)}
+
+    def judge(inputs, a):
+        from lorakit import data
+        task = a["task"]
+        expect(task in data.TASKS, f"the task {task!r} is not one of the lesson's tasks {sorted(data.TASKS)}.")
+        adapter = a["adapter"]
+        expect(isinstance(adapter.get("tensors"), dict) and all(isinstance(t, torch.Tensor) for t in adapter["tensors"].values())
+               and type(adapter.get("r")) is int and type(adapter.get("alpha")) in (int, float)
+               and isinstance(adapter.get("quantization"), dict), "the adapter could not be read (tensors, r, alpha).")
+        questions = data.generate_task(task, {"test": inputs["n"]}, seed=inputs["seed"])["test"]
+        model, tokenizer = _rebuild(adapter)
+        after = data.exact_match(model, tokenizer, questions, progress=False)
+        with model.disable_adapter():
+            before = data.exact_match(model, tokenizer, questions, progress=False)
+        mine = ""
+        if type(a["before"]) in (int, float) and type(a["after"]) in (int, float):
+            mine = f"; your notebook measured {a['before']:.1%} -> {a['after']:.1%}"
+        min_gain = inputs["min_gain"]
+        expect(after - before > min_gain,
+               f"on {len(questions)} held-out questions the grader drew, exact match went from {before:.1%} (base model) "
+               f"to {after:.1%} (with your adapter): expected a gain of more than {min_gain:.0%}{mine}.",
+               "train longer (MAX_STEPS), check the learning rate, and check that the adapters get gradients "
+               "(the check after the evaluation before training).")
+        return (f"fine-tuning gain: exact match {before:.1%} -> {after:.1%} (+{after - before:.1%}) on {len(questions)} "
+                f"held-out questions{mine}")
 
 
 # --------------------------------------------------------------------------------------------------

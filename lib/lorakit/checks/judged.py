@@ -27,6 +27,10 @@ written as a class whose body holds the three functions and the answer's shape:
             ...                                   # expect(...) like any check
             return "the passed message"
 
+Optional in the class body: `reference`, the kit's objects that answer the exercise (a submission whose
+own code uses one is graded but flagged, see lorakit.grading.reference_use). `draw` can read `rng.grading`
+(True for seed="grading") to ask more of a hidden call.
+
 In a notebook, `check.weights_gb(weights_gb)` runs the three parts in the learner's kernel with seed 0: a
 self-check that explains what is wrong. `check.weights_gb(weights_gb, seed="grading")` (a test cell's
 hidden part) does the same on a fresh seed. When `lorakit grade` grades a submission, the process that
@@ -73,6 +77,13 @@ def _torch():
     return torch
 
 
+def _loaded_torch():
+    """torch if something already imported it, else None: data without tensors never imports torch (the
+    sandbox and the grader stay fast for checks that need none)."""
+    import sys
+    return sys.modules.get("torch")
+
+
 DTYPES = ("float32", "float64", "float16", "bfloat16", "int64", "int32", "int16", "int8", "uint8", "bool")
 
 
@@ -89,8 +100,8 @@ def to_data(obj, *, where: str = "answer", _depth: int = 0):
         return obj
     if type(obj) is int:
         return obj
-    torch = _torch()
-    if isinstance(obj, torch.Tensor):
+    torch = _loaded_torch()
+    if torch is not None and isinstance(obj, torch.Tensor):
         t = obj.detach()
         if t.device.type != "cpu":
             t = t.cpu()
@@ -132,8 +143,8 @@ def to_data(obj, *, where: str = "answer", _depth: int = 0):
 
 
 def _encodable(data):
-    torch = _torch()
-    if isinstance(data, torch.Tensor):
+    torch = _loaded_torch()
+    if torch is not None and isinstance(data, torch.Tensor):
         raw = data.reshape(-1).view(torch.uint8).numpy().tobytes() if data.numel() else b""
         return {TENSOR: [str(data.dtype).removeprefix("torch."), list(data.shape), base64.b64encode(raw).decode()]}
     if isinstance(data, list):
@@ -157,13 +168,26 @@ def encode(obj, *, where: str = "answer") -> str:
 def decode(text: str | bytes, *, where: str = "answer"):
     """The data in `text`, checked: only JSON's plain types and well-formed tensors, within the limits.
     Raises DataError with the reason; never runs code and never unpickles."""
+    return from_json(loads(text, where=where, limit=MAX_DATA_BYTES), where=where)
+
+
+def _bare_constant(c):
+    raise ValueError(f"bare {c}")
+
+
+def loads(text: str | bytes, *, where: str = "answer", limit: int = MAX_DATA_BYTES):
+    """Plain JSON (no bare NaN or Infinity), at most `limit` bytes; DataError otherwise."""
     import json
-    if len(text) > MAX_DATA_BYTES:
-        raise DataError(f"{where}: {len(text):,} bytes (the limit is {MAX_DATA_BYTES:,})")
+    if len(text) > limit:
+        raise DataError(f"{where}: {len(text):,} bytes (the limit is {limit:,})")
     try:
-        raw = json.loads(text, parse_constant=lambda c: (_ for _ in ()).throw(ValueError(f"bare {c}")))
+        return json.loads(text, parse_constant=_bare_constant)
     except (ValueError, RecursionError) as e:
         raise DataError(f"{where}: not valid data ({type(e).__name__}: {str(e)[:200]})") from None
+
+
+def from_json(raw, *, where: str = "answer"):
+    """Data from parsed JSON (`loads`): tensors rebuilt from their bytes, every limit checked."""
     return _decoded(raw, where, 0)
 
 
@@ -221,7 +245,7 @@ def conforms(data, spec, where: str = "answer") -> None:
     """Check `data` against `spec`, raising CheckFailed that says what is wrong. A spec is a type (bool,
     int, float, str, list, dict, Tensor, object for any data), None, a tuple of specs (any of them), a
     one-element list [spec] (a list of those), or a dict {key: spec} (those keys, each conforming)."""
-    torch = _torch()
+    torch = _loaded_torch()
     if isinstance(spec, tuple):
         errors = []
         for s in spec:
@@ -257,18 +281,19 @@ def conforms(data, spec, where: str = "answer") -> None:
           str: lambda d: type(d) is str,
           list: lambda d: type(d) is list,
           dict: lambda d: type(d) is dict}.get(spec)
-    if spec is torch.Tensor:
+    is_tensor = torch is not None and spec is torch.Tensor
+    if is_tensor:
         ok = lambda d: isinstance(d, torch.Tensor)  # noqa: E731
     if ok is None:
         raise TypeError(f"not an answer spec: {spec!r}")
     if not ok(data):
-        name = "tensor" if spec is torch.Tensor else spec.__name__
+        name = "tensor" if is_tensor else spec.__name__
         raise CheckFailed(f"{where} should be a {name}; found {_kind(data)}.")
 
 
 def _kind(data) -> str:
-    torch = _torch()
-    if isinstance(data, torch.Tensor):
+    torch = _loaded_torch()
+    if torch is not None and isinstance(data, torch.Tensor):
         return f"a {str(data.dtype).removeprefix('torch.')} tensor of shape {tuple(data.shape)}"
     return "None" if data is None else f"a {type(data).__name__} ({str(data)[:60]})"
 
@@ -276,12 +301,22 @@ def _kind(data) -> str:
 # ----------------------------------------------------------------------------------------------- seeds
 
 class Rng:
-    """The seeded source of a check's inputs: Python's `random` for choices, a torch Generator for tensors."""
+    """The seeded source of a check's inputs: Python's `random` for choices, a torch Generator for tensors.
+    `grading` is True when the seed was drawn for seed="grading" (a hidden call): a check may ask more of
+    the learner there (a stricter threshold), never less."""
 
-    def __init__(self, seed: int):
+    def __init__(self, seed: int, grading: bool = False):
         self.seed = int(seed)
+        self.grading = bool(grading)
         self.random = random.Random(self.seed)
-        self.torch = _torch().Generator().manual_seed(self.seed)
+        self._torch = None
+
+    @property
+    def torch(self):
+        """The torch Generator (made on first use: checks without tensors never import torch)."""
+        if self._torch is None:
+            self._torch = _torch().Generator().manual_seed(self.seed)
+        return self._torch
 
     def integer(self, low: int, high: int) -> int:
         """A whole number in [low, high] (both included)."""
@@ -339,19 +374,21 @@ class Check:
     judge: object
     answer: object = field(default=dict)
     doc: str = ""
+    reference: tuple = ()         # lorakit objects that answer the exercise ("lorakit.lora.LoRALinear"):
+                                  # a submission whose own code uses one is graded but flagged
 
     def __call__(self, *objects, seed=0, **kw_objects) -> None:
         """Draw, probe the learner's objects, judge; print the passed message or raise CheckFailed."""
-        inputs = self.inputs(draw_seed(seed))
+        inputs = self.inputs(draw_seed(seed), grading=seed == GRADING)
         reply = run_probe(self, decode(encode(inputs, where="inputs"), where="inputs"), objects, kw_objects)
         verdict = self.verdict(inputs, decode(reply, where="reply"))
         if not verdict.passed:
             raise CheckFailed(verdict.message)
         passed(verdict.message)
 
-    def inputs(self, seed: int) -> dict:
+    def inputs(self, seed: int, grading: bool = False) -> dict:
         """The inputs for `seed`, as data (what is sent to the probe)."""
-        return decode(encode(self.draw(Rng(seed)), where=f"{self.name}: inputs"), where="inputs")
+        return decode(encode(self.draw(Rng(seed, grading)), where=f"{self.name}: inputs"), where="inputs")
 
     def verdict(self, inputs: dict, reply) -> Verdict:
         """Judge a probe's reply (decoded data, as `run_probe` builds it). Never raises: whatever the reply
@@ -372,12 +409,31 @@ class Check:
 
 
 def _explain_error(etype: str, message: str) -> str:
+    if etype == "DataError":
+        return f"the answer could not be sent to the grader: {message}"
+    if etype == "CheckFailed":  # the probe itself saw what is wrong (not callable, not a pair, ...)
+        return message
+    if etype == "CellTimeout":
+        return f"your code did not finish: {message}"
     text = f"your code raised {etype}: {message}".rstrip(": ")
     if etype == "NotImplementedError":
         text += " (an exercise still has `raise NotImplementedError()`: replace it with your code)"
     elif etype == "NameError":
         text += " (run the exercise cell above first)"
     return text
+
+
+def data_or_repr(obj, limit: int = 200):
+    """`obj` as data when it is data, else its repr (cut to `limit` characters): what a probe returns for a
+    value the learner produced, so that a wrong kind of answer is judged ("found '<Fraction 1/2>'") instead
+    of failing to be sent."""
+    try:
+        return to_data(obj)
+    except DataError:
+        try:
+            return repr(obj)[:limit]
+        except Exception:  # noqa: BLE001 - a repr that raises is the learner's
+            return f"<a {type(obj).__name__} whose repr() fails>"
 
 
 def run_probe(check: Check, inputs: dict, objects=(), kw_objects=None) -> str:
@@ -399,8 +455,10 @@ def judged(cls) -> Check:
     missing = [k for k in ("draw", "probe", "judge") if not callable(body.get(k))]
     if missing:
         raise TypeError(f"judged check {cls.__name__} needs {', '.join(missing)}")
+    reference = body.get("reference", ())
     return Check(f"{cls.__module__}.{cls.__qualname__}", body["draw"], body["probe"], body["judge"],
-                 body.get("answer", dict), (cls.__doc__ or "").strip())
+                 body.get("answer", dict), (cls.__doc__ or "").strip(),
+                 (reference,) if isinstance(reference, str) else tuple(reference))
 
 
 def find(name: str) -> Check:

@@ -1,24 +1,26 @@
-"""Self-checks for lesson 02 (LoRA from scratch).
+"""Checks for lesson 02 (LoRA from scratch), judged (see lorakit.checks.judged).
 
-Each check builds its own small layers or a shrunken copy of the lesson's model config, so it tests the
-learner's code and nothing else in the notebook's state.
+Each check builds its own small layers, or a small Llama (the embedded model's shapes, two layers, for the
+notebook's own call; other shapes when graded), from weights and seeds drawn by the grader. The probe runs
+the learner's code on them and returns what came out (outputs, gradients, weights, names); the judge builds
+the same layers with lorakit.lora, the lesson's reference, and compares.
 """
 
 from __future__ import annotations
 
-import copy
 import math
 import warnings
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from . import close, expect, passed
+from . import CheckFailed, close, expect
+from .judged import data_or_repr, judged
 
-
-def _seeded(seed: int = 0) -> torch.Generator:
-    torch.manual_seed(seed)
-    return torch.Generator().manual_seed(seed)
+SMALL = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+         "head_dim", "vocab_size", "max_position_embeddings", "rms_norm_eps", "tie_word_embeddings",
+         "bos_token_id", "eos_token_id", "pad_token_id")
 
 
 def _callable(obj, name: str) -> None:
@@ -26,165 +28,46 @@ def _callable(obj, name: str) -> None:
            "run the exercise cell above first.")
 
 
-# ------------------------------------------------------------------------------- ex02_adapter_parameters
-
-def adapter_parameters(fn) -> None:
-    _callable(fn, "adapter_parameters")
-    got = fn(5000, 4000, 8)
-    expect(got == 72_000, f"W of 5000 x 4000 with r=8: expected A (8 x 4000) + B (5000 x 8) = 72,000 parameters, "
-                          f"found {got!r}.", "A has r * d_in numbers and B has d_out * r numbers.")
-    for d_out, d_in, r in [(4096, 4096, 8), (11008, 4096, 64), (192, 512, 1)]:
-        got = fn(d_out, d_in, r)
-        expect(got == r * (d_in + d_out), f"d_out={d_out}, d_in={d_in}, r={r}: expected {r * (d_in + d_out):,}, "
-                                          f"found {got!r}.", "r * d_in + d_out * r.")
-    passed(f"A and B of a 5000 x 4000 weight at r=8: 72,000 numbers instead of 20,000,000 "
-           f"({72_000 / 20_000_000:.2%})")
+def _t(x) -> torch.Tensor:
+    return x.detach().to("cpu").clone()
 
 
-# ------------------------------------------------------------------------------------ ex02_lora_linear
+# ----------------------------------------------------------------------------------------- small models
 
-def _layer(cls, d_in=256, d_out=96, r=8, alpha=16, **kw):
-    _seeded(0)
-    base = nn.Linear(d_in, d_out)
-    try:
-        layer = cls(base, r, alpha, **kw)
-    except TypeError as e:
-        raise AssertionError(f"`LoRALinear(base, r, alpha, dropout=..., use_rslora=...)` could not be called: {e}.") from e
-    return base, layer
+def small_config(rng=None, layers: int = 2, vocab: int = 256) -> dict:
+    """A small Llama config as a dict: the embedded model's shapes with `layers` blocks and a `vocab`-token
+    vocabulary; with an Rng, made-up shapes (grouped-query attention sometimes)."""
+    if rng is None:
+        import json
 
-
-def _has(layer, name, kind=None):
-    expect(hasattr(layer, name), f"your LoRALinear has no attribute `{name}`.",
-           "use peft's names: base_layer, lora_A, lora_B, lora_dropout, scaling, merged.")
-    if kind is not None:
-        expect(isinstance(getattr(layer, name), kind),
-               f"`{name}` should be an {kind.__name__}; found {type(getattr(layer, name)).__name__}.")
-
-
-def lora_linear(cls) -> None:
-    """Shapes, peft's initialisation, scaling, output at init, dropout placement, and what trains."""
-    _callable(cls, "LoRALinear")
-    d_in, d_out, r = 256, 96, 8
-    base, layer = _layer(cls, d_in, d_out, r, alpha=16)
-    for name in ("base_layer", "lora_A", "lora_B", "lora_dropout", "scaling"):
-        _has(layer, name, nn.Linear if name.startswith("lora_A") or name.startswith("lora_B") else None)
-    expect(layer.base_layer is base, "`base_layer` should be the very nn.Linear you were given (not a copy).")
-    A, B = layer.lora_A.weight, layer.lora_B.weight
-    expect(tuple(A.shape) == (r, d_in), f"lora_A.weight should have shape (r, in) = {(r, d_in)}; found {tuple(A.shape)}.",
-           "nn.Linear(in_features, r, bias=False) stores its weight as (r, in_features).")
-    expect(tuple(B.shape) == (d_out, r), f"lora_B.weight should have shape (out, r) = {(d_out, r)}; found {tuple(B.shape)}.")
-    expect(layer.lora_A.bias is None and layer.lora_B.bias is None, "lora_A and lora_B should have no bias (bias=False).")
-    expect(close(layer.scaling, 2.0), f"alpha=16, r=8: scaling should be alpha / r = 2.0; found {layer.scaling!r}.")
-    _, rs = _layer(cls, d_in, d_out, r, alpha=16, use_rslora=True)
-    expect(close(rs.scaling, 16 / math.sqrt(8)), f"with use_rslora=True scaling should be alpha / sqrt(r) = "
-           f"{16 / math.sqrt(8):.4f}; found {rs.scaling!r}.")
-
-    expect(torch.count_nonzero(B) == 0, "lora_B should start at zero, so the adapted layer starts equal to the base layer.")
-    bound = 1 / math.sqrt(d_in)
-    expect(A.abs().max() <= bound + 1e-6 and A.std().item() > 0.8 * bound / math.sqrt(3),
-           f"lora_A should be kaiming-uniform with a = sqrt(5): uniform in +-1/sqrt(in) = +-{bound:.4f}; found values "
-           f"up to {A.abs().max().item():.4f} with std {A.std().item():.4f} (expected about {bound / math.sqrt(3):.4f}).",
-           "nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5)).")
-
-    x = torch.randn(4, 5, d_in)
-    y = layer(x)
-    expect(tuple(y.shape) == (4, 5, d_out), f"output shape: expected (4, 5, {d_out}), found {tuple(y.shape)}.")
-    expect(torch.allclose(y, base(x), atol=1e-6), "at initialisation the output should equal the base layer's output "
-           "(B is zero).", "forward = base_layer(x) + lora_B(lora_A(lora_dropout(x))) * scaling.")
-
-    with torch.no_grad():
-        layer.lora_B.weight.normal_(std=0.1)
-    expected = base(x) + (x @ A.T @ layer.lora_B.weight.T) * layer.scaling
-    expect(torch.allclose(layer(x), expected, atol=1e-5), "with a non-zero B the output should be "
-           "base(x) + (x A^T B^T) * scaling; it is not.", "did you multiply by `scaling`, and apply A before B?")
-
-    # Only A and B learn.
-    layer.zero_grad(set_to_none=True)
-    layer(x).square().mean().backward()
-    expect(layer.lora_A.weight.grad is not None and layer.lora_B.weight.grad is not None,
-           "lora_A and lora_B should receive gradients.")
-    frozen = [n for n, p in layer.base_layer.named_parameters() if p.requires_grad or p.grad is not None]
-    expect(not frozen, f"the base layer's {frozen} still require gradients: LoRA freezes the pretrained weights.",
-           "call p.requires_grad_(False) on every parameter of base_layer.")
-    trainable = sorted(n for n, p in layer.named_parameters() if p.requires_grad)
-    expect(trainable == ["lora_A.weight", "lora_B.weight"],
-           f"only lora_A.weight and lora_B.weight should be trainable; found {trainable}.")
-
-    # Dropout belongs to the adapter's input only: with B = 0 the output must be the base output even in
-    # train mode; with B != 0, train mode differs from eval mode.
-    _, drop = _layer(cls, d_in, d_out, r, alpha=16, dropout=0.5)
-    drop.train()
-    expect(torch.allclose(drop(x), base(x), atol=1e-6), "with dropout and B = 0 the output changed: dropout must act "
-           "on the adapter's input only, never on the frozen path.", "base_layer(x) + lora_B(lora_A(lora_dropout(x))) * scaling.")
-    with torch.no_grad():
-        drop.lora_B.weight.normal_(std=0.1)
-    y_train = drop(x)
-    drop.eval()
-    y_eval = drop(x)
-    expect(not torch.allclose(y_train, y_eval), "with dropout=0.5 the adapter output in train() mode should differ from "
-           "eval() mode.", "self.lora_dropout = nn.Dropout(dropout) and use it on x in forward.")
-    passed(f"LoRALinear: A {tuple(A.shape)} kaiming-uniform, B {tuple(B.shape)} zeros, scaling alpha/r, output equals the "
-           f"base layer at init, dropout on the adapter only, only A and B get gradients")
+        from lorakit.models import TINY_PATH
+        d = {k: v for k, v in json.loads((TINY_PATH / "config.json").read_text()).items() if k in SMALL}
+        d.update(num_hidden_layers=layers, vocab_size=vocab)
+        return d
+    heads = rng.choice([2, 3, 4])
+    head_dim = rng.choice([16, 32])
+    return dict(hidden_size=heads * head_dim, intermediate_size=64 * rng.integer(1, 4), num_hidden_layers=rng.integer(1, 2),
+                num_attention_heads=heads, num_key_value_heads=rng.choice([k for k in (1, heads) if heads % k == 0]),
+                head_dim=head_dim, vocab_size=rng.integer(128, 300), max_position_embeddings=64,
+                tie_word_embeddings=rng.choice([True, False]), bos_token_id=0, eos_token_id=0, pad_token_id=1)
 
 
-def lora_merge(cls) -> None:
-    """merge() folds B A into the base weight without changing outputs; twice warns; unmerge() undoes it."""
-    _callable(cls, "LoRALinear")
-    base, layer = _layer(cls, 64, 48, r=4, alpha=8)
-    with torch.no_grad():
-        layer.lora_B.weight.normal_(std=0.1)
-    layer.eval()
-    x = torch.randn(3, 64)
-    w0 = base.weight.detach().clone()
-    y0 = layer(x).detach()
-    layer.merge()
-    expect(getattr(layer, "merged", None) is True, "after merge() `merged` should be True.")
-    delta = (layer.lora_B.weight @ layer.lora_A.weight * layer.scaling).detach()
-    expect(torch.allclose(base.weight, w0 + delta, atol=1e-6), "merge() should add (B @ A) * scaling to base_layer.weight.",
-           "under torch.no_grad(): self.base_layer.weight += (self.lora_B.weight @ self.lora_A.weight) * self.scaling")
-    expect(torch.allclose(layer(x), y0, atol=1e-5), "after merging, the output should equal the unmerged output, and it "
-           "does not.", "once merged, forward should return base_layer(x) alone (B A is inside its weight now).")
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        layer.merge()
-    expect(torch.allclose(base.weight, w0 + delta, atol=1e-6), "merging twice added B A twice: the second merge() "
-           "should do nothing.", "check `self.merged` first.")
-    expect(caught, "merging twice should warn the user (warnings.warn) that the layer is already merged.")
-    layer.unmerge()
-    expect(getattr(layer, "merged", None) is False, "after unmerge() `merged` should be False.")
-    expect(torch.allclose(base.weight, w0, atol=1e-6), "unmerge() should subtract exactly what merge() added.")
-    expect(torch.allclose(layer(x), y0, atol=1e-5), "after unmerge() the output should be what it was before merging.")
-    passed("merge() keeps outputs equal (max difference "
-           f"{(layer(x) - y0).abs().max().item():.1e}), merging twice warns and changes nothing, unmerge() undoes it")
+def small_model(config: dict, seed: int = 0):
+    """A freshly initialised float32 Llama of `config` (a dict), seeded, in eval mode: the same weights in
+    every process."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(LlamaConfig(**config)).float().eval()
 
 
-# ------------------------------------------------------------------------------------- ex02_inject_lora
-
-def small_config(config, layers: int = 2, vocab: int = 256):
-    """A copy of `config` with fewer layers and a small vocabulary: the same projections, built in a blink."""
-    small = copy.deepcopy(config)
-    small.num_hidden_layers = min(layers, config.num_hidden_layers)
-    small.vocab_size = min(vocab, config.vocab_size)
-    for key in ("layer_types", "max_window_layers"):
-        if isinstance(getattr(small, key, None), list):
-            setattr(small, key, getattr(small, key)[: small.num_hidden_layers])
-    for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
-        if isinstance(getattr(small, key, None), int) and getattr(small, key) >= small.vocab_size:
-            setattr(small, key, 0)
-    return small
+def _targets_in(model, targets) -> list[str]:
+    return sorted(name for name, m in model.named_modules() if isinstance(m, nn.Linear) and name.rsplit(".", 1)[-1] in targets)
 
 
-def small_model(config):
-    """A freshly initialised float32 model of `config` (seeded), in eval mode."""
-    from transformers import AutoModelForCausalLM
-
-    _seeded(0)
-    return AutoModelForCausalLM.from_config(config).float().eval()
-
-
-def expected_trainable(config, r, target_modules) -> int:
+def expected_trainable(config: dict, r: int, target_modules) -> int:
     """lorakit.memory's count from the config, checked against peft's on the same model."""
     from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig
 
     from lorakit.memory import lora_parameters
 
@@ -192,97 +75,446 @@ def expected_trainable(config, r, target_modules) -> int:
         warnings.simplefilter("ignore")
         peft_model = get_peft_model(small_model(config), LoraConfig(r=r, lora_alpha=r, target_modules=list(target_modules)))
     trainable, _ = peft_model.get_nb_trainable_parameters()
-    counted = lora_parameters(config, r, list(target_modules))
+    counted = lora_parameters(LlamaConfig(**config), r, list(target_modules))
     expect(trainable == counted, f"lorakit.memory.lora_parameters says {counted:,} but peft trains {trainable:,}: "
            "this is a bug in the course kit, not in your code.")
     return counted
 
 
-def inject_lora(fn, cls, config) -> None:
-    """On a shrunken copy of the lesson's model: count, placement, freezing, unchanged output, bad names."""
-    _callable(fn, "inject_lora")
-    small = small_config(config)
-    targets, r = ["q_proj", "v_proj"], 8
-    expected = expected_trainable(small, r, targets)
-    model = small_model(small)
-    ids = torch.randint(0, small.vocab_size, (2, 12))
+def _model_inputs(rng, grading_targets) -> dict:
+    cfg = small_config(rng if rng.grading else None)
+    targets, r, alpha = (rng.sample(grading_targets, rng.integer(1, 2)), rng.choice([1, 2, 4, 8]),
+                         rng.choice([1, 4, 8, 16])) if rng.grading else (["q_proj", "v_proj"], 8, 16)
+    return {"config": cfg, "seed": rng.new_seed(), "targets": sorted(targets), "r": r, "alpha": alpha,
+            "ids": rng.randint(0, cfg["vocab_size"], (2, 12))}
+
+
+# ------------------------------------------------------------------------------- ex02_adapter_parameters
+
+@judged
+class adapter_parameters:
+    """`adapter_parameters(d_out, d_in, r)`: the numbers in A and B for a d_out x d_in weight."""
+    answer = {"counts": [object]}
+
+    def draw(rng):
+        cases = [[5000, 4000, 8], [4096, 4096, 8], [11008, 4096, 64], [192, 512, 1]]
+        if rng.grading:
+            cases = [cases[0]] + [[rng.integer(1, 20_000), rng.integer(1, 20_000), rng.integer(1, 256)] for _ in range(4)]
+        return {"cases": cases}
+
+    def probe(inputs, fn):
+        _callable(fn, "adapter_parameters")
+        return {"counts": [data_or_repr(fn(*case)) for case in inputs["cases"]]}
+
+    def judge(inputs, answer):
+        expect(len(answer["counts"]) == len(inputs["cases"]), "`adapter_parameters` should return one number per call.")
+        for i, ((d_out, d_in, r), got) in enumerate(zip(inputs["cases"], answer["counts"])):
+            want = r * (d_in + d_out)
+            if i == 0:
+                expect(got == want, f"W of {d_out} x {d_in} with r={r}: expected A ({r} x {d_in}) + B ({d_out} x {r}) = "
+                                    f"{want:,} parameters, found {got!r}.", "A has r * d_in numbers and B has d_out * r numbers.")
+            expect(type(got) in (int, float) and got == want,
+                   f"d_out={d_out}, d_in={d_in}, r={r}: expected {want:,}, found {got!r}.", "r * d_in + d_out * r.")
+        return f"A and B of a 5000 x 4000 weight at r=8: 72,000 numbers instead of 20,000,000 ({72_000 / 20_000_000:.2%})"
+
+
+# ------------------------------------------------------------------------------------ ex02_lora_linear
+
+def _layer_inputs(rng, d_in, d_out, r, alpha) -> dict:
+    return {"d_in": d_in, "d_out": d_out, "r": r, "alpha": alpha,
+            "W": rng.randn(d_out, d_in) / math.sqrt(d_in), "b": rng.randn(d_out) * 0.1, "x": rng.randn(4, 5, d_in),
+            "A": rng.randn(r, d_in) / math.sqrt(d_in), "B": rng.randn(d_out, r) * 0.1}
+
+
+def _base(inputs) -> nn.Linear:
+    base = nn.Linear(inputs["d_in"], inputs["d_out"])
     with torch.no_grad():
-        before = model(ids).logits
-    n = fn(model, targets, r=r, alpha=16)
-    expect(isinstance(n, int) and n == expected, f"inject_lora should return the number of trainable parameters: expected "
-           f"{expected:,} (r * (in + out) summed over every q_proj and v_proj), found {n!r}.",
-           "return sum(p.numel() for p in model.parameters() if p.requires_grad).")
-    wrapped = sorted(name for name, m in model.named_modules() if isinstance(m, cls))
-    want = sorted(name for name, m in small_model(small).named_modules() if name.rsplit(".", 1)[-1] in targets)
-    expect(wrapped == want, f"expected these layers to become LoRALinear: {want}; found {wrapped}.",
-           "match a module when its name ends with '.' + one of target_modules, then setattr it on its parent.")
-    trainable = [name for name, p in model.named_parameters() if p.requires_grad]
-    stray = [name for name in trainable if ".lora_A." not in name and ".lora_B." not in name]
-    expect(not stray, f"only the adapters should train, but these require gradients too: {stray[:4]}.",
-           "freeze every parameter of the model first (requires_grad_(False)), then wrap the targets.")
-    expect(sum(p.numel() for p in model.parameters() if p.requires_grad) == n,
-           "the number you return differs from the number of parameters that actually require gradients.")
-    with torch.no_grad():
-        after = model(ids).logits
-    expect(torch.allclose(before, after, atol=1e-5), "right after inject_lora the model's logits changed: B starts at "
-           "zero, so they should not.")
+        base.weight.copy_(inputs["W"])
+        base.bias.copy_(inputs["b"])
+    return base
+
+
+def _build(cls, base, r, alpha, **kw):
     try:
-        fn(small_model(small), ["no_such_layer"], r=r, alpha=16)
-        raised = None
-    except Exception as e:  # noqa: BLE001 - the learner may pick the exception type
-        raised = e
-    expect(raised is not None, "target_modules=['no_such_layer'] matched nothing, and inject_lora said nothing: it "
-           "should raise an error (a ValueError) that names what was given.", "a typo in target_modules is the most "
-           "common LoRA bug: fail loudly instead of training nothing.")
-    passed(f"inject_lora wrapped {len(wrapped)} layers and returns {n:,} trainable parameters, equal to "
-           f"lorakit.memory.lora_parameters and to peft's count")
+        return cls(base, r, alpha, **kw)
+    except TypeError as e:
+        raise CheckFailed(f"`LoRALinear(base, r, alpha, dropout=..., use_rslora=...)` could not be called: {e}.") from e
+
+
+def _has(layer, names) -> None:
+    for name in names:
+        expect(hasattr(layer, name), f"your LoRALinear has no attribute `{name}`.",
+               "use peft's names: base_layer, lora_A, lora_B, lora_dropout, scaling, merged.")
+    for name in ("lora_A", "lora_B"):
+        if name in names:
+            expect(isinstance(getattr(layer, name), nn.Linear),
+                   f"`{name}` should be an nn.Linear; found {type(getattr(layer, name)).__name__}.")
+
+
+def _set_adapters(layer, A, B) -> bool:
+    """Put the drawn A and B into the learner's layer (when the shapes allow); whether it was done."""
+    if tuple(layer.lora_A.weight.shape) != tuple(A.shape) or tuple(layer.lora_B.weight.shape) != tuple(B.shape):
+        return False
+    with torch.no_grad():
+        layer.lora_A.weight.copy_(A)
+        layer.lora_B.weight.copy_(B)
+    return True
+
+
+def _reference(inputs, A=None, B=None, **kw):
+    """lorakit.lora's LoRALinear on the same base weights, with the given adapters."""
+    from lorakit.lora import LoRALinear
+    ref = LoRALinear(_base(inputs), inputs["r"], inputs["alpha"], **kw)
+    with torch.no_grad():
+        ref.lora_A.weight.copy_(inputs["A"] if A is None else A)
+        ref.lora_B.weight.copy_(inputs["B"] if B is None else B)
+    return ref
+
+
+@judged
+class lora_linear:
+    """Shapes, peft's initialisation, scaling, output at init, dropout placement, and what trains."""
+    answer = {"same_base": bool, "A_init": torch.Tensor, "B_init": torch.Tensor, "no_bias": [bool], "scaling": object,
+              "rs_scaling": object, "y_init": torch.Tensor, "y": (torch.Tensor, None), "grads": (dict, None),
+              "frozen": [str], "trainable": [str], "y_drop0": torch.Tensor, "y_train": (torch.Tensor, None),
+              "y_eval": (torch.Tensor, None)}
+    reference = ("lorakit.lora.LoRALinear",)
+
+    def draw(rng):
+        if rng.grading:
+            return _layer_inputs(rng, rng.integer(16, 300), rng.integer(8, 200), rng.integer(1, 16), rng.choice([1, 4, 8, 16, 32]))
+        return _layer_inputs(rng, 256, 96, 8, 16)
+
+    def probe(inputs, cls):
+        _callable(cls, "LoRALinear")
+        r, alpha, x = inputs["r"], inputs["alpha"], inputs["x"]
+        base = _base(inputs)
+        torch.manual_seed(0)
+        layer = _build(cls, base, r, alpha)
+        _has(layer, ("base_layer", "lora_A", "lora_B", "lora_dropout", "scaling"))
+        rs = _build(cls, _base(inputs), r, alpha, use_rslora=True)
+        out = {"same_base": layer.base_layer is base, "A_init": _t(layer.lora_A.weight), "B_init": _t(layer.lora_B.weight),
+               "no_bias": [layer.lora_A.bias is None, layer.lora_B.bias is None], "scaling": data_or_repr(layer.scaling),
+               "rs_scaling": data_or_repr(getattr(rs, "scaling", None)), "y_init": _t(layer(x)), "y": None, "grads": None}
+        if _set_adapters(layer, inputs["A"], inputs["B"]):
+            layer.zero_grad(set_to_none=True)
+            y = layer(x)
+            y.square().mean().backward()
+            out["y"] = _t(y)
+            out["grads"] = {k: None if g is None else _t(g) for k, g in
+                            (("A", layer.lora_A.weight.grad), ("B", layer.lora_B.weight.grad))}
+        out["frozen"] = [n for n, p in layer.base_layer.named_parameters() if p.requires_grad or p.grad is not None]
+        out["trainable"] = sorted(n for n, p in layer.named_parameters() if p.requires_grad)
+        drop = _build(cls, _base(inputs), r, alpha, dropout=0.5)
+        drop.train()
+        out["y_drop0"] = _t(drop(x))
+        out["y_train"] = out["y_eval"] = None
+        if _set_adapters(drop, inputs["A"], inputs["B"]):
+            out["y_train"] = _t(drop(x))
+            drop.eval()
+            out["y_eval"] = _t(drop(x))
+        return out
+
+    def judge(inputs, a):
+        d_in, d_out, r, alpha, x = inputs["d_in"], inputs["d_out"], inputs["r"], inputs["alpha"], inputs["x"]
+        expect(a["same_base"], "`base_layer` should be the very nn.Linear you were given (not a copy).")
+        A, B = a["A_init"], a["B_init"]
+        expect(tuple(A.shape) == (r, d_in), f"lora_A.weight should have shape (r, in) = {(r, d_in)}; found {tuple(A.shape)}.",
+               "nn.Linear(in_features, r, bias=False) stores its weight as (r, in_features).")
+        expect(tuple(B.shape) == (d_out, r), f"lora_B.weight should have shape (out, r) = {(d_out, r)}; found {tuple(B.shape)}.")
+        expect(all(a["no_bias"]), "lora_A and lora_B should have no bias (bias=False).")
+        expect(close(a["scaling"], alpha / r), f"alpha={alpha}, r={r}: scaling should be alpha / r = {alpha / r:g}; "
+                                              f"found {a['scaling']!r}.")
+        expect(close(a["rs_scaling"], alpha / math.sqrt(r)), f"with use_rslora=True scaling should be alpha / sqrt(r) = "
+               f"{alpha / math.sqrt(r):.4f}; found {a['rs_scaling']!r}.")
+        expect(torch.count_nonzero(B) == 0, "lora_B should start at zero, so the adapted layer starts equal to the base layer.")
+        bound = 1 / math.sqrt(d_in)
+        spread = A.float().std().item() if A.numel() > 1 else bound / math.sqrt(3)
+        expect(A.abs().max() <= bound + 1e-6 and spread > 0.8 * bound / math.sqrt(3),
+               f"lora_A should be kaiming-uniform with a = sqrt(5): uniform in +-1/sqrt(in) = +-{bound:.4f}; found values "
+               f"up to {A.abs().max().item():.4f} with std {spread:.4f} (expected about {bound / math.sqrt(3):.4f}).",
+               "nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5)).")
+        base_y = F.linear(x, inputs["W"], inputs["b"])
+        y0 = a["y_init"]
+        expect(tuple(y0.shape) == tuple(base_y.shape), f"output shape: expected {tuple(base_y.shape)}, found {tuple(y0.shape)}.")
+        expect(torch.allclose(y0, base_y, atol=1e-5), "at initialisation the output should equal the base layer's output "
+               "(B is zero).", "forward = base_layer(x) + lora_B(lora_A(lora_dropout(x))) * scaling.")
+        ref = _reference(inputs)
+        want = ref(x)
+        want.square().mean().backward()
+        expect(a["y"] is not None and torch.allclose(a["y"], want.detach(), atol=1e-5), "with a non-zero B the output "
+               "should be base(x) + (x A^T B^T) * scaling; it is not.", "did you multiply by `scaling`, and apply A before B?")
+        grads = a["grads"] or {}
+        expect(isinstance(grads.get("A"), torch.Tensor) and isinstance(grads.get("B"), torch.Tensor),
+               "lora_A and lora_B should receive gradients.")
+        for k, g in (("A", ref.lora_A.weight.grad), ("B", ref.lora_B.weight.grad)):
+            expect(grads[k].shape == g.shape and torch.allclose(grads[k], g, atol=1e-6, rtol=1e-4),
+                   f"the gradient of lora_{k} differs from what backpropagation through base(x) + B A x * scaling gives.")
+        expect(not a["frozen"], f"the base layer's {a['frozen']} still require gradients: LoRA freezes the pretrained "
+               "weights.", "call p.requires_grad_(False) on every parameter of base_layer.")
+        expect(a["trainable"] == ["lora_A.weight", "lora_B.weight"],
+               f"only lora_A.weight and lora_B.weight should be trainable; found {a['trainable']}.")
+        # Dropout belongs to the adapter's input only: with B = 0 the output must be the base output even in
+        # train mode; with B != 0, train mode differs from eval mode.
+        expect(torch.allclose(a["y_drop0"], base_y, atol=1e-5), "with dropout and B = 0 the output changed: dropout must "
+               "act on the adapter's input only, never on the frozen path.",
+               "base_layer(x) + lora_B(lora_A(lora_dropout(x))) * scaling.")
+        expect(a["y_eval"] is not None and torch.allclose(a["y_eval"], want.detach(), atol=1e-5),
+               "with dropout=0.5 in eval() mode the output should be the same as without dropout.")
+        expect(not torch.allclose(a["y_train"], a["y_eval"]), "with dropout=0.5 the adapter output in train() mode should "
+               "differ from eval() mode.", "self.lora_dropout = nn.Dropout(dropout) and use it on x in forward.")
+        return (f"LoRALinear: A {tuple(A.shape)} kaiming-uniform, B {tuple(B.shape)} zeros, scaling alpha/r, output equals "
+                f"the base layer at init, dropout on the adapter only, only A and B get gradients")
+
+
+@judged
+class lora_merge:
+    """merge() folds B A into the base weight without changing outputs; twice warns; unmerge() undoes it."""
+    answer = {"adapters_set": bool, "y0": torch.Tensor, "merged": object, "W_merged": torch.Tensor, "y_merged": torch.Tensor,
+              "W_twice": torch.Tensor, "warned": bool, "unmerged": object, "W_unmerged": torch.Tensor, "y_unmerged": torch.Tensor}
+    reference = ("lorakit.lora.LoRALinear",)
+
+    def draw(rng):
+        if rng.grading:
+            return _layer_inputs(rng, rng.integer(8, 200), rng.integer(8, 200), rng.integer(1, 8), rng.choice([2, 8, 16]))
+        return _layer_inputs(rng, 64, 48, 4, 8)
+
+    def probe(inputs, cls):
+        _callable(cls, "LoRALinear")
+        x = inputs["x"]
+        base = _base(inputs)
+        layer = _build(cls, base, inputs["r"], inputs["alpha"])
+        _has(layer, ("base_layer", "lora_A", "lora_B", "scaling"))
+        out = {"adapters_set": _set_adapters(layer, inputs["A"], inputs["B"])}
+        layer.eval()
+        out["y0"] = _t(layer(x))
+        layer.merge()
+        out.update(merged=data_or_repr(getattr(layer, "merged", None)), W_merged=_t(base.weight), y_merged=_t(layer(x)))
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            layer.merge()
+        out.update(W_twice=_t(base.weight), warned=bool(caught))
+        layer.unmerge()
+        out.update(unmerged=data_or_repr(getattr(layer, "merged", None)), W_unmerged=_t(base.weight), y_unmerged=_t(layer(x)))
+        return out
+
+    def judge(inputs, a):
+        expect(a["adapters_set"], f"lora_A and lora_B should have shapes ({inputs['r']}, in) and (out, {inputs['r']}).")
+        W = inputs["W"]
+        ref = _reference(inputs).eval()
+        y0 = ref(inputs["x"]).detach()
+        expect(torch.allclose(a["y0"], y0, atol=1e-5), "before merging, the output should be base(x) + B A x * scaling.")
+        delta = inputs["B"] @ inputs["A"] * (inputs["alpha"] / inputs["r"])
+        expect(a["merged"] is True, "after merge() `merged` should be True.")
+        expect(torch.allclose(a["W_merged"], W + delta, atol=1e-6), "merge() should add (B @ A) * scaling to base_layer.weight.",
+               "under torch.no_grad(): self.base_layer.weight += (self.lora_B.weight @ self.lora_A.weight) * self.scaling")
+        expect(torch.allclose(a["y_merged"], y0, atol=1e-5), "after merging, the output should equal the unmerged output, "
+               "and it does not.", "once merged, forward should return base_layer(x) alone (B A is inside its weight now).")
+        expect(torch.allclose(a["W_twice"], W + delta, atol=1e-6), "merging twice added B A twice: the second merge() "
+               "should do nothing.", "check `self.merged` first.")
+        expect(a["warned"], "merging twice should warn the user (warnings.warn) that the layer is already merged.")
+        expect(a["unmerged"] is False, "after unmerge() `merged` should be False.")
+        expect(torch.allclose(a["W_unmerged"], W, atol=1e-6), "unmerge() should subtract exactly what merge() added.")
+        expect(torch.allclose(a["y_unmerged"], y0, atol=1e-5), "after unmerge() the output should be what it was before merging.")
+        return ("merge() keeps outputs equal (max difference "
+                f"{(a['y_merged'] - y0).abs().max().item():.1e}), merging twice warns and changes nothing, unmerge() undoes it")
+
+
+# ------------------------------------------------------------------------------------- ex02_inject_lora
+
+def _logits(model, ids) -> torch.Tensor:
+    with torch.no_grad():
+        return _t(model(ids).logits)
+
+
+@judged
+class inject_lora:
+    """On a small Llama: count, placement, freezing, unchanged output, bad names."""
+    answer = {"n": object, "wrapped": [str], "trainable": [str], "n_trainable": int, "before": torch.Tensor,
+              "after": torch.Tensor, "raised": (str, None)}
+    reference = ("lorakit.lora.inject_lora", "lorakit.lora.replace_linears")
+
+    def draw(rng):
+        return _model_inputs(rng, ["q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj"])
+
+    def probe(inputs, fn, cls):
+        _callable(fn, "inject_lora")
+        model = small_model(inputs["config"], inputs["seed"])
+        before = _logits(model, inputs["ids"])
+        n = fn(model, inputs["targets"], r=inputs["r"], alpha=inputs["alpha"])
+        out = {"n": data_or_repr(n), "before": before,
+               "wrapped": sorted(name for name, m in model.named_modules() if isinstance(cls, type) and isinstance(m, cls)),
+               "trainable": [name for name, p in model.named_parameters() if p.requires_grad],
+               "n_trainable": sum(p.numel() for p in model.parameters() if p.requires_grad), "after": _logits(model, inputs["ids"])}
+        try:
+            fn(small_model(inputs["config"], inputs["seed"]), ["no_such_layer"], r=inputs["r"], alpha=inputs["alpha"])
+            out["raised"] = None
+        except Exception as e:  # noqa: BLE001 - the learner may pick the exception type
+            out["raised"] = type(e).__name__
+        return out
+
+    def judge(inputs, a):
+        cfg, targets, r = inputs["config"], inputs["targets"], inputs["r"]
+        expected = expected_trainable(cfg, r, targets)
+        n = a["n"]
+        expect(type(n) is int and n == expected, f"inject_lora should return the number of trainable parameters: expected "
+               f"{expected:,} (r * (in + out) summed over every {' and '.join(targets)}), found {n!r}.",
+               "return sum(p.numel() for p in model.parameters() if p.requires_grad).")
+        want = _targets_in(small_model(cfg), targets)
+        expect(a["wrapped"] == want, f"expected these layers to become LoRALinear: {want}; found {a['wrapped']}.",
+               "match a module when its name ends with '.' + one of target_modules, then setattr it on its parent.")
+        stray = [name for name in a["trainable"] if ".lora_A." not in name and ".lora_B." not in name]
+        expect(not stray, f"only the adapters should train, but these require gradients too: {stray[:4]}.",
+               "freeze every parameter of the model first (requires_grad_(False)), then wrap the targets.")
+        expect(a["n_trainable"] == n, "the number you return differs from the number of parameters that actually "
+                                      "require gradients.")
+        base = _logits(small_model(cfg, inputs["seed"]), inputs["ids"])
+        expect(a["before"].shape == base.shape and torch.allclose(a["before"], base, atol=1e-5),
+               "the model the check built gave other logits than the same model built by the grader.")
+        expect(a["after"].shape == base.shape and torch.allclose(a["after"], base, atol=1e-5),
+               "right after inject_lora the model's logits changed: B starts at zero, so they should not.")
+        expect(a["raised"] is not None, "target_modules=['no_such_layer'] matched nothing, and inject_lora said nothing: "
+               "it should raise an error (a ValueError) that names what was given.", "a typo in target_modules is the "
+               "most common LoRA bug: fail loudly instead of training nothing.")
+        return (f"inject_lora wrapped {len(a['wrapped'])} layers and returns {n:,} trainable parameters, equal to "
+                f"lorakit.memory.lora_parameters and to peft's count")
 
 
 # ------------------------------------------------------------------------------------ ex02_training_step
 
-def training_step(fn, config) -> None:
-    """A few steps on one batch: loss goes down, only the adapters move, gradients are cleared."""
-    from lorakit.lora import inject_lora as reference_inject
+def _optimizer(name: str, params, lr: float):
+    return torch.optim.AdamW(params, lr=lr) if name == "adamw" else torch.optim.SGD(params, lr=lr)
 
-    _callable(fn, "training_step")
-    small = small_config(config)
-    model = small_model(small).train()
-    reference_inject(model, ["q_proj", "v_proj"], r=8, alpha=16)
-    frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    ids = torch.randint(0, small.vocab_size, (4, 16))
+
+def _trained(inputs, step):
+    """Run `step` (the learner's training_step, or the reference) on the inputs' model; (model, results)."""
+    from lorakit.lora import inject_lora as reference_inject
+    model = small_model(inputs["config"], inputs["seed"]).train()
+    reference_inject(model, inputs["targets"], r=inputs["r"], alpha=inputs["alpha"])
+    opt = _optimizer(inputs["optimizer"], [p for p in model.parameters() if p.requires_grad], inputs["lr"])
+    ids = inputs["ids"]
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
-    losses = [fn(model, batch, opt) for _ in range(6)]
-    expect(all(isinstance(v, float) for v in losses), f"training_step should return the loss as a Python float "
-           f"(loss.item()); found {type(losses[0]).__name__}.")
-    expect(losses[-1] < losses[0], f"six steps on the same batch should lower the loss; found {losses[0]:.4f} -> "
-           f"{losses[-1]:.4f}.", "forward, loss.backward(), optimizer.step(), optimizer.zero_grad().")
-    grads = [n for n, p in model.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0]
-    expect(not grads, f"gradients are left over after the step ({grads[:2]}...): the next step would add to them.",
-           "call optimizer.zero_grad() after optimizer.step().")
-    moved = [n for n, p in model.named_parameters() if n in frozen and not torch.equal(p, frozen[n])]
-    expect(not moved, f"frozen weights changed: {moved[:3]}.")
-    b_moved = any(torch.count_nonzero(m.lora_B.weight) for m in model.modules() if hasattr(m, "lora_B"))
-    expect(b_moved, "lora_B is still zero after the steps: the optimizer did not update the adapters.")
-    passed(f"training_step: loss {losses[0]:.3f} -> {losses[-1]:.3f} in 6 steps on one batch, only the adapters moved")
+    return model, [step(model, batch, opt) for _ in range(inputs["steps"])]
+
+
+def _reference_step(model, batch, optimizer) -> float:
+    loss = model(**batch).loss
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad()
+    return loss.item()
+
+
+@judged
+class training_step:
+    """A few steps on one batch: the loss of each step, only the adapters move, gradients are cleared."""
+    answer = {"losses": [object], "leftover": [str], "moved": [str], "adapters": dict}
+
+    def draw(rng):
+        inputs = _model_inputs(rng, ["q_proj", "v_proj", "k_proj", "o_proj"])
+        inputs["ids"] = rng.randint(0, inputs["config"]["vocab_size"], (4, 16))
+        inputs.update(optimizer="adamw", lr=1e-2, steps=6)
+        if rng.grading:
+            inputs.update(optimizer=rng.choice(["adamw", "sgd"]), steps=rng.integer(3, 6))
+            inputs["lr"] = rng.choice([1e-2, 3e-3]) if inputs["optimizer"] == "adamw" else rng.choice([0.1, 0.5])
+        return inputs
+
+    def probe(inputs, fn):
+        from lorakit.lora import lora_state_dict
+        _callable(fn, "training_step")
+        frozen = {n: _t(p) for n, p in small_model(inputs["config"], inputs["seed"]).named_parameters()}
+        model, losses = _trained(inputs, fn)
+        return {"losses": [data_or_repr(v) for v in losses],
+                "leftover": [n for n, p in model.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0],
+                "moved": [n for n, p in model.named_parameters()
+                          if not p.requires_grad and n in frozen and not torch.equal(p, frozen[n])],
+                "adapters": {k: _t(v) for k, v in lora_state_dict(model).items()}}
+
+    def judge(inputs, a):
+        from lorakit.lora import lora_state_dict
+        losses = a["losses"]
+        expect(len(losses) == inputs["steps"] and all(type(v) is float for v in losses), "training_step should return "
+               f"the loss as a Python float (loss.item()); found {type(losses[0]).__name__ if losses else 'nothing'}.")
+        expect(not a["leftover"], f"gradients are left over after the step ({a['leftover'][:2]}...): the next step would "
+               "add to them.", "call optimizer.zero_grad() after optimizer.step().")
+        expect(not a["moved"], f"frozen weights changed: {a['moved'][:3]}.")
+        model, want = _trained(inputs, _reference_step)
+        expect(all(math.isclose(g, w, rel_tol=1e-3, abs_tol=1e-5) for g, w in zip(losses, want)),
+               f"the losses of the {len(want)} steps should be {', '.join(f'{w:.4f}' for w in want)}; found "
+               f"{', '.join(f'{g:.4f}' for g in losses)}.", "forward, loss.backward(), optimizer.step(), optimizer.zero_grad().")
+        ref = lora_state_dict(model)
+        same = set(a["adapters"]) == set(ref) and all(
+            isinstance(a["adapters"][k], torch.Tensor) and a["adapters"][k].shape == v.shape
+            and torch.allclose(a["adapters"][k], v, rtol=1e-3, atol=1e-5) for k, v in ref.items())
+        expect(same, "after the steps the adapters differ from what the same steps give with the reference: the "
+               "optimizer should update lora_A and lora_B once per call.")
+        expect(any(torch.count_nonzero(v) for k, v in a["adapters"].items() if "lora_B" in k),
+               "lora_B is still zero after the steps: the optimizer did not update the adapters.")
+        return (f"training_step: loss {losses[0]:.3f} -> {losses[-1]:.3f} in {len(losses)} steps on one batch, only the "
+                "adapters moved")
 
 
 # ---------------------------------------------------------------------------------------- ex02_peft_copy
 
-def peft_equal(fn, my_model, peft_model, input_ids) -> None:
-    """After copying the learner's A and B into peft's model, both give the same logits."""
-    _callable(fn, "copy_into_peft")
-    mine = [m for m in my_model.modules() if hasattr(m, "lora_B") and isinstance(m.lora_B, nn.Linear)]
-    expect(mine and any(torch.count_nonzero(m.lora_B.weight) for m in mine),
-           "your model's lora_B weights are all zero: train it first (the fine-tune above), so that the comparison "
-           "means something.")
-    fn(my_model, peft_model)
-    my_model.eval(), peft_model.eval()
-    with torch.no_grad():
-        a = my_model(input_ids=input_ids).logits.float()
-        b = peft_model(input_ids=input_ids).logits.float()
-    diff = (a - b).abs().max().item()
-    expect(torch.allclose(a, b, atol=1e-4, rtol=1e-4), f"the logits differ by up to {diff:.3g} after copying: expected "
-           "equal (allclose).", "for every LoRALinear named `name` in your model, copy its lora_A.weight and "
-           "lora_B.weight into peft_model.base_model.model.get_submodule(name).lora_A['default'] / lora_B['default'].")
-    passed(f"your LoRA and peft's give the same logits: max difference {diff:.1e} over {a.numel():,} logits")
+@judged
+class peft_equal:
+    """After copying the learner's A and B into a peft model of the same base, both give the same logits."""
+    answer = {"copied": dict, "logits": torch.Tensor}
+
+    def draw(rng):
+        inputs = _model_inputs(rng, ["q_proj", "k_proj", "v_proj", "o_proj", "up_proj"])
+        names = _targets_in(small_model(inputs["config"]), inputs["targets"])
+        h = inputs["config"]
+        model = small_model(h)
+        inputs["adapters"] = {}
+        for name in names:
+            lin = model.get_submodule(name)
+            inputs["adapters"][name] = [rng.randn(inputs["r"], lin.in_features) * 0.1,
+                                        rng.randn(lin.out_features, inputs["r"]) * 0.1]
+        return inputs
+
+    def probe(inputs, fn, cls):
+        from peft import LoraConfig, get_peft_model
+
+        from lorakit.lora import replace_linears
+        _callable(fn, "copy_into_peft")
+        _callable(cls, "LoRALinear")
+        r, alpha = inputs["r"], inputs["alpha"]
+        mine = small_model(inputs["config"], inputs["seed"])
+        replace_linears(mine, inputs["targets"], lambda m: cls(m, r, alpha), adapted=(cls,))
+        with torch.no_grad():
+            for name, (A, B) in inputs["adapters"].items():
+                _set_adapters(mine.get_submodule(name), A, B)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            peft_model = get_peft_model(small_model(inputs["config"], inputs["seed"]),
+                                        LoraConfig(r=r, lora_alpha=alpha, target_modules=inputs["targets"], lora_dropout=0.0))
+        fn(mine, peft_model)
+        peft_model.eval()
+        inner = peft_model.base_model.model
+        copied = {name: [_t(inner.get_submodule(name).lora_A["default"].weight),
+                         _t(inner.get_submodule(name).lora_B["default"].weight)] for name in inputs["adapters"]}
+        with torch.no_grad():
+            return {"copied": copied, "logits": _t(peft_model(input_ids=inputs["ids"]).logits)}
+
+    def judge(inputs, a):
+        from lorakit.lora import inject_lora as reference_inject
+        for name, (A, B) in inputs["adapters"].items():
+            got = a["copied"].get(name)
+            ok = isinstance(got, list) and len(got) == 2 and all(isinstance(t, torch.Tensor) for t in got) \
+                and got[0].shape == A.shape and got[1].shape == B.shape and torch.equal(got[0], A) and torch.equal(got[1], B)
+            expect(ok, f"peft's {name} does not hold your adapter after copy_into_peft.",
+                   "for every LoRALinear named `name` in your model, copy its lora_A.weight and lora_B.weight into "
+                   "peft_model.base_model.model.get_submodule(name).lora_A['default'] / lora_B['default'].")
+        ref = small_model(inputs["config"], inputs["seed"])
+        reference_inject(ref, inputs["targets"], r=inputs["r"], alpha=inputs["alpha"])
+        with torch.no_grad():
+            for name, (A, B) in inputs["adapters"].items():
+                ref.get_submodule(name).lora_A.weight.copy_(A)
+                ref.get_submodule(name).lora_B.weight.copy_(B)
+        want = _logits(ref, inputs["ids"]).float()
+        got = a["logits"].float()
+        diff = (got - want).abs().max().item() if got.shape == want.shape else float("inf")
+        expect(diff <= 1e-4 + 1e-4 * want.abs().max().item(), f"the logits differ by up to {diff:.3g} after copying: "
+               "expected equal (allclose).", "copy every adapter, A and B, into the module of the same name.")
+        return f"your LoRA and peft's give the same logits: max difference {diff:.1e} over {want.numel():,} logits"

@@ -1,8 +1,10 @@
-"""Self-checks for lesson 04 (QLoRA from scratch).
+"""Checks for lesson 04 (QLoRA from scratch), judged (see lorakit.checks.judged).
 
-Each check builds its own small layers (or a tiny random Llama), so it tests the learner's code and
-nothing else in the notebook's state. The comparisons go to the real thing: bitsandbytes' packed bytes
-and `Linear4bit` outputs, peft's LoRA layer for 4-bit bases, and `lorakit.qlora`, the reference.
+Each check builds its own small layers (or a tiny random Llama) from weights and seeds the grader drew, so it
+tests the learner's code and nothing else in the notebook's state. The probe returns what the learner's
+layers computed (outputs, gradients, packed bytes, counts); the judge compares with the real thing on the same
+weights: bitsandbytes' packed bytes and `Linear4bit` outputs, peft's LoRA layer for 4-bit bases, and
+`lorakit.qlora`, the reference.
 """
 
 from __future__ import annotations
@@ -11,7 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import close, expect, passed
+from . import CheckFailed, close, expect
+from .judged import data_or_repr, judged
 
 D_IN, D_OUT = 192, 128  # multiples of 64, as bitsandbytes' CPU kernels want (FACTS.md trap 2)
 
@@ -21,20 +24,33 @@ def _callable(obj, name: str) -> None:
            "run the exercise cell above first.")
 
 
-def _linear(d_in=D_IN, d_out=D_OUT, bias=False, seed=0) -> nn.Linear:
-    torch.manual_seed(seed)
-    return nn.Linear(d_in, d_out, bias=bias)
+def _t(x) -> torch.Tensor:
+    return x.detach().to("cpu").clone()
 
 
-def _packed_and_state(linear):
+def _dims(rng) -> tuple[int, int]:
+    """(in, out): multiples of 64 and 32, as bitsandbytes' CPU kernels want."""
+    return (64 * rng.integer(1, 5), 32 * rng.integer(1, 8)) if rng.grading else (D_IN, D_OUT)
+
+
+def _linear(inputs, bias: bool = False) -> nn.Linear:
+    W = inputs["W"]
+    lin = nn.Linear(W.shape[1], W.shape[0], bias=bias)
+    with torch.no_grad():
+        lin.weight.copy_(W)
+        if bias:
+            lin.bias.copy_(inputs["bias"])
+    return lin
+
+
+def _packed_and_state(W):
     from lorakit.nf4 import quantize_nf4
-    return quantize_nf4(linear.weight.detach(), blocksize=64, double_quant=True)
+    return quantize_nf4(W.detach(), blocksize=64, double_quant=True)
 
 
-def _bnb_bytes(linear) -> torch.Tensor:
+def _bnb_bytes(W) -> torch.Tensor:
     import bitsandbytes.functional as BF
-    packed, _ = BF.quantize_4bit(linear.weight.detach().float(), blocksize=64, quant_type="nf4",
-                                 compress_statistics=True)
+    packed, _ = BF.quantize_4bit(W.detach().float(), blocksize=64, quant_type="nf4", compress_statistics=True)
     return packed
 
 
@@ -48,154 +64,225 @@ def _full_size_float_tensors(module: nn.Module, n: int) -> list[str]:
 
 
 def _diff(a, b) -> float:
-    return (a.float() - b.float()).abs().max().item()
+    return (a.float() - b.float()).abs().max().item() if a.shape == b.shape else float("inf")
+
+
+def _close(got, want, tol) -> tuple[bool, float]:
+    if not isinstance(got, torch.Tensor):
+        return False, float("inf")
+    err = _diff(got, want)
+    return err <= tol * max(1.0, want.float().abs().max().item()), err
+
+
+def _dtype(name: str) -> torch.dtype:
+    return getattr(torch, name)
 
 
 # -------------------------------------------------------------------------------------- ex04_matmul_nf4
 
-def matmul_nf4(fn) -> None:
+@judged
+class matmul_nf4:
     """Output and input gradient equal to F.linear with the dequantized weight; the dequantized weight
     is not kept for backward."""
-    from lorakit.nf4 import dequantize_nf4
-    _callable(getattr(fn, "apply", None), "MatMulNF4.apply")
-    for dtype, bias, tol in [(torch.float32, False, 1e-5), (torch.bfloat16, False, 2e-2), (torch.float32, True, 1e-5)]:
-        lin = _linear(bias=bias)
-        packed, state = _packed_and_state(lin)
-        x = torch.randn(3, 5, D_IN, dtype=dtype, requires_grad=True)
-        b = None if lin.bias is None else lin.bias.detach()
-        saved = []  # (shape, dtype, bytes) of what autograd keeps, leaving out the packed buffer
-        def pack(t):
-            if t.untyped_storage().data_ptr() != packed.untyped_storage().data_ptr():
-                saved.append((tuple(t.shape), t.dtype, t.numel() * t.element_size()))
-            return t
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            y = fn.apply(x, packed, state, b)
-        what = f"x of shape (3, 5, {D_IN}) in {dtype}" + (" with a bias" if bias else "")
-        expect(isinstance(y, torch.Tensor) and tuple(y.shape) == (3, 5, D_OUT),
-               f"{what}: expected an output of shape (3, 5, {D_OUT}); found "
-               f"{tuple(y.shape) if isinstance(y, torch.Tensor) else type(y).__name__}.",
-               "dequantize the weight to (out, in) and use F.linear(x, W, bias).")
-        W = dequantize_nf4(packed, state, dtype=dtype)
-        expected = F.linear(x.detach(), W, None if b is None else b.to(dtype))
-        expect(y.dtype == dtype, f"{what}: the output should be {dtype} (the input's dtype); found {y.dtype}.",
-               "dequantize to x.dtype: dequantize_nf4(weight, quant_state, dtype=x.dtype).")
-        err = _diff(y, expected)
-        expect(err <= tol * max(1.0, expected.abs().max().item()),
-               f"{what}: the output differs from F.linear(x, dequantize_nf4(weight, state)) by up to {err:.3g}.",
-               "forward is x @ W.T (+ bias) with W the dequantized (out, in) weight.")
-        full = [s[:2] for s in saved if s[0] in ((D_OUT, D_IN), (D_IN, D_OUT))]
-        expect(not full, f"{what}: your MatMulNF4 keeps a {D_OUT} x {D_IN} matrix for the backward pass ({full[0] if full else ''}): "
-                         f"that is the dequantized weight, the very copy this function exists to avoid.",
-               "save only the packed bytes (ctx.save_for_backward(weight)), keep quant_state on ctx, and "
-               "dequantize again inside backward.")
-        (gx,) = torch.autograd.grad(y.float().sum(), x)
-        expected_gx = torch.ones(3, 5, D_OUT, dtype=dtype) @ W
-        err = _diff(gx, expected_gx)
-        expect(err <= tol * max(1.0, expected_gx.abs().max().item()),
-               f"{what}: the gradient with respect to x differs from grad_output @ W by up to {err:.3g}.",
-               "backward returns (grad_output @ W, None, None, None): one gradient per input of forward.")
-    passed(f"MatMulNF4 equals F.linear with the dequantized weight, forward and backward, and keeps no copy of "
-           f"W for backward ({sum(s[2] for s in saved):,} extra bytes; a bf16 copy would be {D_IN * D_OUT * 2:,})")
+    answer = {"results": [dict]}
+    reference = ("lorakit.qlora.MatMulNF4",)
+
+    def draw(rng):
+        d_in, d_out = _dims(rng)
+        cases = [["float32", False, 1e-5], ["bfloat16", False, 2e-2], ["float32", True, 1e-5]]
+        return {"W": rng.randn(d_out, d_in) / d_in ** 0.5, "bias": rng.randn(d_out) * 0.1, "cases": cases,
+                "x": rng.randn(3, 5, d_in)}
+
+    def probe(inputs, fn):
+        _callable(getattr(fn, "apply", None), "MatMulNF4.apply")
+        packed, state = _packed_and_state(inputs["W"])
+        out = []
+        for dtype, bias, _ in inputs["cases"]:
+            x = inputs["x"].to(_dtype(dtype)).requires_grad_(True)
+            saved = []  # (shape, dtype, bytes) of what autograd keeps, leaving out the packed buffer
+
+            def pack(t):
+                if t.untyped_storage().data_ptr() != packed.untyped_storage().data_ptr():
+                    saved.append([list(t.shape), str(t.dtype), t.numel() * t.element_size()])
+                return t
+            with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+                y = fn.apply(x, packed, state, inputs["bias"] if bias else None)
+            result = {"y": data_or_repr(y), "saved": saved, "gx": None}
+            if isinstance(y, torch.Tensor) and y.requires_grad:
+                (gx,) = torch.autograd.grad(y.float().sum(), x)
+                result["gx"] = data_or_repr(gx)
+            out.append(result)
+        return {"results": out}
+
+    def judge(inputs, answer):
+        from lorakit.nf4 import dequantize_nf4
+        packed, state = _packed_and_state(inputs["W"])
+        d_out, d_in = inputs["W"].shape
+        expect(len(answer["results"]) == len(inputs["cases"]), "MatMulNF4 should answer once per call.")
+        for (dtype, bias, tol), got in zip(inputs["cases"], answer["results"]):
+            dt = _dtype(dtype)
+            x = inputs["x"].to(dt)
+            what = f"x of shape {tuple(x.shape)} in {dt}" + (" with a bias" if bias else "")
+            y = got.get("y")
+            expect(isinstance(y, torch.Tensor) and tuple(y.shape) == (*x.shape[:-1], d_out),
+                   f"{what}: expected an output of shape {(*x.shape[:-1], d_out)}; found "
+                   f"{tuple(y.shape) if isinstance(y, torch.Tensor) else y!r}.",
+                   "dequantize the weight to (out, in) and use F.linear(x, W, bias).")
+            W = dequantize_nf4(packed, state, dtype=dt)
+            expected = F.linear(x, W, inputs["bias"].to(dt) if bias else None)
+            expect(y.dtype == dt, f"{what}: the output should be {dt} (the input's dtype); found {y.dtype}.",
+                   "dequantize to x.dtype: dequantize_nf4(weight, quant_state, dtype=x.dtype).")
+            ok, err = _close(y, expected, tol)
+            expect(ok, f"{what}: the output differs from F.linear(x, dequantize_nf4(weight, state)) by up to {err:.3g}.",
+                   "forward is x @ W.T (+ bias) with W the dequantized (out, in) weight.")
+            full = [s[:2] for s in got.get("saved", []) if isinstance(s, list) and s and s[0] in ([d_out, d_in], [d_in, d_out])]
+            expect(not full, f"{what}: your MatMulNF4 keeps a {d_out} x {d_in} matrix for the backward pass ({full[0] if full else ''}): "
+                             f"that is the dequantized weight, the very copy this function exists to avoid.",
+                   "save only the packed bytes (ctx.save_for_backward(weight)), keep quant_state on ctx, and "
+                   "dequantize again inside backward.")
+            ok, err = _close(got.get("gx"), torch.ones(*x.shape[:-1], d_out, dtype=dt) @ W, tol)
+            expect(ok, f"{what}: the gradient with respect to x differs from grad_output @ W by up to {err:.3g}.",
+                   "backward returns (grad_output @ W, None, None, None): one gradient per input of forward.")
+        extra = sum(s[2] for s in answer["results"][-1].get("saved", []) if isinstance(s, list) and len(s) == 3)
+        return (f"MatMulNF4 equals F.linear with the dequantized weight, forward and backward, and keeps no copy of "
+                f"W for backward ({extra:,} extra bytes; a bf16 copy would be {d_in * d_out * 2:,})")
 
 
 # ------------------------------------------------------------------------------------- ex04_nf4_linear
 
-def nf4_linear(cls) -> None:
+@judged
+class nf4_linear:
     """4-bit storage only, bitsandbytes' packed bytes, bitsandbytes' outputs, nothing trainable."""
-    from lorakit.qlora import bitsandbytes_lora
+    answer = {"is_module": bool, "copies": [str], "packed": object, "double_quant": bool, "trainable": [str],
+              "outputs": [object]}
+    reference = ("lorakit.qlora.NF4Linear",)
 
-    _callable(cls, "NF4Linear")
-    lin = _linear(bias=False)
-    layer = cls(lin)
-    expect(isinstance(layer, nn.Module), f"NF4Linear(linear) should build an nn.Module; found {type(layer).__name__}.")
-    copies = _full_size_float_tensors(layer, D_IN * D_OUT // 4)
-    expect(not copies, f"NF4Linear keeps a 16/32-bit copy of the weight: {copies}.",
-           "store only the packed uint8 bytes (a buffer) and the quantization state; do not keep `linear`.")
-    packed = getattr(layer, "weight", None)
-    expect(isinstance(packed, torch.Tensor) and packed.dtype == torch.uint8,
-           f"`layer.weight` should be the packed uint8 tensor from quantize_nf4; found "
-           f"{packed.dtype if isinstance(packed, torch.Tensor) else type(packed).__name__}.",
-           "self.register_buffer('weight', packed).")
-    expect(tuple(packed.shape) == (D_IN * D_OUT // 2, 1),
-           f"packed weight of a {D_OUT} x {D_IN} layer: expected shape ({D_IN * D_OUT // 2}, 1); found {tuple(packed.shape)}.")
-    state = getattr(layer, "quant_state", None)
-    expect(state is not None and getattr(state, "offset", None) is not None,
-           "`layer.quant_state` should be the NF4State from quantize_nf4 with double quantization "
-           "(its `offset` is set).", "quantize_nf4(linear.weight, blocksize, double_quant=True) by default.")
-    expected = _bnb_bytes(lin)
-    same = torch.equal(packed.cpu(), expected)
-    expect(same, f"your packed bytes differ from bitsandbytes' quantize_4bit(nf4) in "
-                 f"{(packed.cpu() != expected).sum().item()} of {expected.numel()} bytes.",
-           "quantize with lorakit.nf4.quantize_nf4 (blocksize 64), which matches bitsandbytes byte for byte.")
-    trainable = [n for n, p in layer.named_parameters() if p.requires_grad]
-    expect(not trainable, f"NF4Linear should have no trainable parameters; found {trainable}.",
-           "the 4-bit weight is a buffer, and a bias (if any) gets requires_grad=False.")
-    bnb = bitsandbytes_lora(lin).base_layer
-    for dtype, tol in [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)]:
-        x = torch.randn(4, 7, D_IN, dtype=dtype, requires_grad=True)
-        y = layer(x)
-        with torch.no_grad():
-            ref = bnb(x.detach())
-        expect(y.dtype == dtype, f"an input in {dtype} should give an output in {dtype}; found {y.dtype}.")
-        err = _diff(y, ref)
-        expect(err <= tol * max(1.0, ref.abs().max().item()),
-               f"input in {dtype}: your layer's output differs from bitsandbytes' Linear4bit by up to {err:.3g}.",
-               "forward should be MatMulNF4.apply(x, self.weight, self.quant_state, self.bias).")
-        (gx,) = torch.autograd.grad(y.float().sum(), x)
-        expect(gx is not None and torch.isfinite(gx).all(), "gradients should flow back to the input x.")
-    passed(f"NF4Linear stores {packed.numel():,} packed bytes, equal to bitsandbytes' to the byte, and its "
-           f"outputs match bitsandbytes' Linear4bit")
+    def draw(rng):
+        d_in, d_out = _dims(rng)
+        return {"W": rng.randn(d_out, d_in) / d_in ** 0.5, "x": rng.randn(4, 7, d_in), "dtypes": ["float32", "bfloat16"]}
+
+    def probe(inputs, cls):
+        _callable(cls, "NF4Linear")
+        lin = _linear(inputs)
+        layer = cls(lin)
+        if not isinstance(layer, nn.Module):
+            return {"is_module": False, "copies": [], "packed": None, "double_quant": False, "trainable": [], "outputs": []}
+        out = {"is_module": True, "copies": _full_size_float_tensors(layer, lin.weight.numel() // 4),
+               "packed": data_or_repr(getattr(layer, "weight", None)),
+               "double_quant": getattr(getattr(layer, "quant_state", None), "offset", None) is not None,
+               "trainable": [n for n, p in layer.named_parameters() if p.requires_grad], "outputs": []}
+        for name in inputs["dtypes"]:
+            x = inputs["x"].to(_dtype(name)).requires_grad_(True)
+            y = layer(x)
+            gx = torch.autograd.grad(y.float().sum(), x)[0] if isinstance(y, torch.Tensor) and y.requires_grad else None
+            out["outputs"].append([data_or_repr(y), None if gx is None else bool(torch.isfinite(gx).all())])
+        return out
+
+    def judge(inputs, a):
+        from lorakit.qlora import bitsandbytes_lora
+        expect(a["is_module"], "NF4Linear(linear) should build an nn.Module.")
+        expect(not a["copies"], f"NF4Linear keeps a 16/32-bit copy of the weight: {a['copies']}.",
+               "store only the packed uint8 bytes (a buffer) and the quantization state; do not keep `linear`.")
+        packed = a["packed"]
+        d_out, d_in = inputs["W"].shape
+        expect(isinstance(packed, torch.Tensor) and packed.dtype == torch.uint8,
+               f"`layer.weight` should be the packed uint8 tensor from quantize_nf4; found "
+               f"{packed.dtype if isinstance(packed, torch.Tensor) else packed!r}.", "self.register_buffer('weight', packed).")
+        expect(tuple(packed.shape) == (d_in * d_out // 2, 1),
+               f"packed weight of a {d_out} x {d_in} layer: expected shape ({d_in * d_out // 2}, 1); found {tuple(packed.shape)}.")
+        expect(a["double_quant"], "`layer.quant_state` should be the NF4State from quantize_nf4 with double quantization "
+               "(its `offset` is set).", "quantize_nf4(linear.weight, blocksize, double_quant=True) by default.")
+        expected = _bnb_bytes(inputs["W"])
+        expect(torch.equal(packed, expected), f"your packed bytes differ from bitsandbytes' quantize_4bit(nf4) in "
+               f"{(packed != expected).sum().item()} of {expected.numel()} bytes.",
+               "quantize with lorakit.nf4.quantize_nf4 (blocksize 64), which matches bitsandbytes byte for byte.")
+        expect(not a["trainable"], f"NF4Linear should have no trainable parameters; found {a['trainable']}.",
+               "the 4-bit weight is a buffer, and a bias (if any) gets requires_grad=False.")
+        bnb = bitsandbytes_lora(_linear(inputs)).base_layer
+        for name, got, tol in zip(inputs["dtypes"], a["outputs"], (1e-5, 2e-2)):
+            dt = _dtype(name)
+            y, finite = got
+            with torch.no_grad():
+                ref = bnb(inputs["x"].to(dt))
+            expect(isinstance(y, torch.Tensor) and y.dtype == dt,
+                   f"an input in {dt} should give an output in {dt}; found {y.dtype if isinstance(y, torch.Tensor) else y!r}.")
+            ok, err = _close(y, ref, tol)
+            expect(ok, f"input in {dt}: your layer's output differs from bitsandbytes' Linear4bit by up to {err:.3g}.",
+                   "forward should be MatMulNF4.apply(x, self.weight, self.quant_state, self.bias).")
+            expect(finite is True, "gradients should flow back to the input x.")
+        return (f"NF4Linear stores {packed.numel():,} packed bytes, equal to bitsandbytes' to the byte, and its "
+                f"outputs match bitsandbytes' Linear4bit")
 
 
 # ------------------------------------------------------------------------------------ ex04_qlora_linear
 
-def qlora_linear(cls) -> None:
+@judged
+class qlora_linear:
     """A 4-bit base, adapters only trainable, outputs equal to bitsandbytes Linear4bit + peft, merge refuses."""
-    from lorakit.qlora import bitsandbytes_lora, copy_adapters
+    answer = {"missing": [str], "copies": [str], "trainable": [str], "scaling": object, "outputs": [object],
+              "merge": [object]}
+    reference = ("lorakit.qlora.QLoRALinear",)
 
-    _callable(cls, "QLoRALinear")
-    r, alpha = 8, 16
-    lin = _linear(bias=False, seed=1)
-    layer = cls(lin, r, alpha)
-    for name in ("base_layer", "lora_A", "lora_B", "scaling"):
-        expect(hasattr(layer, name), f"your QLoRALinear has no `{name}`.",
-               "subclass LoRALinear and call super().__init__(linear, r, alpha, dropout) first.")
-    copies = _full_size_float_tensors(layer.base_layer, D_IN * D_OUT // 4)
-    expect(not copies, f"the base layer still holds a 16/32-bit weight: {copies}.",
-           "after super().__init__, replace self.base_layer by NF4Linear(linear).")
-    trainable = sorted(n for n, p in layer.named_parameters() if p.requires_grad)
-    expect(trainable == ["lora_A.weight", "lora_B.weight"],
-           f"only lora_A.weight and lora_B.weight should be trainable; found {trainable}.")
-    expect(close(layer.scaling, alpha / r), f"alpha={alpha}, r={r}: scaling should be {alpha / r}; found {layer.scaling!r}.")
-    with torch.no_grad():
-        layer.lora_B.weight.normal_(0, 0.05)  # a trained-looking B, so the adapter path counts
-    twin = bitsandbytes_lora(lin, r, alpha)
-    copy_adapters(layer, twin)
-    for dtype, tol in [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)]:
-        x = torch.randn(2, 9, D_IN, dtype=dtype)
+    def draw(rng):
+        d_in, d_out = _dims(rng)
+        r, alpha = (rng.choice([2, 4, 8, 16]), rng.choice([4, 8, 16, 32])) if rng.grading else (8, 16)
+        return {"W": rng.randn(d_out, d_in) / d_in ** 0.5, "x": rng.randn(2, 9, d_in), "r": r, "alpha": alpha,
+                "A": rng.randn(r, d_in) / d_in ** 0.5, "B": rng.randn(d_out, r) * 0.05, "dtypes": ["float32", "bfloat16"]}
+
+    def probe(inputs, cls):
+        _callable(cls, "QLoRALinear")
+        lin = _linear(inputs)
+        layer = cls(lin, inputs["r"], inputs["alpha"])
+        missing = [n for n in ("base_layer", "lora_A", "lora_B", "scaling") if not hasattr(layer, n)]
+        if missing:
+            raise CheckFailed(f"your QLoRALinear has no `{missing[0]}`.\nHint: subclass LoRALinear and call "
+                              "super().__init__(linear, r, alpha, dropout) first.")
+        out = {"missing": [], "copies": _full_size_float_tensors(layer.base_layer, lin.weight.numel() // 4),
+               "trainable": sorted(n for n, p in layer.named_parameters() if p.requires_grad),
+               "scaling": data_or_repr(layer.scaling), "outputs": []}
+        if tuple(layer.lora_A.weight.shape) == tuple(inputs["A"].shape) and \
+                tuple(layer.lora_B.weight.shape) == tuple(inputs["B"].shape):
+            with torch.no_grad():  # a trained-looking B, so the adapter path counts
+                layer.lora_A.weight.copy_(inputs["A"])
+                layer.lora_B.weight.copy_(inputs["B"])
+            with torch.no_grad():
+                out["outputs"] = [data_or_repr(layer(inputs["x"].to(_dtype(name)))) for name in inputs["dtypes"]]
+        try:
+            layer.merge()
+            out["merge"] = [None, ""]
+        except Exception as e:  # noqa: BLE001 - any clear error is fine
+            out["merge"] = [type(e).__name__, str(e)[:500]]
+        return out
+
+    def judge(inputs, a):
+        from lorakit.qlora import bitsandbytes_lora
+        r, alpha = inputs["r"], inputs["alpha"]
+        expect(not a["copies"], f"the base layer still holds a 16/32-bit weight: {a['copies']}.",
+               "after super().__init__, replace self.base_layer by NF4Linear(linear).")
+        expect(a["trainable"] == ["lora_A.weight", "lora_B.weight"],
+               f"only lora_A.weight and lora_B.weight should be trainable; found {a['trainable']}.")
+        expect(close(a["scaling"], alpha / r), f"alpha={alpha}, r={r}: scaling should be {alpha / r:g}; found {a['scaling']!r}.")
+        expect(len(a["outputs"]) == len(inputs["dtypes"]), f"lora_A and lora_B should have shapes ({r}, in) and (out, {r}).")
+        twin = bitsandbytes_lora(_linear(inputs), r, alpha)
         with torch.no_grad():
-            y, ref = layer(x), twin(x)
-        err = _diff(y, ref)
-        expect(err <= tol * max(1.0, ref.abs().max().item()),
-               f"input in {dtype}: your QLoRALinear differs from bitsandbytes Linear4bit + peft LoRA by up to {err:.3g}.",
-               "forward is base_layer(x) + lora_B(lora_A(dropout(x))) * scaling: LoRALinear's forward does it "
-               "once base_layer is your NF4Linear.")
-    try:
-        layer.merge()
-        raised = None
-    except NotImplementedError as e:
-        raised = e
-        expect(False, "merge() raises NotImplementedError: the exercise is not finished yet.")
-    except Exception as e:  # noqa: BLE001 - any clear error is fine
-        raised = e
-    expect(raised is not None, "merge() on a 4-bit layer should raise an error that explains why, not merge.",
-           "raise an exception whose message says that merging into 4 bits rounds the update away and "
-           "shows the supported way: merge into a 16-bit copy.")
-    msg = str(raised)
-    expect("16" in msg, f"merge()'s message should point to the supported way, a 16-bit copy; it says: {msg!r}.",
-           "mention merging into a 16-bit (bf16) copy of the weights.")
-    passed("QLoRALinear: 4-bit base, only the adapters train, outputs equal to bitsandbytes Linear4bit + peft, "
-           "and merge() explains itself")
+            twin.lora_A["default"].weight.copy_(inputs["A"])
+            twin.lora_B["default"].weight.copy_(inputs["B"])
+        for name, y, tol in zip(inputs["dtypes"], a["outputs"], (1e-5, 2e-2)):
+            with torch.no_grad():
+                ref = twin(inputs["x"].to(_dtype(name)))
+            ok, err = _close(y, ref, tol)
+            expect(ok, f"input in {name}: your QLoRALinear differs from bitsandbytes Linear4bit + peft LoRA by up to {err:.3g}.",
+                   "forward is base_layer(x) + lora_B(lora_A(dropout(x))) * scaling: LoRALinear's forward does it "
+                   "once base_layer is your NF4Linear.")
+        raised, msg = a["merge"]
+        expect(raised != "NotImplementedError", "merge() raises NotImplementedError: the exercise is not finished yet.")
+        expect(raised is not None, "merge() on a 4-bit layer should raise an error that explains why, not merge.",
+               "raise an exception whose message says that merging into 4 bits rounds the update away and "
+               "shows the supported way: merge into a 16-bit copy.")
+        expect("16" in msg, f"merge()'s message should point to the supported way, a 16-bit copy; it says: {msg!r}.",
+               "mention merging into a 16-bit (bf16) copy of the weights.")
+        return ("QLoRALinear: 4-bit base, only the adapters train, outputs equal to bitsandbytes Linear4bit + peft, "
+                "and merge() explains itself")
 
 
 # ------------------------------------------------------------------------------ ex04_quantize_and_inject
@@ -211,58 +298,107 @@ def tiny_llama(seed: int = 0, hidden: int = 128, intermediate: int = 256, layers
     return LlamaForCausalLM(cfg).eval()
 
 
-def quantize_and_inject(fn, qlora_cls) -> None:
-    """Targets replaced, everything else frozen, the right count returned, gradients reach only adapters."""
-    import copy
+def _llama_inputs(rng, visible_targets) -> dict:
+    if rng.grading:
+        sizes = {"hidden": 64 * rng.integer(1, 4), "intermediate": 64 * rng.integer(2, 6), "layers": rng.integer(1, 2)}
+        targets = sorted(rng.sample(["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+                                    rng.integer(1, 3)))
+        r, alpha = rng.choice([2, 4, 8]), rng.choice([4, 8, 16])
+    else:
+        sizes, targets, r, alpha = {"hidden": 128, "intermediate": 256, "layers": 2}, visible_targets, 4, 8
+    return {"seed": rng.new_seed(), "sizes": sizes, "targets": targets, "r": r, "alpha": alpha,
+            "ids": rng.randint(0, 256, (2, 12))}
 
+
+def _reference_model(inputs):
     from lorakit import qlora
+    model = tiny_llama(inputs["seed"], **inputs["sizes"])
+    n = qlora.quantize_and_inject(model, inputs["targets"], inputs["r"], inputs["alpha"])
+    return model, n
 
-    _callable(fn, "quantize_and_inject")
-    targets, r, alpha = ["q_proj", "v_proj"], 4, 8
-    base = tiny_llama()
-    model, reference = base, copy.deepcopy(base)
-    n = fn(model, targets, r, alpha)
-    n_ref = qlora.quantize_and_inject(reference, targets, r, alpha)
-    expect(n == n_ref, f"q_proj and v_proj of a 2-layer Llama (hidden 128) at r={r}: expected {n_ref:,} trainable "
-                       f"parameters to be returned; found {n!r}.", "return sum(p.numel() for p in model.parameters() if p.requires_grad).")
-    names = [name for name, _ in model.named_modules() if name.endswith(("q_proj", "v_proj"))]
-    wrong = [name for name in names if not isinstance(model.get_submodule(name), qlora_cls)]
-    expect(not wrong, f"these target layers were not replaced by your QLoRALinear: {wrong}.",
-           "setattr(parent, child_name, QLoRALinear(module, r, alpha)) for every matching name.")
-    others = [name for name, m in model.named_modules() if name.endswith(("k_proj", "o_proj", "up_proj"))
-              and not isinstance(m, nn.Linear)]
-    expect(not others, f"only q_proj and v_proj should change; these changed too: {others}.")
-    trainable = sorted({n.split(".")[-2] for n, p in model.named_parameters() if p.requires_grad})
-    expect(trainable == ["lora_A", "lora_B"], f"only lora_A and lora_B should be trainable; trainable: {trainable}.",
-           "freeze every parameter of the model first (requires_grad_(False)), then inject.")
-    ids = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        err = _diff(model(ids).logits, reference(ids).logits)
-    expect(err < 1e-4, f"at initialisation (B = 0) your model's logits should equal the reference QLoRA model's; "
-                       f"they differ by {err:.3g}.", "quantize with your QLoRALinear, default blocksize 64.")
-    model.train()
-    model(ids, labels=ids).loss.backward()
-    with_grad = sorted({n.split(".")[-2] for n, p in model.named_parameters() if p.grad is not None})
-    expect(with_grad == ["lora_A", "lora_B"], f"after backward, only adapters should have gradients; found {with_grad}.")
-    b_grads = [p.grad.abs().sum().item() for n, p in model.named_parameters() if n.endswith("lora_B.weight")]
-    expect(all(g > 0 for g in b_grads), "every lora_B should receive a non-zero gradient after backward.")
-    passed(f"quantize_and_inject: {len(names)} layers quantized to NF4 with adapters, {n:,} trainable "
-           f"parameters, gradients reach the adapters only")
+
+@judged
+class quantize_and_inject:
+    """Targets replaced, everything else frozen, the right count returned, gradients reach only adapters."""
+    answer = {"n": object, "not_replaced": [str], "others": [str], "trainable": [str], "logits": torch.Tensor,
+              "with_grad": [str], "b_grads": [float]}
+    reference = ("lorakit.qlora.quantize_and_inject", "lorakit.lora.replace_linears")
+
+    def draw(rng):
+        return _llama_inputs(rng, ["q_proj", "v_proj"])
+
+    def probe(inputs, fn, qlora_cls):
+        _callable(fn, "quantize_and_inject")
+        targets = inputs["targets"]
+        model = tiny_llama(inputs["seed"], **inputs["sizes"])
+        n = fn(model, targets, inputs["r"], inputs["alpha"])
+        names = [name for name, _ in model.named_modules() if name.rsplit(".", 1)[-1] in targets]
+        ids = inputs["ids"]
+        with torch.no_grad():
+            logits = _t(model(ids).logits)
+        model.train()
+        model(ids, labels=ids).loss.backward()
+        return {"n": data_or_repr(n),
+                "not_replaced": [name for name in names
+                                 if not (isinstance(qlora_cls, type) and isinstance(model.get_submodule(name), qlora_cls))],
+                "others": [name for name, m in model.named_modules() if name.rsplit(".", 1)[-1] not in targets
+                           and name.endswith("_proj") and not isinstance(m, nn.Linear)],
+                "trainable": sorted({n.split(".")[-2] for n, p in model.named_parameters() if p.requires_grad}),
+                "logits": logits,
+                "with_grad": sorted({n.split(".")[-2] for n, p in model.named_parameters() if p.grad is not None}),
+                "b_grads": [p.grad.abs().sum().item() for n, p in model.named_parameters()
+                            if n.endswith("lora_B.weight") and p.grad is not None]}
+
+    def judge(inputs, a):
+        targets, r = inputs["targets"], inputs["r"]
+        model, n_ref = _reference_model(inputs)
+        what = f"{' and '.join(targets)} of a {inputs['sizes']['layers']}-layer Llama (hidden {inputs['sizes']['hidden']}) at r={r}"
+        expect(a["n"] == n_ref, f"{what}: expected {n_ref:,} trainable parameters to be returned; found {a['n']!r}.",
+               "return sum(p.numel() for p in model.parameters() if p.requires_grad).")
+        expect(not a["not_replaced"], f"these target layers were not replaced by your QLoRALinear: {a['not_replaced']}.",
+               "setattr(parent, child_name, QLoRALinear(module, r, alpha)) for every matching name.")
+        expect(not a["others"], f"only {' and '.join(targets)} should change; these changed too: {a['others']}.")
+        expect(a["trainable"] == ["lora_A", "lora_B"], f"only lora_A and lora_B should be trainable; trainable: {a['trainable']}.",
+               "freeze every parameter of the model first (requires_grad_(False)), then inject.")
+        with torch.no_grad():
+            ref = model(inputs["ids"]).logits
+        err = _diff(a["logits"], ref)
+        expect(err < 1e-4, f"at initialisation (B = 0) your model's logits should equal the reference QLoRA model's; "
+                           f"they differ by {err:.3g}.", "quantize with your QLoRALinear, default blocksize 64.")
+        expect(a["with_grad"] == ["lora_A", "lora_B"], f"after backward, only adapters should have gradients; found {a['with_grad']}.")
+        n_layers = sum(1 for name, _ in model.named_modules() if name.endswith(".lora_B"))
+        expect(len(a["b_grads"]) == n_layers and all(g > 0 for g in a["b_grads"]),
+               "every lora_B should receive a non-zero gradient after backward.")
+        return (f"quantize_and_inject: {n_layers} layers quantized to NF4 with adapters, {a['n']:,} trainable "
+                f"parameters, gradients reach the adapters only")
 
 
 # ----------------------------------------------------------------------------------- ex04_stored_bits
 
-def stored_bits(fn, model) -> None:
-    from lorakit.nf4 import bits_per_param
-    from lorakit.qlora import stored_bits_per_param
+@judged
+class stored_bits:
+    """`stored_bits(model)`: bits stored per weight of the 4-bit layers, constants included."""
+    answer = {"bits": object}
+    reference = ("lorakit.qlora.stored_bits_per_param",)
 
-    _callable(fn, "stored_bits")
-    expected = stored_bits_per_param(model)
-    got = fn(model)
-    expect(close(got, expected, rel=1e-6),
-           f"expected {expected:.4f} bits per 4-bit weight (packed bytes + absmax codes + offset + second-level "
-           f"absmax, times 8, over the weights' count); found {got!r}.",
-           "for each NF4Linear: weight.numel() * weight.element_size() + quant_state.nbytes(); sum, times 8, "
-           "divided by the sum of in_features * out_features.")
-    limit = bits_per_param(64, double_quant=True)
-    passed(f"{got:.4f} bits per weight stored, {got / limit:.4f} x the 4.127-bit limit of NF4 + double quantization")
+    def draw(rng):
+        return _llama_inputs(rng, ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+
+    def probe(inputs, fn, quantize_and_inject):
+        _callable(fn, "stored_bits")
+        model = tiny_llama(inputs["seed"], **inputs["sizes"])
+        quantize_and_inject(model, inputs["targets"], inputs["r"], inputs["alpha"])
+        return {"bits": data_or_repr(fn(model))}
+
+    def judge(inputs, answer):
+        from lorakit.nf4 import bits_per_param
+        from lorakit.qlora import stored_bits_per_param
+        expected = stored_bits_per_param(_reference_model(inputs)[0])
+        got = answer["bits"]
+        expect(close(got, expected, rel=1e-6),
+               f"expected {expected:.4f} bits per 4-bit weight (packed bytes + absmax codes + offset + second-level "
+               f"absmax, times 8, over the weights' count); found {got!r}.",
+               "for each NF4Linear: weight.numel() * weight.element_size() + quant_state.nbytes(); sum, times 8, "
+               "divided by the sum of in_features * out_features.")
+        limit = bits_per_param(64, double_quant=True)
+        return f"{got:.4f} bits per weight stored, {got / limit:.4f} x the 4.127-bit limit of NF4 + double quantization"

@@ -12,6 +12,7 @@ LLAMA2_7B = 6_738_415_616
 class bytes_per_param:
     """The learner's dict `bytes_per_param`: bytes per parameter of fp32, fp16, bf16, int8 and nf4."""
     answer = {"is_dict": bool, "keys": [str], "values": dict}
+    reference = "lorakit.memory.BYTES"
 
     def draw(rng):
         return {"dtypes": list(BITS)}  # nothing to draw: the answer is five constants
@@ -43,6 +44,7 @@ class bytes_per_param:
 class weights_gb:
     """`weights_gb(n_params, dtype)`: the size of the weights in GB (1e9 bytes)."""
     answer = {"sizes": [object]}
+    reference = "lorakit.memory.BYTES"
 
     def draw(rng):
         cases = [[LLAMA2_7B, "bf16"]]  # the lesson's example comes first: its number is in the message

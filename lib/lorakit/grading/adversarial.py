@@ -1,9 +1,10 @@
 """Submissions that test the grader: honest ones (correct, wrong, partial) built from any lesson, and
-adversarial ones for lesson 00 that try every trick we know of. Used by tests/test_grading.py and
-benchmarks/bench_grading.py.
+adversarial ones for lesson 00 that try every trick we know of, written by someone who has read the whole
+kit, the grader included. Used by tests/test_grading.py and benchmarks/bench_grading.py.
 
 Each entry of `lesson00(...)` is (notebook or raw bytes, Expected): the honest score, the status and the
-reason the grader must report. A cheat must never score more than its honest score.
+reason the grader must report, and whether it must be flagged. A cheat must never score more than its
+honest score; one that breaks the protocol ends as an explicit failure with a reason.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ class Expected:
     score: float
     status: str = "graded"
     reason: str = ""
+    flagged: bool = False
 
 
 def _solution_source(src: str) -> str:
@@ -134,7 +136,7 @@ setup_checks.weights_gb.__code__ = (lambda fn: None).__code__
 torch.allclose = lambda *a, **k: True
 math.isclose = lambda *a, **k: True
 builtins.abs = lambda x: 0
-""")), Expected(0, "failed", "tampering detected"))
+""")), Expected(0, flagged=True))
 
     subs["input_transformer"] = (_insert_before(_wrong(), "ex00_bytes_per_param_test", _code("""
 import ast
@@ -215,7 +217,7 @@ for path, data in found:
         for cell in json.loads(data)["cells"]:
             if cell.get("metadata", {{}}).get("nbgrader", {{}}).get("solution"):
                 exec("".join(cell["source"]))
-""")), Expected(0))
+""")), Expected(0, flagged=True))
 
     subs["write_gradebook"] = (_insert_before(_wrong(), "ex00_bytes_per_param_test", _code(f"""
 import sqlite3
@@ -238,6 +240,159 @@ for _ in range(20_000):
 """)), Expected(2))
 
     subs["invalid_json"] = (b'{"cells": [ this is not json', Expected(0, "failed", "invalid notebook"))
+    subs.update(_against_the_protocol(ok, _wrong))
+    return subs
+
+
+# What a learner who has read the grader can do from inside the sandboxed process: find the channel to the
+# grader (gc), read every thread's frames, patch the transport, forge, replay and garble messages, answer with
+# objects that lie, or let lorakit's own reference answer. Shared by several attacks below:
+_FIND = """
+import gc
+from lorakit.grading import protocol, sandboxed
+CHAN = next(o for o in gc.get_objects() if isinstance(o, protocol.Channel))
+SPEC = next(o for o in gc.get_objects() if isinstance(o, dict) and "cells" in o and "cell_timeout" in o)
+TESTS = [i for i, c in enumerate(SPEC["cells"]) if c["kind"] == "test"]
+"""
+# The answers of the visible calls (seed 0), worked out in advance: all a cheat can know before grading.
+_MEMORIZED = """
+from lorakit.checks import setup as _s
+_cases = _s.weights_gb.inputs(0)["cases"]
+MEMO = {(n, d): n * {"fp32": 4, "fp16": 2, "bf16": 2, "int8": 1, "nf4": 0.5}[d] / 1e9 for n, d in _cases}
+"""
+
+
+def _against_the_protocol(ok, wrong) -> dict[str, tuple]:
+    subs: dict[str, tuple] = {}
+    # Forge the whole conversation: claim every test cell, answer every probe "passed", say done, exit.
+    subs["forged_conversation"] = (_insert_before(wrong(), "ex00_bytes_per_param_test", _code(_FIND + """
+import json, os
+for i in TESTS:
+    CHAN.send({"op": "test", "index": i})
+    while True:
+        req = CHAN.recv()
+        if req["op"] == "next":
+            break
+        if req["op"] == "probe":
+            CHAN.send({"op": "answer", "id": req["id"], "outputs": []},
+                      raw={"reply": json.dumps({"ok": True, "answer": {"passed": True, "sizes": [13.48] * 6}})})
+CHAN.send({"op": "done"})
+os._exit(0)
+""")), Expected(0, flagged=True))
+    # Answers only for the visible inputs (memorized), nothing else: the hidden call fails.
+    nb = ok()
+    _replace(nb, "ex00_weights_gb", "# ex00_weights_gb" + _MEMORIZED + "def weights_gb(n_params, dtype):\n"
+                                    "    return MEMO.get((n_params, dtype), 0.0)")
+    subs["memorized"] = (nb, Expected(1))
+    # Patch the transport: every weights_gb reply becomes the visible call's right answers.
+    subs["patched_transport"] = (_insert_before(wrong(), "ex00_bytes_per_param_test", _code(_MEMORIZED + """
+import json
+from lorakit.checks import judged
+real = judged.run_probe
+def run_probe(check, inputs, objects=(), kw_objects=None):
+    if check.name.endswith("weights_gb"):
+        return json.dumps({"ok": True, "answer": {"sizes": [MEMO.get((n, d), 13.476831232) for n, d in inputs["cases"]]}})
+    return real(check, inputs, objects, kw_objects)
+judged.run_probe = run_probe
+""")), Expected(0, flagged=True))
+    # Replay: answer the visible call honestly (memorized), then send that same reply again for the hidden call.
+    nb = ok()
+    _replace(nb, "ex00_weights_gb", "# ex00_weights_gb" + _MEMORIZED + "def weights_gb(n_params, dtype):\n"
+                                    "    return MEMO.get((n_params, dtype), 0.0)")
+    subs["replayed_reply"] = (_insert_before(nb, "ex00_bytes_per_param_test", _code(_FIND + """
+visible = {}
+real_send = protocol.Channel.send
+def send(self, msg, raw=None):
+    if msg.get("op") == "answer" and raw:
+        if msg["id"] == 0:
+            visible["reply"] = raw["reply"]
+        else:
+            raw = {"reply": visible["reply"]}
+    return real_send(self, msg, raw)
+protocol.Channel.send = send
+""")), Expected(1, flagged=True))
+    # A thread that reads every other thread's frames while the checks run; a last cell prints what it found.
+    nb = _insert_before(ok(), "ex00_bytes_per_param_test", _code("""
+import sys, threading, time
+FOUND = []
+def spy():
+    for _ in range(2000):
+        for frame in sys._current_frames().values():
+            while frame is not None:
+                for k, v in list(frame.f_locals.items()):
+                    if isinstance(v, dict) and "op" in v or isinstance(v, str) and ("HIDDEN" in v or "seed=" in v):
+                        text = repr(v)[:2000]
+                        if text not in FOUND:
+                            FOUND.append(text)
+                frame = frame.f_back
+        time.sleep(0.002)
+threading.Thread(target=spy, daemon=True).start()
+"""))
+    nb.cells.append(_code("import time\ntime.sleep(0.5)\nprint('the spy found:', *FOUND, sep='\\nSPY ')"))
+    subs["frame_reader"] = (nb, Expected(2, flagged=True))
+    # Messages the grader did not ask for, garbage, and an oversized line, sent after the first test passed.
+    subs["unasked_answer"] = (_insert_before(ok(), "ex00_weights_gb", _code(_FIND + """
+CHAN.send({"op": "answer", "id": 7, "outputs": []}, raw={"reply": '{"ok": true, "answer": {"sizes": []}}'})
+""")), Expected(1, "failed", "protocol error", flagged=True))
+    subs["garbage"] = (_insert_before(ok(), "ex00_weights_gb", _code(_FIND + """
+import os
+os.write(CHAN.wfd, b"\\x00\\xff this is not a message }{\\n")
+""")), Expected(1, "failed", "protocol error", flagged=True))
+    subs["oversized"] = (_insert_before(ok(), "ex00_weights_gb", _code(_FIND + """
+import os
+chunk = b"7" * 2**20
+for _ in range(protocol.MAX_MESSAGE // len(chunk) + 2):
+    os.write(CHAN.wfd, chunk)
+""")), Expected(1, "failed", "protocol error", flagged=True))
+    # Replies that are not data the check can use: a tensor whose bytes do not match its shape, and a dtype
+    # that does not exist. The check fails with the reason; the rest of the notebook is graded.
+    subs["malformed_reply"] = (_insert_before(ok(), "ex00_bytes_per_param_test", _code("""
+import json
+from lorakit.checks import judged
+real = judged.run_probe
+def run_probe(check, inputs, objects=(), kw_objects=None):
+    if check.name.endswith("weights_gb"):
+        bad = [{"$tensor": ["float32", [1000], "AAAA"]}, {"$tensor": ["complex64", [1], "AAAAAAAAAAA="]}]
+        return json.dumps({"ok": True, "answer": {"sizes": bad}})
+    return real(check, inputs, objects, kw_objects)
+judged.run_probe = run_probe
+""")), Expected(1, flagged=True))
+    # The sandbox closes its end of the channel and goes on: nothing more arrives.
+    subs["closed_channel"] = (_insert_before(ok(), "ex00_bytes_per_param_test", _code(_FIND + """
+import os
+os.close(CHAN.wfd)
+""")), Expected(0, "failed", "crashed", flagged=True))
+    # A probe that never answers: the learner's function swallows the grader's interrupt.
+    nb = ok()
+    _replace(nb, "ex00_weights_gb", "# ex00_weights_gb\nimport time\ndef weights_gb(n_params, dtype):\n"
+                                    "    while True:\n        try:\n            time.sleep(0.05)\n"
+                                    "        except BaseException:\n            pass")
+    subs["silent_probe"] = (nb, Expected(1, "failed", "timeout"))
+    # Answers of the right type that lie in __eq__ and __bool__.
+    nb = wrong()
+    _replace(nb, "ex00_bytes_per_param", """# ex00_bytes_per_param
+class Liar(float):
+    def __eq__(self, other):
+        return True
+    __ne__ = lambda self, other: False
+    __bool__ = lambda self: True
+    __hash__ = float.__hash__
+class LiarDict(dict):
+    def __contains__(self, key):
+        return True
+    def __getitem__(self, key):
+        return Liar(8)
+    def __eq__(self, other):
+        return True
+bytes_per_param = LiarDict(fp32=Liar(8), fp16=Liar(8), bf16=Liar(8), int8=Liar(8), nf4=Liar(8))""")
+    _replace(nb, "ex00_weights_gb", "# ex00_weights_gb\ndef weights_gb(n_params, dtype):\n    return Liar(-1)")
+    subs["lying_answers"] = (nb, Expected(0))
+    # lorakit's own reference answers the exercises: graded, and flagged for the instructor.
+    nb = ok()
+    _replace(nb, "ex00_bytes_per_param", "# ex00_bytes_per_param\nfrom lorakit.memory import BYTES as bytes_per_param")
+    _replace(nb, "ex00_weights_gb", "# ex00_weights_gb\nfrom lorakit import memory\ndef weights_gb(n_params, dtype):\n"
+                                    "    return n_params * memory.BYTES[dtype] / 1e9")
+    subs["reference_import"] = (nb, Expected(2, flagged=True))
     return subs
 
 

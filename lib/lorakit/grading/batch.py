@@ -11,9 +11,10 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 
 from .. import course
-from . import report, submission
-from .runner import Outcome, Session, TestResult
+from . import reference_use, report, submission
+from .judge import TestResult, not_run
 from .sandbox import Limits, Sandbox
+from .session import Outcome, Session
 
 SYSTEM_DIRS = {"/", "/usr", "/lib", "/lib64", "/bin", "/sbin", "/etc", "/proc", "/sys", "/dev", "/opt", "/var"}
 
@@ -48,6 +49,7 @@ def grade(lesson: str, submissions: list[str | Path], *, workers: int = 2, db: s
         key = submission.build_key(lesson, db_url, run_dir, root)
         subs = submission.shard(submission.collect(submissions, lesson, run_dir), shard)
         test_ids = [c.grade_id for c in key.tests]
+        hidden = frozenset(key.hidden_lines)
         hide = [root, root.parent, out] + [Path(p).resolve() if Path(p).is_dir() else Path(p).resolve().parent for p in submissions]
         hide = [p for p in hide if str(p) not in SYSTEM_DIRS and len(p.parts) > 1]
         box = Sandbox(limits or Limits(), enabled=sandbox, hide=hide, timeout=timeout)
@@ -60,8 +62,8 @@ def grade(lesson: str, submissions: list[str | Path], *, workers: int = 2, db: s
                 nb = submission.read_notebook(sub.path)
             except (ValueError, OSError) as e:
                 outcome = Outcome("failed", "invalid notebook", str(e))
-                outcome.tests = {c.grade_id: TestResult(c.grade_id, 0.0, c.points, False, "not run (invalid notebook)") for c in key.tests}
-                return report.Graded(sub.student, lesson, str(sub.path), outcome, key.max_score), None
+                outcome.tests = {c.grade_id: not_run(c.grade_id, c.points, "invalid notebook") for c in key.tests}
+                return report.Graded(sub.student, lesson, str(sub.path), outcome, key.max_score, hidden), None
             try:
                 m = submission.merge(nb, key, params)
                 merged = m.notebook
@@ -69,13 +71,14 @@ def grade(lesson: str, submissions: list[str | Path], *, workers: int = 2, db: s
                                   cell_timeout=cell_timeout, timeout=timeout)
                 outcome = session.run()
                 outcome.notes = m.notes
+                outcome.flags = reference_use.flags(nb, key)
             except Exception as e:  # noqa: BLE001 - the batch always completes
                 outcome = Outcome("failed", "grader error", f"{type(e).__name__}: {e}")
-                outcome.tests = {c.grade_id: TestResult(c.grade_id, 0.0, c.points, False, "not run (grader error)") for c in key.tests}
+                outcome.tests = {c.grade_id: not_run(c.grade_id, c.points, "grader error") for c in key.tests}
             finally:
                 if not keep_work:
                     shutil.rmtree(run_dir / "sub" / sub.student, ignore_errors=True)
-            return report.Graded(sub.student, lesson, str(sub.path), outcome, key.max_score), merged
+            return report.Graded(sub.student, lesson, str(sub.path), outcome, key.max_score, hidden), merged
 
         results: list[report.Graded] = []
         with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
@@ -87,6 +90,7 @@ def grade(lesson: str, submissions: list[str | Path], *, workers: int = 2, db: s
                 results.append(g)
                 o = g.outcome
                 why = "" if o.status == "graded" else f"  failed: {o.reason}" + (f" ({o.detail})" if o.detail else "")
+                why += f"  flagged: {len(o.flags)}" if o.flags else ""
                 echo(f"  {g.student:<24} {g.score:g}/{g.max_score:g}  {o.seconds:5.1f} s{why}")
         report.write_csv(results, out / "grades.csv", test_ids)
         echo(f"wrote {out / 'grades.csv'}, feedback/ and results/ in {out}")
@@ -137,7 +141,7 @@ def check(notebook: str | Path, *, lesson: str | None = None, timeout: float = 6
         echo(f"  note: {note}")
     for r in results:
         mark = "\u2705" if r.passed else "\u274c"
-        msg = "" if r.passed else "\n      " + r.message.replace("\n", "\n      ")
+        msg = "\n      " + r.message.replace("\n", "\n      ") if r.message else ""
         echo(f"  {mark} {r.grade_id:<32} {r.points:g}/{r.max_points:g}{msg}")
     if outcome.status != "graded":
         echo(f"  the notebook did not finish: {outcome.reason} ({outcome.detail})")

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
-
 
 def _grade(args) -> int:
     from .. import course
@@ -19,8 +17,10 @@ def _grade(args) -> int:
     print()
     print(table(results))
     failed = sum(g.status != "graded" for g in results)
-    print(f"\n{len(results) - failed} graded, {failed} failed (see the status and reason columns of grades.csv)")
-    return 0
+    flagged = sum(bool(g.outcome.flags) for g in results)
+    print(f"\n{len(results) - failed} graded, {failed} failed (see the status and reason columns of grades.csv)"
+          + (f", {flagged} flagged (the flags column)" if flagged else ""))
+    return 1 if failed else 0
 
 
 def _check(args) -> int:
@@ -32,7 +32,10 @@ def _check(args) -> int:
 def add_commands(sub) -> None:
     p = sub.add_parser("grade", help="autograde a class's submissions of a lesson (sandboxed, in parallel)",
                        description="Grade every submission (a folder of .ipynb files, notebooks, or an LMS zip) "
-                                   "into the nbgrader gradebook, grades.csv, feedback HTML and results.json.")
+                                   "into the nbgrader gradebook, grades.csv, feedback HTML and results.json. "
+                                   "Every submission is reported; the exit status is 0 when all were graded, "
+                                   "1 when any could not be graded (a timeout, a crash, an invalid notebook: "
+                                   "see the status and reason columns of grades.csv), 2 for a usage error.")
     p.add_argument("lesson", help="lesson name or number, e.g. 00_setup or 0")
     p.add_argument("submissions", nargs="+", help="folders of notebooks, notebooks, or .zip downloads")
     p.add_argument("--workers", type=int, default=2, help="submissions graded at once (default 2)")

@@ -5,19 +5,24 @@
   submissions are flagged so they show up in nbgrader's formgrader.
 - grades.csv has one row per submission with a `status` (graded / failed) and a `reason`, so a timeout is
   never mistaken for a real zero.
-- Feedback HTML shows the learner their notebook with outputs and a verdict under every test cell; hidden
-  tests are never in it (only the visible part of a test cell is rendered, and a hidden failure says only
-  that a hidden test failed).
+- Feedback HTML shows the learner their notebook with their own outputs and, under every test cell, each
+  check's name and the judge's message. Hidden tests are never in it: only the visible part of a test cell
+  is rendered, the sandbox never had the hidden part, and every text that came from the sandbox or a judge
+  is cleaned of any line of a hidden part before it is written (`redact`).
+- A flagged submission (reference_use.py) is graded as usual; the flags are listed in grades.csv, at the top
+  of the feedback and in results.json, and the notebook is flagged in the gradebook.
 - results.json follows Gradescope's autograder format.
 """
 
 from __future__ import annotations
 
 import csv
+import functools
 import html
 import json
 import os
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,8 +36,9 @@ class Graded:
     student: str
     lesson: str
     source: str              # the submitted file
-    outcome: object          # runner.Outcome
+    outcome: object          # session.Outcome
     max_score: float
+    hidden: frozenset = frozenset()   # lines of the key's hidden tests, removed from anything shown
 
     @property
     def score(self) -> float:
@@ -49,15 +55,29 @@ def _env_with_alembic() -> None:
         os.environ["PATH"] = os.pathsep.join([bin_dir, os.environ.get("PATH", "")])
 
 
+def gradebook(db_url: str):
+    """nbgrader's Gradebook at `db_url`, open. Two machines that create a new PostgreSQL gradebook's tables at
+    the same moment collide (a unique violation in the catalog); the loser waits and opens it again."""
+    from nbgrader.api import Gradebook
+    from sqlalchemy.exc import IntegrityError, ProgrammingError
+    _env_with_alembic()
+    for attempt in range(6):
+        try:
+            return Gradebook(db_url)
+        except (IntegrityError, ProgrammingError):
+            if attempt == 5:
+                raise
+            time.sleep(0.3 * (attempt + 1))
+
+
 def write_gradebook(db_url: str, g: Graded, test_ids: list[str]) -> None:
     """Record `g` in the gradebook: one auto_score per test cell, the notebook flagged when it failed."""
-    from nbgrader.api import Gradebook, InvalidEntry, MissingEntry
-    _env_with_alembic()
-    zero_all = g.outcome.reason in ("tampering detected", "invalid notebook", "grader error")
+    from nbgrader.api import InvalidEntry, MissingEntry
+    from sqlalchemy.exc import IntegrityError
     import warnings
-    for attempt in range(3):  # another machine may create the same student at the same moment
+    for attempt in range(5):  # another machine may create the same student at the same moment
         try:
-            with warnings.catch_warnings(), Gradebook(db_url) as gb:
+            with warnings.catch_warnings(), gradebook(db_url) as gb:
                 warnings.simplefilter("ignore")  # nbgrader's own SQLAlchemy autoflush warnings
                 gb.update_or_create_student(g.student)
                 try:
@@ -67,24 +87,22 @@ def write_gradebook(db_url: str, g: Graded, test_ids: list[str]) -> None:
                 for gid in test_ids:
                     grade = gb.find_grade(gid, g.lesson, g.lesson, g.student)
                     t = g.outcome.tests.get(gid)
-                    grade.auto_score = 0.0 if zero_all or t is None else float(t.points)
+                    grade.auto_score = 0.0 if t is None else float(t.points)
                     grade.manual_score = None
                 nb = gb.find_submission_notebook(g.lesson, g.lesson, g.student)
-                nb.flagged = g.status != "graded"
+                nb.flagged = g.status != "graded" or bool(g.outcome.flags)
                 gb.db.commit()
             return
-        except InvalidEntry:
-            if attempt == 2:
+        except (InvalidEntry, IntegrityError):  # the other machine won the race: read it back and go on
+            if attempt == 4:
                 raise
             time.sleep(0.2 * (attempt + 1))
 
 
 def read_gradebook(db_url: str, lesson: str) -> dict[str, float]:
     """student -> auto score of `lesson` (for tests and for checking a shared gradebook)."""
-    from nbgrader.api import Gradebook
-    _env_with_alembic()
     out = {}
-    with Gradebook(db_url) as gb:
+    with gradebook(db_url) as gb:
         for sub in gb.find_assignment(lesson).submissions:
             out[sub.student.id] = float(sub.score)
     return out
@@ -94,27 +112,53 @@ def write_csv(results: list[Graded], path: Path, test_ids: list[str]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["student", "lesson", "score", "max_score", "status", "reason", "detail", "seconds", *test_ids, "source"])
+        w.writerow(["student", "lesson", "score", "max_score", "status", "reason", "detail", "flags", "seconds",
+                    *test_ids, "source"])
         for g in sorted(results, key=lambda r: r.student):
             o = g.outcome
-            zero = o.reason in ("tampering detected", "invalid notebook", "grader error")
             w.writerow([g.student, g.lesson, f"{g.score:g}", f"{g.max_score:g}", o.status, o.reason, o.detail,
-                        f"{o.seconds:.1f}",
-                        *[("" if gid not in o.tests else f"{0 if zero else o.tests[gid].points:g}") for gid in test_ids],
+                        "; ".join(o.flags), f"{o.seconds:.1f}",
+                        *[("" if gid not in o.tests else f"{o.tests[gid].points:g}") for gid in test_ids],
                         g.source])
+
+
+def redact(text: str, hidden) -> str:
+    """`text` without any line of a hidden test (the learner's own code could have printed one it found)."""
+    for line in sorted(hidden, key=len, reverse=True):
+        if line in text:
+            text = text.replace(line, "[a line of a hidden test, removed]")
+    return text
+
+
+def _redacted_outputs(outputs: list[dict], hidden) -> list[dict]:
+    out = []
+    for o in outputs:
+        o = dict(o)
+        for k in ("text", "evalue"):
+            if isinstance(o.get(k), str):
+                o[k] = redact(o[k], hidden)
+        if isinstance(o.get("traceback"), list):
+            o["traceback"] = [redact(t, hidden) for t in o["traceback"]]
+        if isinstance(o.get("data"), dict):
+            o["data"] = {m: v if m == "image/png" else redact(v, hidden) for m, v in o["data"].items()}
+        out.append(o)
+    return out
+
+
+def summary(o) -> str:
+    return "graded" if o.status == "graded" else f"failed: {o.reason}" + (f" ({o.detail})" if o.detail else "")
 
 
 def results_json(g: Graded) -> dict:
     """Gradescope's autograder results format."""
     o = g.outcome
-    zero = o.reason in ("tampering detected", "invalid notebook", "grader error")
-    tests = [{"name": gid, "score": 0.0 if zero else t.points, "max_score": t.max_points,
-              "status": "passed" if t.passed and not zero else "failed", "output": t.message, "visibility": "visible"}
-             for gid, t in o.tests.items()]
-    summary = "graded" if o.status == "graded" else f"failed: {o.reason}" + (f" ({o.detail})" if o.detail else "")
+    tests = [{"name": gid, "score": t.points, "max_score": t.max_points, "status": "passed" if t.passed else "failed",
+              "output": redact(t.message, g.hidden), "visibility": "visible"} for gid, t in o.tests.items()]
+    lines = [summary(o), *o.notes, *(f"flagged: {f}" for f in o.flags)]
     return {"score": g.score, "max_score": g.max_score, "execution_time": round(o.seconds, 2),
-            "output": summary + ("\n" + "\n".join(o.notes) if o.notes else ""), "stdout_visibility": "hidden",
-            "tests": tests, "extra_data": {"status": o.status, "reason": o.reason, "student": g.student, "lesson": g.lesson}}
+            "output": redact("\n".join(lines), g.hidden), "stdout_visibility": "hidden", "tests": tests,
+            "extra_data": {"status": o.status, "reason": o.reason, "flags": o.flags, "student": g.student,
+                           "lesson": g.lesson}}
 
 
 def feedback_notebook(g: Graded, merged: nbformat.NotebookNode | None) -> nbformat.NotebookNode:
@@ -122,9 +166,11 @@ def feedback_notebook(g: Graded, merged: nbformat.NotebookNode | None) -> nbform
     o = g.outcome
     head = [f"# Feedback: {g.lesson}", "", f"**{g.student}** — score **{g.score:g} / {g.max_score:g}**"]
     if o.status != "graded":
-        head.append(f"\n**Grading failed: {o.reason}.** {html.escape(o.detail)}")
+        head.append(f"\n**Grading failed: {o.reason}.** {html.escape(redact(o.detail, g.hidden))}")
     for note in o.notes:
         head.append(f"\n- {html.escape(note)}")
+    for flag in o.flags:
+        head.append(f"\n- flagged for the instructor: {html.escape(flag)}")
     cells = [nbformat.v4.new_markdown_cell("\n".join(head))]
     for i, cell in enumerate(merged.cells if merged is not None else []):
         meta = cell.metadata.get("lorakit", {})
@@ -132,13 +178,14 @@ def feedback_notebook(g: Graded, merged: nbformat.NotebookNode | None) -> nbform
             cells.append(nbformat.v4.new_markdown_cell(cell.source))
             continue
         new = nbformat.v4.new_code_cell(cell.source)   # test cells hold only their visible part (submission.merge)
-        new.outputs = [nbformat.from_dict(x) for x in o.outputs.get(i, [])]
+        new.outputs = [nbformat.from_dict(x) for x in _redacted_outputs(o.outputs.get(i, []), g.hidden)]
         gid = meta.get("grade_id")
         if meta.get("kind") == "test" and gid in o.tests:
             t = o.tests[gid]
             mark = "\u2705" if t.passed else "\u274c"
-            new.outputs.append(nbformat.v4.new_output("stream", name="stdout",
-                                                      text=f"\n{mark} {gid}: {t.points:g} / {t.max_points:g} points — {t.message}\n"))
+            new.outputs.append(nbformat.v4.new_output(
+                "stream", name="stdout", text=f"\n{mark} {gid}: {t.points:g} / {t.max_points:g} points\n"
+                                              f"{redact(t.message, g.hidden)}\n"))
         cells.append(new)
     nb = nbformat.v4.new_notebook()
     nb.cells = cells
@@ -146,10 +193,20 @@ def feedback_notebook(g: Graded, merged: nbformat.NotebookNode | None) -> nbform
     return nb
 
 
-def feedback_html(nb: nbformat.NotebookNode) -> str:
+@functools.lru_cache(maxsize=1)
+def _html_exporter():
+    """One exporter for the batch: a new one compiles its Jinja templates again (about 0.15 s a notebook)."""
     from nbconvert import HTMLExporter
-    body, _ = HTMLExporter(template_name="classic").from_notebook_node(nb)
+    return HTMLExporter(template_name="classic")
+
+
+def feedback_html(nb: nbformat.NotebookNode) -> str:
+    with _EXPORTING:
+        body, _ = _html_exporter().from_notebook_node(nb)
     return body
+
+
+_EXPORTING = threading.Lock()
 
 
 def write_submission_reports(g: Graded, merged, out: Path) -> None:
@@ -161,7 +218,8 @@ def write_submission_reports(g: Graded, merged, out: Path) -> None:
     try:
         text = feedback_html(nb)
     except Exception as e:  # a report problem must not lose the grade
-        text = f"<html><body><pre>{html.escape(json.dumps(results_json(g), indent=1))}\n\n(HTML rendering failed: {html.escape(str(e))})</pre></body></html>"
+        text = (f"<html><body><pre>{html.escape(json.dumps(results_json(g), indent=1))}\n\n"
+                f"(HTML rendering failed: {html.escape(str(e))})</pre></body></html>")
     (out / "feedback" / f"{g.student}.html").write_text(text)
 
 

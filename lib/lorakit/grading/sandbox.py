@@ -16,7 +16,8 @@ namespaces (no kit beyond the kernel is needed):
 Not root, or no `unshare`: the same code runs with what is available (user namespaces, else rlimits only),
 and `Protections.describe()` says which protections are off. This module is also the sandbox's entry
 point: `python -m lorakit.grading.sandbox SPEC RFD WFD` sets the sandbox up (as PID 1 of the namespace),
-forks the runner with lowered privileges, reaps everything, and exits with the runner's status.
+forks the runner (sandboxed.py) with lowered privileges, reaps everything, and exits with the runner's
+status. What runs in here never decides a grade: verdicts are the grader's (judge.py), on data.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ import signal
 import subprocess
 import sys
 import threading
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from functools import lru_cache
 from pathlib import Path
 
@@ -306,8 +307,8 @@ def main(argv: list[str]) -> int:
         code = EXIT_INTERNAL
         try:
             _lower_privileges(box)
-            from . import runner
-            code = runner.execute(spec, rfd, wfd)
+            from . import sandboxed
+            code = sandboxed.execute(spec, rfd, wfd)
         except MemoryError:
             code = EXIT_MEMORY
         except BaseException:  # noqa: BLE001

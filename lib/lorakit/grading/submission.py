@@ -1,13 +1,16 @@
 """What is graded: the lesson's answer key (from nbgrader's gradebook) and the learners' notebooks.
 
 - `build_key()` registers the lesson in the gradebook with nbgrader's own `generate_assignment` and reads
-  the graded cells back from it: the test cells with their hidden tests, their points, and the release
+  the graded cells back from it: the test cells with their hidden part, their points, and the release
   order of every cell, so a deleted or edited test cell can be put back exactly as the instructor wrote it.
+  Each test cell is read as calls of judged checks (`lorakit.checks.judged.calls`, with the aliases bound
+  by the instructor's earlier cells); a test cell that is anything else makes the lesson ungradable, and
+  the error says which cell and line.
 - `collect()` finds submissions in a folder, a single notebook, or an LMS zip download, and names the
   student of each one.
-- `merge()` lays a submission over the key: test cells are replaced by the key's (visible part only: the
-  hidden tests travel to the grader one cell at a time, see runner.py), stripped nbgrader metadata is
-  restored from the cell's first comment line, and missing graded cells are put back in place.
+- `merge()` lays a submission over the key: test cells are replaced by the key's (visible part only; the
+  sandbox gets none of it, see session.py), stripped nbgrader metadata is restored from the cell's first
+  comment line, and missing graded cells are put back in place.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import time
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +26,7 @@ from pathlib import Path
 import nbformat
 
 from .. import course
+from ..checks import judged
 
 HIDDEN_BEGIN = "### BEGIN HIDDEN TESTS"
 HIDDEN_END = "### END HIDDEN TESTS"
@@ -36,6 +41,8 @@ class KeyCell:
     source: str          # the instructor's source, hidden tests included
     points: float = 0.0
     cell_type: str = "code"
+    calls: list = field(default_factory=list)   # test cells: their judged-check calls (judged.Call)
+    names: dict = field(default_factory=dict)   # test cells: alias -> lorakit.checks module their imports bind
 
     @property
     def visible(self) -> str:
@@ -55,8 +62,7 @@ class Key:
     lesson: str
     order: list                          # grade_id (or None) of every cell of the lesson, in order
     cells: dict[str, KeyCell]            # grade_id -> key cell
-    has_hidden: bool = True               # False for `lorakit check` (learners have no hidden tests)
-    extra_imports: list = field(default_factory=list)   # more cells whose imports are taken in advance
+    instructor: set = field(default_factory=set)   # sources of the lesson's code cells as released
 
     @property
     def tests(self) -> list[KeyCell]:
@@ -66,22 +72,41 @@ class Key:
     def max_score(self) -> float:
         return float(sum(c.points for c in self.tests))
 
-    def imports(self) -> list[str]:
-        """Modules the lesson's test cells import: the grader imports them before any student code runs."""
-        import ast
-        mods: set[str] = set()
-        for c in [*self.tests, *self.extra_imports]:
+    @property
+    def hidden_lines(self) -> set[str]:
+        """The lines of the test cells' hidden parts (never to be shown to a learner)."""
+        out = set()
+        for c in self.tests:
+            visible = {line.strip() for line in c.visible.split("\n")}
+            out |= {line.strip() for line in c.source.split("\n")
+                    if line.strip() and line.strip() not in visible and line.strip() not in (HIDDEN_BEGIN, HIDDEN_END)}
+        return out
+
+
+def read_calls(lesson: str, cells: list[tuple[str | None, str]], key_cells: dict) -> None:
+    """Fill in `calls` and `names` of every test cell in `key_cells`: `cells` are (grade_id, source) of the
+    lesson's code cells in order (the instructor's), whose imports of lorakit.checks carry over to later
+    cells. Raises CourseError naming the cell and line when a test cell is not judged checks only."""
+    known: dict[str, str] = {}
+    for gid, source in cells:
+        kc = key_cells.get(gid) if gid else None
+        if kc is not None and kc.kind == "test":
             try:
-                tree = ast.parse(c.source)
-            except SyntaxError:
-                continue
-            for node in ast.walk(tree):
-                if isinstance(node, ast.Import):
-                    mods.update(a.name for a in node.names)
-                elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
-                    mods.add(node.module)
-                    mods.update(f"{node.module}.{a.name}" for a in node.names)
-        return sorted(mods)
+                kc.calls = judged.calls(kc.source, known)
+                for c in kc.calls:
+                    judged.find(c.check)
+            except (ValueError, TypeError, LookupError, SyntaxError) as e:
+                raise course.CourseError(
+                    f"{lesson}: test cell {gid} cannot be graded: {e}. A test cell holds only imports from "
+                    "lorakit.checks and calls of judged checks (docs/authoring.md, 'Writing a check').") from None
+            if not kc.calls:
+                raise course.CourseError(f"{lesson}: test cell {gid} calls no judged check, so it could never fail")
+            kc.names = judged.aliases(kc.source)
+            source = kc.source
+        try:
+            known.update(judged.aliases(source))
+        except SyntaxError:
+            pass
 
 
 def visible_source(src: str) -> str:
@@ -138,9 +163,13 @@ def build_key(lesson: str, db_url: str, workdir: Path, root: Path | None = None)
                                   f"--CourseDirectory.db_url={db_url}",
                                   f"--CourseDirectory.release_directory={release}",
                                   "--log-level=WARN", root=root)
-        if res.returncode != 0:
+        for attempt in range(5):  # another machine grading a shard may be registering the lesson right now
+            key = _key_from_gradebook(lesson, db_url, solution)
+            if key is not None or res.returncode == 0:
+                break
+            time.sleep(1.0 + attempt)
+        if key is None and res.returncode != 0:
             raise course.CourseError(f"nbgrader generate_assignment failed for {lesson}:\n{res.stdout}{res.stderr}")
-        key = _key_from_gradebook(lesson, db_url, solution)
         if key is None:
             raise course.CourseError(f"the gradebook at {db_url} does not hold {lesson}'s cells after generate_assignment")
     if not key.tests:
@@ -150,12 +179,11 @@ def build_key(lesson: str, db_url: str, workdir: Path, root: Path | None = None)
 
 def _key_from_gradebook(lesson: str, db_url: str, solution) -> Key | None:
     """The key from the gradebook, or None when it lacks the lesson or its test cells differ from `solution`."""
-    from nbgrader.api import Gradebook, MissingEntry
+    from nbgrader.api import MissingEntry
     if db_url.startswith("sqlite:///") and not Path(db_url.removeprefix("sqlite:///")).is_file():
         return None
-    from .report import _env_with_alembic
-    _env_with_alembic()
-    with Gradebook(db_url) as gb:
+    from .report import gradebook
+    with gradebook(db_url) as gb:
         try:
             nb = gb.find_notebook(lesson, lesson)
         except MissingEntry:
@@ -176,7 +204,10 @@ def _key_from_gradebook(lesson: str, db_url: str, solution) -> Key | None:
             return None
         # solution cells come back stubbed (nbgrader saves them after clearing solutions): safe to restore
         cells[gid] = KeyCell(gid, kind, sources[gid], points.get(gid, 0.0), cell.cell_type)
-    return Key(lesson, order, cells)
+    code = [(cell_id(c), c.source) for c in solution.cells if c.cell_type == "code"]
+    read_calls(lesson, code, cells)
+    instructor = {src.strip() for gid, src in code if gid not in cells} | {c.source.strip() for c in cells.values()}
+    return Key(lesson, order, cells, instructor)
 
 
 def key_from_notebook(lesson: str, nb: nbformat.NotebookNode) -> Key:
@@ -188,7 +219,9 @@ def key_from_notebook(lesson: str, nb: nbformat.NotebookNode) -> Key:
         if kind and gid:
             cells[gid] = KeyCell(gid, kind, visible_source(cell.source),
                                  float(cell.metadata["nbgrader"].get("points", 0)), cell.cell_type)
-    return Key(lesson, [cell_id(c) for c in nb.cells], cells, has_hidden=False)
+    code = [(cell_id(c), c.source) for c in nb.cells if c.cell_type == "code"]
+    read_calls(lesson, code, cells)
+    return Key(lesson, [cell_id(c) for c in nb.cells], cells, {src.strip() for _, src in code})
 
 
 # ----------------------------------------------------------------------------------------- submissions
