@@ -51,6 +51,16 @@ def test_facts():
     assert full.total_bytes == 16 * 6_738_415_616 and round(full.gb) == 108
 
 
+def test_the_source_lessons_4bit_printout_decoded():
+    """Lesson 01: "all params: 3,752,071,168" is Mistral-7B counted packed (peft < 0.5) without adapters;
+    Llama-2-7B with the r=8 q/v adapters would have printed 3,504,607,232; 0.1118% mixes the two."""
+    assert memory.packed_parameter_count("mistral-7b") == 3_752_071_168
+    assert memory.packed_parameter_count("llama-2-7b", 8, ["q_proj", "v_proj"]) == 3_504_607_232
+    assert round(100 * memory.lora_parameters("llama-2-7b", 8, ["q_proj", "v_proj"]) / 3_752_071_168, 4) == 0.1118
+    assert memory.lora_parameters("mistral-7b", 8, ["q_proj", "v_proj"]) == 3_407_872  # v_proj is 4096 x 1024
+    assert memory.packed_parameter_count("llama-2-7b") + 4_194_304 == 3_504_607_232
+
+
 def test_config_accepts_names_dicts_and_configs():
     cfg = memory.config("Mistral-7B")
     assert cfg.model_type == "mistral" and memory.config(cfg) is cfg

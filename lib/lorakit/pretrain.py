@@ -13,7 +13,7 @@ Steps, each reproducible from the seed:
    the validation loss and sample generations into lib/lorakit/assets/tiny-stories-llama/.
 
 Every hidden and intermediate size is a multiple of 64: bitsandbytes' CPU 4-bit inference path fails on
-other shapes (FACTS.md, trap 2), and the course quantizes this model.
+other shapes (`bitsandbytes.functional._convert_weight_packed_for_cpu` asserts them), and the course quantizes this model.
 """
 
 from __future__ import annotations
