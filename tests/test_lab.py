@@ -24,7 +24,7 @@ def results_of(runs: dict, study: str = "s") -> pd.DataFrame:
                          "target_modules": "all-linear", "dropout": 0.0, "use_rslora": False, "params": "",
                          "seed": seed, "status": "ok" if ok else "failed", "error": "" if ok else "RuntimeError: x",
                          "exact_match": run[0] if ok else NAN, "answer_loss": run[1] if ok else NAN})
-    return sweep._frame(rows)
+    return sweep.results_table(rows)
 
 
 # ------------------------------------------------------------------------------------ the verdict rule

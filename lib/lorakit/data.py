@@ -294,8 +294,9 @@ def collate(batch: list[dict], pad_token_id: int) -> dict:
 
 @contextlib.contextmanager
 def _no_cpu_inference_repack(model):
-    """A bitsandbytes 0.50 trap (`Linear4bit.forward`, CPU branch): a 4-bit layer run in eval() under no_grad on a CPU repacks its
-    weight for an inference kernel, after which LoRA adapters silently stop getting gradients. While
+    """A bitsandbytes 0.50 trap (`Linear4bit.forward`, CPU branch): a 4-bit layer run in eval() under no_grad
+    on a CPU repacks its weight for an inference kernel, after which LoRA adapters silently stop getting
+    gradients. While
     evaluating we switch that repack off and put it back as it was afterwards.
     (`lorakit.models.disable_cpu_inference_repack` switches it off for good.)"""
     changed = []
@@ -354,9 +355,9 @@ def exact_match(model, tokenizer, dataset, max_new_tokens: int = 8, batch_size: 
 def answer_loss(model, tokenizer, dataset, batch_size: int = 32, max_length: int = 256,
                 progress: bool = True) -> float:
     """Mean cross-entropy (nats per token) of the expected answers of `dataset`, EOS included, given their
-    prompts: the training loss, measured on held-out examples. Unlike exact match it does not round: a
-    model that gives the right answer 40% of the time and one that almost does both score 0 on an
-    example, but their answer losses differ."""
+    prompts: the training loss, measured on held-out examples. Unlike exact match it does not round: an
+    answer that is almost right and one that is far off both score 0 in exact match, but not in answer
+    loss, so it separates models that exact match lumps together."""
     import torch
     from tqdm.auto import tqdm
 

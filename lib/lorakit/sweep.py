@@ -434,7 +434,7 @@ def run_sweep(grid="reduced", out_dir: str | os.PathLike | None = None, *, param
             os.environ.pop("HF_HUB_OFFLINE", None)
     rows = [{"study": study, **cfg.row(), "seed": seed, **results[(cfg, seed)]}
             for study, cfg in grid.entries for seed in grid.seeds]
-    table = _frame(rows)
+    table = results_table(rows)
     table.to_csv(out_dir / "results.csv", index=False)
     table.to_json(out_dir / "results.json", orient="records", indent=1)
     return table
@@ -459,7 +459,8 @@ def default_out(grid: Grid) -> Path:
     return root / "build" / "sweep" / grid.name
 
 
-def _frame(rows):
+def results_table(rows):
+    """Rows of measurements as a DataFrame with exactly the columns of `COLUMNS`, in order (missing ones empty)."""
     import pandas as pd
     table = pd.DataFrame(rows)
     for col in COLUMNS:
