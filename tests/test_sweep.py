@@ -274,3 +274,11 @@ def test_ship_refuses_incomplete_results(tiny_full_grid, tmp_path, capsys):
     assert cli.main(["sweep", "--full", "--ship", "--out", str(tmp_path / "out")]) == 1
     assert "not shipped: 2 runs failed" in capsys.readouterr().err
     assert not (tmp_path / "shipped.csv").exists()
+
+
+def test_experiment_parameters_can_vary_per_study_for_later_lessons():
+    """A study may vary any experiment parameter, e.g. peft's init_lora_weights (lesson 07 compares them)."""
+    g = sweep.load_grid(grid(init={"INIT_LORA_WEIGHTS": [True, "gaussian", "pissa"]}))
+    sweep.validate(g)
+    assert [c.notebook_parameters()["INIT_LORA_WEIGHTS"] for c in g.configs] == [True, "gaussian", "pissa"]
+    assert sweep.notebook_parameters()["INIT_LORA_WEIGHTS"] is True  # peft's default: what the committed grid ran
