@@ -7,11 +7,15 @@ weights hold) is loaded twice through `lorakit.models.load_base`: in bf16 (LoRA)
 quantization (QLoRA, prepared as lesson 05 prepares it). Both get the same adapters (r=16 on every linear layer
 of the blocks) and train on the same batch. Steps (forward, backward, AdamW step, bf16 autocast) alternate
 between the two, so a machine that slows down slows both; after warm-up steps each method is timed `--repeats`
-times. Printed per width: median and spread (max - min) of each method's step time, QLoRA's overhead
-(median / median - 1), and whether the two differ beyond the spread of the repeats (lorakit.lab.verdict).
+times. A step is timed in CPU seconds of this process with one torch thread (as each run of the lab's sweep
+trains), which other jobs on a shared machine disturb far less than wall-clock time; `--clock wall --threads 0`
+times wall-clock seconds with torch's default threads instead. Printed per width: median and spread (max - min)
+of each method's step time, QLoRA's overhead (median / median - 1), and whether the two differ beyond the spread
+of the repeats (lorakit.lab.verdict).
 
     python benchmarks/bench_step_time.py                   # prints the table
     python benchmarks/bench_step_time.py --ship            # and writes lib/lorakit/experiments/step_times.csv
+    python benchmarks/bench_step_time.py --clock wall --threads 0   # wall-clock seconds, torch's default threads
 
 There is no promise to meet: the overhead depends on kernels and shapes, and the point is to measure it.
 """
@@ -79,7 +83,8 @@ def trainer(path: str, method: str, rank: int, batch: dict):
     return step, n_params
 
 
-def measure(widths, repeats: int, warmup: int, rank: int, batch_size: int, seq_len: int) -> list[dict]:
+def measure(widths, repeats: int, warmup: int, rank: int, batch_size: int, seq_len: int, clock=time.process_time
+            ) -> list[dict]:
     rows = []
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(2, 2048, (batch_size, seq_len), generator=g)
@@ -93,10 +98,10 @@ def measure(widths, repeats: int, warmup: int, rank: int, batch_size: int, seq_l
                     step()
             for repeat in range(repeats):
                 for method, (step, n_params) in steps.items():
-                    t0 = time.perf_counter()
+                    t0 = clock()
                     step()
                     rows.append({"width": width, "params": n_params, "method": method, "repeat": repeat,
-                                 "step_seconds": time.perf_counter() - t0})
+                                 "step_seconds": clock() - t0})
             row = lab.step_time_table(_frame(rows)).iloc[-1]
             print(f"width {width}: LoRA {row['lora ms']:.1f} ms, QLoRA {row['qlora ms']:.1f} ms per step "
                   f"({row['qlora overhead']:+.0%})", flush=True)
@@ -117,7 +122,9 @@ def main(argv=None) -> int:
     p.add_argument("--rank", type=int, default=16)
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--seq-len", type=int, default=128)
-    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads (0: torch's default)")
+    p.add_argument("--clock", choices=["cpu", "wall"], default="cpu",
+                   help="cpu: CPU seconds of this process (robust on a shared machine); wall: wall-clock seconds")
     p.add_argument("--ship", action="store_true", help=f"write the measurements to {lab.STEP_TIMES}")
     args = p.parse_args(argv)
     widths = [int(w) for w in args.widths.split(",")]
@@ -130,8 +137,10 @@ def main(argv=None) -> int:
     transformers.utils.logging.disable_progress_bar()  # loading and saving bars would drown the table
     t0 = time.perf_counter()
     print(f"LoRA vs QLoRA step time: r={args.rank} on all linear layers, batch {args.batch_size} x {args.seq_len} "
-          f"tokens, {args.repeats} repeats after {args.warmup} warm-up steps, {torch.get_num_threads()} threads\n")
-    rows = measure(widths, args.repeats, args.warmup, args.rank, args.batch_size, args.seq_len)
+          f"tokens, {args.repeats} repeats after {args.warmup} warm-up steps, {torch.get_num_threads()} threads, "
+          f"{args.clock} clock\n")
+    clock = time.process_time if args.clock == "cpu" else time.perf_counter
+    rows = measure(widths, args.repeats, args.warmup, args.rank, args.batch_size, args.seq_len, clock)
     seconds = time.perf_counter() - t0
     print()
     print(lab.step_time_table(_frame(rows)).to_string(index=False, float_format=lambda x: f"{x:.3g}"))
@@ -142,7 +151,7 @@ def main(argv=None) -> int:
             "LoRA vs QLoRA step time, produced by:", f"    {command.strip()}",
             f"2-layer Llamas of each width, r={args.rank} on all linear layers, batch {args.batch_size} x "
             f"{args.seq_len} tokens, bf16 autocast, {args.repeats} repeats after {args.warmup} warm-up steps, "
-            f"{torch.get_num_threads()} torch threads, {seconds:.0f} s in all.",
+            f"{torch.get_num_threads()} torch threads, {args.clock} clock, {seconds:.0f} s in all.",
             f"Machine: {lab.machine()}."])
         print(f"wrote {path}")
     return 0
