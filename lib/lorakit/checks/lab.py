@@ -251,4 +251,5 @@ class qlora_overhead:
                    f"width {width}: expected {value:+.4f}, found {found!r}.",
                    "take the median of each method's step_seconds at that width (statistics.median) and return "
                    "median(qlora) / median(lora) - 1.")
-        return "qlora_overhead matches the reference: " + ", ".join(f"width {w}: {v:+.0%}" for w, v in want.items())
+        return (f"qlora_overhead matches the reference on a drawn benchmark table ({len(want)} widths, unpaired "
+                f"width left out)")
