@@ -369,15 +369,11 @@ def _execute(notebook: Path, output: Path, params: dict, timeout: int, cwd: Path
     """papermill, as `lorakit.course.execute` runs lessons, with the kernel's own log quieted: when the sweep
     runs inside a notebook (lesson 06), each run's kernel would otherwise print its start-up warnings there."""
     import papermill as pm
-    offline_before = os.environ.get("HF_HUB_OFFLINE")
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the course never downloads (run_sweep sets it for all runs)
-    try:
-        pm.execute_notebook(str(notebook), str(output), parameters=params, kernel_name="python3", cwd=str(cwd),
-                            progress_bar=False, execution_timeout=timeout,
-                            extra_arguments=["--IPKernelApp.log_level=CRITICAL"])
-    finally:
-        if offline_before is None:
-            os.environ.pop("HF_HUB_OFFLINE", None)
+    # The kernel inherits the caller's environment unchanged (offline in tests and CI; a hub MODEL_ID set
+    # with --set may download elsewhere): nothing here changes os.environ, which worker threads share.
+    pm.execute_notebook(str(notebook), str(output), parameters=params, kernel_name="python3", cwd=str(cwd),
+                        progress_bar=False, execution_timeout=timeout,
+                        extra_arguments=["--IPKernelApp.log_level=CRITICAL"])
 
 
 def _describe(exc: Exception, executed: Path) -> str:
@@ -410,8 +406,6 @@ def run_sweep(grid="reduced", out_dir: str | os.PathLike | None = None, *, param
     out_dir.mkdir(parents=True, exist_ok=True)
     runs = grid.runs
     results: dict[tuple, dict] = {}
-    offline_before = os.environ.get("HF_HUB_OFFLINE")
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # set once for all runs (threads share the environment)
     bar = tqdm(total=len(runs), desc=f"sweep {grid.name}", unit="run", disable=not progress)
     try:
         def one(run):
@@ -430,8 +424,6 @@ def run_sweep(grid="reduced", out_dir: str | os.PathLike | None = None, *, param
                     _report(bar, echo, run, row)
     finally:
         bar.close()
-        if offline_before is None:
-            os.environ.pop("HF_HUB_OFFLINE", None)
     rows = [{"study": study, **cfg.row(), "seed": seed, **results[(cfg, seed)]}
             for study, cfg in grid.entries for seed in grid.seeds]
     table = results_table(rows)
