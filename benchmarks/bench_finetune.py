@@ -4,7 +4,7 @@ match on the "who found X" task from <= 5% to >= 90% in <= 3 minutes of training
 unquantized model is run the same way beside it.
 
     python benchmarks/bench_finetune.py            # exits 1 when the promise is not met
-    python benchmarks/bench_finetune.py --steps 60 --task what_found
+    python benchmarks/bench_finetune.py --steps 300 --task where_found
 
 Prints one table: method, trainable parameters, exact match before and after, training seconds.
 """

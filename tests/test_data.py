@@ -60,10 +60,11 @@ def test_answers_are_in_the_story():
 
 
 def test_load_task_generates_other_sizes(tmp_path):
-    ds = load_task("what_found", sizes={"train": 12, "test": 5}, data_dir=tmp_path)
+    ds = load_task("where_found", sizes={"train": 12, "test": 5}, data_dir=tmp_path)
     assert {k: len(v) for k, v in ds.items()} == {"train": 12, "test": 5}
     assert (tmp_path / "train.jsonl").exists()
-    assert ds["test"][0]["output"].startswith(("a ", "an "))
+    place = ds["test"][0]["output"]
+    assert place.endswith(".") and place[:-1].lower() in ds["test"][0]["input"].lower()  # from the story
 
 
 def test_bad_task_names_say_what_exists():
@@ -138,3 +139,24 @@ def test_exact_match_counts_right_answers_only(tokenizer):
     score = exact_match(_Oracle(tokenizer, answers, wrong_every=4), tokenizer, ds, batch_size=7, progress=False)
     assert score == pytest.approx(0.75)
     assert tokenizer.padding_side == "right", "exact_match must restore the tokenizer's padding side"
+
+
+def test_answer_loss_is_the_training_loss_on_held_out_answers(tokenizer):
+    """answer_loss pools every answer token of every example; with one example it equals the model's own
+    loss on that example with the prompt masked, and batching and padding do not change it."""
+    from lorakit.data import answer_loss, collate, tokenize_with_masking
+    from lorakit.models import load_base
+
+    model, _ = load_base(device="cpu")
+    ds = load_task("where_found")["test"].select(range(5))
+    rows = [tokenize_with_masking(ex, tokenizer, padding=False) for ex in ds]
+    with torch.no_grad():
+        one = model(**collate(rows[:1], tokenizer.pad_token_id)).loss.item()
+        per_example = [(model(**collate([r], tokenizer.pad_token_id)).loss.item(),
+                        sum(label != -100 for label in r["labels"])) for r in rows]
+    assert answer_loss(model, tokenizer, ds.select(range(1)), progress=False) == pytest.approx(one, rel=1e-4)
+    pooled = sum(loss * n for loss, n in per_example) / sum(n for _, n in per_example)
+    assert answer_loss(model, tokenizer, ds, batch_size=2, progress=False) == pytest.approx(pooled, rel=1e-4)
+    model.train()  # the mode is put back
+    answer_loss(model, tokenizer, ds, progress=False)
+    assert model.training

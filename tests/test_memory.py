@@ -51,6 +51,16 @@ def test_facts():
     assert full.total_bytes == 16 * 6_738_415_616 and round(full.gb) == 108
 
 
+def test_the_source_lessons_4bit_printout_decoded():
+    """Lesson 01: "all params: 3,752,071,168" is Mistral-7B counted packed (peft < 0.5) without adapters;
+    Llama-2-7B with the r=8 q/v adapters would have printed 3,504,607,232; 0.1118% mixes the two."""
+    assert memory.packed_parameter_count("mistral-7b") == 3_752_071_168
+    assert memory.packed_parameter_count("llama-2-7b", 8, ["q_proj", "v_proj"]) == 3_504_607_232
+    assert round(100 * memory.lora_parameters("llama-2-7b", 8, ["q_proj", "v_proj"]) / 3_752_071_168, 4) == 0.1118
+    assert memory.lora_parameters("mistral-7b", 8, ["q_proj", "v_proj"]) == 3_407_872  # v_proj is 4096 x 1024
+    assert memory.packed_parameter_count("llama-2-7b") + 4_194_304 == 3_504_607_232
+
+
 def test_config_accepts_names_dicts_and_configs():
     cfg = memory.config("Mistral-7B")
     assert cfg.model_type == "mistral" and memory.config(cfg) is cfg
@@ -222,3 +232,38 @@ def test_memory_bars_draws_one_bar_per_estimate():
     ax = viz.memory_bars({m: memory.estimate(cfg, m) for m in memory.METHODS})
     assert [t.get_text() for t in ax.get_yticklabels()] == list(memory.METHODS)
     plt.close(ax.figure)
+
+
+@pytest.mark.parametrize("quantized", [False, True])
+def test_measure_training_step_counts_each_part_and_leaves_the_model_as_it_was(saved_tiny, quantized):
+    import transformers
+    from peft import LoraConfig, get_peft_model
+
+    kw = dict(quantization_config=transformers.BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.bfloat16), device_map="cpu") if quantized else {}
+    model = transformers.AutoModelForCausalLM.from_pretrained(saved_tiny, dtype=torch.bfloat16, **kw)
+    model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    model.eval()
+    ids = torch.randint(0, 256, (3, 20), generator=torch.Generator().manual_seed(0))
+    parts = memory.measure_training_step(model, {"input_ids": ids, "labels": ids}, autocast_dtype=torch.bfloat16)
+    assert list(parts) == list(memory.estimate(TINY, "qlora").parts)  # the estimate's parts, in its order
+    assert parts["adapters"] == parts["gradients"] == 4 * trainable  # peft keeps adapters in fp32
+    assert 8 * trainable <= parts["optimizer states"] <= 8 * trainable + 8 * 64  # AdamW's m and v (+ step counts)
+    assert parts["weights"] + parts["quantization constants"] + parts["adapters"] == memory.measure(model)
+    assert (parts["quantization constants"] > 0) == quantized
+    assert parts["activations"] >= 3 * 20 * 256 * 2  # at least the logits, kept for the loss's backward
+    assert not model.training and all(p.grad is None for p in model.parameters())
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters() if p.requires_grad)
+    frozen = memory.estimate(TINY, "qlora" if quantized else "lora", r=4, target_modules=["q_proj", "v_proj"])
+    assert parts["gradients"] == frozen.parts["gradients"] and parts["adapters"] == frozen.parts["adapters"]
+
+
+def test_measure_training_step_needs_something_to_train(saved_tiny):
+    from transformers import AutoModelForCausalLM
+    model = AutoModelForCausalLM.from_pretrained(saved_tiny, dtype=torch.bfloat16).requires_grad_(False)
+    ids = torch.zeros(1, 4, dtype=torch.long)
+    with pytest.raises(ValueError, match="no trainable parameters"):
+        memory.measure_training_step(model, {"input_ids": ids, "labels": ids})

@@ -37,7 +37,7 @@ def test_embedded_model_is_a_small_llama_in_hf_format(tiny):
     names = {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
     assert set(ALL_LINEAR) <= names
     cfg = model.config
-    # bitsandbytes' CPU 4-bit path needs these multiples of 64 (FACTS.md, trap 2)
+    # bitsandbytes' CPU 4-bit path needs these multiples of 64 (`_convert_weight_packed_for_cpu`)
     for size in (cfg.hidden_size, cfg.intermediate_size, cfg.head_dim * cfg.num_key_value_heads):
         assert size % 64 == 0
     assert model.generation_config.eos_token_id == tokenizer.eos_token_id

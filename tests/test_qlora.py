@@ -160,7 +160,7 @@ def test_only_adapters_train_and_get_gradients():
 
 
 def test_adapters_learn_after_an_evaluation_under_no_grad():
-    """FACTS.md trap 1: evaluating in eval() under no_grad must not stop the adapters from learning, for
+    """bitsandbytes' CPU repack (`Linear4bit.forward`): evaluating in eval() under no_grad must not stop the adapters from learning, for
     our layers and for the bitsandbytes twin (whose CPU repack bitsandbytes_lora switches off)."""
     for layer in _pair()[1:]:
         layer.eval()

@@ -1,17 +1,16 @@
-"""`lorakit sweep` and lorakit.sweep: grids, validation before any run, failures recorded mid-sweep, results
-files, the committed full-grid results, and the reference answers of lesson 06's exercises."""
+"""`lorakit sweep` and lorakit.sweep: grids and their seeds, validation before any run, failures recorded mid-sweep,
+the results table, and the command (dry run, bad grids, --ship)."""
 
+import functools
 import json
 import math
 import os
 import subprocess
 import sys
 
-import pandas as pd
 import pytest
 
-from lorakit import course, memory, models, sweep
-from lorakit.checks import CheckFailed
+from lorakit import cli, course, lab, memory, models, sweep
 from lorakit.checks import lab as check
 
 
@@ -21,10 +20,22 @@ def grid(**studies):
 
 # ----------------------------------------------------------------------------------------------- grids
 
-def test_studies_expand_and_shared_configurations_run_once():
+def test_studies_expand_and_shared_configurations_run_once_per_seed():
     g = sweep.load_grid(grid(rank={"r": [2, 8]}, methods={"method": ["lora", "qlora"]}))
     assert [s for s, _ in g.entries] == ["rank", "rank", "methods", "methods"]
     assert [c.name for c in g.configs] == ["lora_r2_a16_q+v", "lora_r8_a16_q+v", "qlora_r8_a16_q+v"]
+    assert g.seeds == (0,) and len(g.runs) == 3
+    g3 = sweep.load_grid({**grid(rank={"r": [2, 8]}), "seeds": [0, 1, 2]})
+    assert [(c.r, seed) for c, seed in g3.runs] == [(2, 0), (2, 1), (2, 2), (8, 0), (8, 1), (8, 2)]
+    assert g3.with_seeds([5]).runs == [(c, 5) for c in g3.configs]
+
+
+@pytest.mark.parametrize("seeds, words", [([], ["seeds=[]"]), ([0, 0], ["repeats a seed"]), ([-1], ["seeds=[-1]"]),
+                                          (["a"], ["whole numbers"]), ([True], ["seeds=[True]"])])
+def test_bad_seeds_are_rejected(seeds, words):
+    with pytest.raises(sweep.SweepError) as e:
+        sweep.load_grid({**grid(rank={"r": [2]}), "seeds": seeds})
+    assert all(w in str(e.value) for w in words), str(e.value)
 
 
 def test_products_lists_of_mappings_alpha_multiples_and_module_lists():
@@ -84,6 +95,8 @@ def test_unknown_module_and_unknown_parameter_are_rejected_against_the_model_and
         sweep.validate(sweep.load_grid(grid(a={"r": 2})), {"LORA_R": 4})
     with pytest.raises(sweep.SweepError, match="N_TRAINS"):
         sweep.validate(sweep.load_grid(grid(a={"N_TRAINS": 2})))
+    with pytest.raises(sweep.SweepError, match="seeds: \\[0, 1, 2\\]"):
+        sweep.validate(sweep.load_grid({**grid(a={"r": 2}), "parameters": {"SEED": 3}}))
 
 
 @pytest.mark.parametrize("name", ["reduced", "full"])
@@ -93,21 +106,24 @@ def test_shipped_grids_are_valid(name):
     assert {"rank", "lora_vs_qlora"} <= set(g.studies())
 
 
-def test_full_grid_covers_the_issue_and_its_equal_budget_pair_is_equal():
+def test_full_grid_covers_the_issue_with_three_seeds_and_its_equal_budget_pair_is_equal():
     g = sweep.load_grid("full")
+    assert len(g.seeds) >= 3 and g.parameters["N_EVAL"] >= 200 and g.parameters["TASK"] == lab.TASK
+    assert tuple(g.seeds) == lab.SEEDS
     studies = {s: [c for t, c in g.entries if t == s] for s in g.studies()}
-    assert sorted({c.r for c in studies["rank"]}) == [1, 2, 8, 64]
+    assert sorted({c.r for c in studies["rank"]}) == [1, 4, 16, 64]
     assert all(c.alpha == 2 * c.r for c in studies["rank_alpha_2r"])
     assert all(c.use_rslora for c in studies["rank_rslora"])
-    assert sorted(c.dropout for c in studies["dropout_small_data"]) == [0.0, 0.05, 0.1]
+    assert sorted(c.dropout for c in studies["dropout_small_data"]) == [0.0, 0.1]
     cfg = memory.config(models.resolve(models.TINY))
     a, b = studies["targets_equal_budget"]
     assert memory.lora_parameters(cfg, a.r, list(a.target_modules)) == memory.lora_parameters(cfg, b.r, b.target_modules)
     methods = [c.method for c in studies["lora_vs_qlora"]]
     assert methods.count("lora") == methods.count("qlora") >= 2
-    names = {c.name for c in g.configs}  # the runs lesson 06's prediction check reads
-    assert {check.LORA_R2, check.LORA_R8, check.QLORA_R8} <= names
-    assert {check.LORA_R2, check.LORA_R8, check.QLORA_R8} == {c.name for c in sweep.load_grid("reduced").configs}
+    reduced = sweep.load_grid("reduced")
+    assert {c.name for c in reduced.configs} == {check.LORA_R2, check.LORA_R8, check.QLORA_R8}
+    assert len(reduced.seeds) >= 2  # the live run shows a spread
+    assert {check.LORA_R8, check.QLORA_R8} <= {c.name for c in g.configs}
 
 
 # --------------------------------------------------------------------------------------------- running
@@ -122,6 +138,7 @@ USE_RSLORA = False
 TARGET_MODULES = ["q_proj", "v_proj"]
 MAX_STEPS = 10
 N_TRAIN = 0
+SEED = 0
 THREADS = 0
 RESULT_JSON = ""
 """
@@ -129,10 +146,13 @@ FAKE_BODY = """
 import json, pathlib
 if LORA_R == 3:
     raise RuntimeError("this configuration breaks on purpose")
+if LORA_R == 4 and SEED == 1:
+    raise RuntimeError("one seed of this configuration breaks")
 pathlib.Path(RESULT_JSON).write_text(json.dumps({
-    "exact_match": 1 - 1 / LORA_R, "trainable_params": 768 * LORA_R, "model_bytes": 1000 if METHOD == "qlora" else 3000,
-    "peak_memory_bytes": 10 * LORA_R, "step_seconds": 1.5 if METHOD == "qlora" else 1.0, "train_seconds": MAX_STEPS,
-    "final_loss": 0.1, "steps": MAX_STEPS, "device": "cpu", "threads": THREADS}))
+    "exact_match": 1 - 1 / LORA_R + SEED / 100, "answer_loss": 1 / LORA_R, "trainable_params": 768 * LORA_R,
+    "model_bytes": 1000 if METHOD == "qlora" else 3000, "training_bytes": 10 * LORA_R,
+    "step_seconds": 1.5 if METHOD == "qlora" else 1.0, "train_seconds": MAX_STEPS, "final_loss": 0.1,
+    "steps": MAX_STEPS, "device": "cpu", "threads": THREADS}))
 """
 
 
@@ -143,36 +163,50 @@ def fake_notebook(tmp_path_factory):
     return path
 
 
-def test_a_failing_configuration_is_recorded_and_the_sweep_goes_on(fake_notebook, tmp_path):
-    g = sweep.load_grid(grid(rank={"r": [3, 2]}, methods={"method": ["lora", "qlora"]}))
+def test_a_failing_run_is_recorded_and_the_sweep_goes_on(fake_notebook, tmp_path):
+    g = sweep.load_grid({**grid(rank={"r": [3, 2, 4]}, methods={"method": ["lora", "qlora"]}), "seeds": [0, 1]})
     table = sweep.run_sweep(g, tmp_path, notebook=fake_notebook, progress=False)
     assert list(table.columns) == list(sweep.COLUMNS)
-    assert list(table.status) == ["failed", "ok", "ok", "ok"]
+    assert list(zip(table.name, table.seed, table.status)) == [
+        ("lora_r3_a16_q+v", 0, "failed"), ("lora_r3_a16_q+v", 1, "failed"), ("lora_r2_a16_q+v", 0, "ok"),
+        ("lora_r2_a16_q+v", 1, "ok"), ("lora_r4_a16_q+v", 0, "ok"), ("lora_r4_a16_q+v", 1, "failed"),
+        ("lora_r8_a16_q+v", 0, "ok"), ("lora_r8_a16_q+v", 1, "ok"), ("qlora_r8_a16_q+v", 0, "ok"),
+        ("qlora_r8_a16_q+v", 1, "ok")]
     assert "RuntimeError: this configuration breaks on purpose" in table.error[0]
-    assert table.exact_match[1] == 0.5 and math.isnan(table.exact_match[0])
-    assert table.steps[1] == 2  # the grid's shared parameters reached the notebook
-    again = sweep.read_results(tmp_path / "results.csv")
+    assert "one seed of this configuration breaks" in table.error[5]
+    assert table.exact_match[2] == 0.5 and table.exact_match[3] == 0.51 and math.isnan(table.exact_match[0])
+    assert table.steps[2] == 2  # the grid's shared parameters reached the notebook
+    again = lab.read_results(tmp_path / "results.csv")
     assert list(again.name) == list(table.name) and list(again.status) == list(table.status)
     records = json.loads((tmp_path / "results.json").read_text())
-    assert [r["status"] for r in records] == ["failed", "ok", "ok", "ok"]
-    assert sweep.qlora_overhead(table) == pytest.approx(0.5)
+    assert [r["seed"] for r in records] == list(table.seed)
+    summary = lab.summarize(table).set_index("name")
+    assert summary.loc["lora_r4_a16_q+v", "n"] == 1 and summary.loc["lora_r4_a16_q+v", "failed"] == 1
+    assert summary.loc["lora_r2_a16_q+v", "exact_match"] == pytest.approx(0.505)
+    assert summary.loc["lora_r2_a16_q+v", "exact_match_spread"] == pytest.approx(0.01)
+    assert summary.loc["lora_r3_a16_q+v", "n"] == 0 and math.isnan(summary.loc["lora_r3_a16_q+v", "exact_match"])
 
 
 def test_workers_run_in_parallel_with_their_share_of_threads(fake_notebook, tmp_path):
     g = sweep.load_grid(grid(rank={"r": [1, 2]}))
-    table = sweep.run_sweep(g, tmp_path, notebook=fake_notebook, progress=False, workers=2)
-    assert list(table.status) == ["ok", "ok"]
+    table = sweep.run_sweep(g, tmp_path, notebook=fake_notebook, progress=False, workers=2, seeds=[0, 7])
+    assert list(table.status) == ["ok"] * 4 and list(table.seed) == [0, 7, 0, 7]
     assert set(table.threads) == {max(1, (os.cpu_count() or 1) // 2)}
 
 
 def test_the_real_experiment_notebook_runs_one_configuration(tmp_path):
     cfg = sweep.load_grid(grid(one={"r": 2})).configs[0]
-    row = sweep.run_config(cfg, tmp_path, {"MAX_STEPS": 2, "N_EVAL": 4, "DEVICE": "cpu", "THREADS": 1})
+    row = sweep.run_config(cfg, tmp_path, {"MAX_STEPS": 2, "N_EVAL": 4, "DEVICE": "cpu", "THREADS": 1}, seed=3)
     assert row["status"] == "ok", row["error"]
     assert row["trainable_params"] == memory.lora_parameters(memory.config(models.resolve(models.TINY)), 2,
                                                              ["q_proj", "v_proj"])
-    assert 0 <= row["exact_match"] <= 1 and row["step_seconds"] > 0 and row["peak_memory_bytes"] > 0
-    assert row["base_dtype"] == "bfloat16" and row["steps"] == 2
+    assert 0 <= row["exact_match"] <= 1 and row["answer_loss"] > 0 and row["step_seconds"] > 0
+    assert row["base_dtype"] == "bfloat16" and row["steps"] == 2 and (tmp_path / "runs" / f"{cfg.name}_seed3.json").exists()
+    parts = [row[c] for c in sweep.MEMORY_COLUMNS.values()]
+    assert all(p >= 0 for p in parts) and row["training_bytes"] == sum(parts)
+    assert row["adapter_bytes"] == 4 * row["trainable_params"] == row["gradient_bytes"]
+    assert row["activation_bytes"] > row["weight_bytes"] > 0 and row["estimated_training_bytes"] > 0
+    assert row["peak_rss_bytes"] > row["training_bytes"]  # the process holds far more than the tensors
 
 
 # --------------------------------------------------------------------------------------------- the CLI
@@ -195,77 +229,56 @@ def test_cli_rejects_a_bad_grid_before_any_run(tmp_path):
     assert res.returncode == 2 and "MAX_STEPZ" in res.stderr
 
 
-def test_cli_dry_run_lists_the_full_grid():
+def test_cli_dry_run_lists_the_full_grid_and_its_seeds():
     res = lorakit("sweep", "--full", "--dry-run")
     assert res.returncode == 0, res.stderr
-    assert "configurations in 6 studies" in res.stdout
-    assert "qlora_r8_a16_q+v" in res.stdout and "lora_r19_a38_q+v" in res.stdout
+    assert "16 configurations in 6 studies, seeds [0, 1, 2]: 48 runs" in res.stdout
+    assert "qlora_r8_a16_all-linear" in res.stdout and "lora_r76_a152_q+v" in res.stdout
+    res = lorakit("sweep", "--reduced", "--seeds", "3,4,5", "--dry-run")
+    assert res.returncode == 0 and "seeds [3, 4, 5]: 9 runs" in res.stdout
+    res = lorakit("sweep", "--reduced", "--seeds", "a,b", "--dry-run")
+    assert res.returncode == 2 and "--seeds" in res.stderr
+    res = lorakit("sweep", "--reduced", "--ship", "--dry-run")
+    assert res.returncode == 2 and "--ship" in res.stderr and "--full" in res.stderr
 
 
-# ------------------------------------------------------------------------------ the committed results
-
-def test_committed_results_are_the_full_grid_and_say_how_they_were_made():
-    table = sweep.committed_results()
-    g = sweep.load_grid("full")
-    assert list(zip(table.study, table.name)) == [(s, c.name) for s, c in g.entries], \
-        "results_full.csv no longer matches grid_full.yml: re-run `lorakit sweep --full` and commit its results"
-    assert (table.status == "ok").all(), table[table.status != "ok"][["name", "error"]]
-    assert any("lorakit sweep --full" in line for line in sweep.provenance())
-    assert table.trainable_params.gt(0).all() and table.exact_match.between(0, 1).all()
-    # the same configuration trains the same number of parameters on a 16-bit and a 4-bit base
-    pairs = table[table.study == "lora_vs_qlora"].groupby(["r", "target_modules"]).trainable_params.nunique()
-    assert (pairs == 1).all()
+@pytest.fixture()
+def tiny_full_grid(tmp_path, monkeypatch, fake_notebook):
+    """`--full` pointed at a two-configuration grid run by the fake notebook, shipping into tmp_path."""
+    path = tmp_path / "grid.yml"
+    path.write_text("name: full\nparameters: {MAX_STEPS: 3}\nseeds: [0, 1]\nstudies:\n  rank: {r: [2, 8]}\n")
+    monkeypatch.setitem(sweep.GRIDS, "full", path)
+    monkeypatch.setattr(sweep, "run_sweep", functools.partial(sweep.run_sweep, notebook=fake_notebook))
+    monkeypatch.setattr(sweep, "validate", lambda grid, parameters=None, notebook=None: None)
+    monkeypatch.setattr(lab, "COMMITTED_RESULTS", tmp_path / "shipped.csv")
+    return path
 
 
-# ------------------------------------------------------------------- reference answers and the checks
-
-def table_of(rows):
-    base = {"study": "s", "status": "ok", "alpha": 16, "target_modules": "q_proj+v_proj", "dropout": 0.0,
-            "use_rslora": False, "params": "", "trainable_params": 100}
-    return pd.DataFrame([{**base, **r} for r in rows])
-
-
-def test_best_under_budget_and_qlora_overhead():
-    t = table_of([
-        {"name": "a", "method": "lora", "r": 8, "exact_match": 0.9, "peak_memory_bytes": 300, "step_seconds": 1.0},
-        {"name": "b", "method": "qlora", "r": 8, "exact_match": 0.8, "peak_memory_bytes": 100, "step_seconds": 1.4},
-        {"name": "c", "method": "lora", "r": 2, "exact_match": 0.8, "peak_memory_bytes": 90, "step_seconds": 0.9},
-        {"name": "d", "method": "qlora", "r": 2, "exact_match": 0.95, "peak_memory_bytes": 50, "step_seconds": 1.8,
-         "status": "failed"},
-    ])
-    assert sweep.best_under_budget(t, 1000)["name"] == "a"
-    assert sweep.best_under_budget(t, 200)["name"] == "c"  # tie at 0.8: less memory wins
-    assert sweep.best_under_budget(t, 10) is None
-    assert sweep.qlora_overhead(t) == pytest.approx(0.4)  # d failed, so only the r=8 pair counts
-    with pytest.raises(ValueError, match="no QLoRA run"):
-        sweep.qlora_overhead(t[t.r == 2])
+def test_ship_writes_the_results_with_their_provenance(tiny_full_grid, tmp_path, capsys):
+    assert cli.main(["sweep", "--full", "--ship", "--out", str(tmp_path / "out")]) == 0
+    shipped = tmp_path / "shipped.csv"
+    assert "shipped:" in capsys.readouterr().out and shipped.exists()
+    header = lab.provenance(shipped)
+    assert header[1] == f"lorakit sweep --full --ship --out {tmp_path / 'out'}"
+    assert header[2].startswith("4 runs (2 configurations x seeds [0, 1]) in ") and header[2].endswith(" s, 0 failed.")
+    assert header[3].startswith("Machine: ") and "torch " in header[3] and "peft " in header[3]
+    table = lab.read_results(shipped)
+    assert list(table.columns) == list(sweep.COLUMNS)
+    assert list(zip(table.name, table.seed)) == [("lora_r2_a16_q+v", 0), ("lora_r2_a16_q+v", 1),
+                                                ("lora_r8_a16_q+v", 0), ("lora_r8_a16_q+v", 1)]
+    assert table.equals(lab.read_results(tmp_path / "out" / "results.csv"))
 
 
-def test_lab_checks_pass_the_reference_and_fail_wrong_answers():
-    results = sweep.committed_results()
-    check.best_under_budget(sweep.best_under_budget, results)
-    check.qlora_overhead(sweep.qlora_overhead, results)
-
-    def stub(*args, **kw):
-        raise NotImplementedError()
-
-    for fn, name in ((check.best_under_budget, "best"), (check.qlora_overhead, "overhead")):
-        with pytest.raises(CheckFailed):
-            fn(stub, results)
-    with pytest.raises(CheckFailed):  # ignores the budget
-        check.best_under_budget(lambda t, b, memory="peak_memory_bytes": t.sort_values("exact_match").iloc[-1], results)
-    with pytest.raises(CheckFailed):  # mean of all QLoRA over all LoRA, no pairing
-        check.qlora_overhead(lambda t, column="step_seconds": t[t.method == "qlora"][column].mean()
-                             / t[t.method == "lora"][column].mean() - 1, results)
+def test_ship_refuses_incomplete_results(tiny_full_grid, tmp_path, capsys):
+    tiny_full_grid.write_text("name: full\nseeds: [0, 1]\nstudies:\n  rank: {r: [2, 3]}\n")  # r=3 fails
+    assert cli.main(["sweep", "--full", "--ship", "--out", str(tmp_path / "out")]) == 1
+    assert "not shipped: 2 runs failed" in capsys.readouterr().err
+    assert not (tmp_path / "shipped.csv").exists()
 
 
-def test_prediction_check():
-    results = sweep.committed_results()
-    good = check.expected_prediction(results)
-    check.prediction(dict(good), results)
-    for key, wrong in (("trainable_r8_over_r2", 2), ("qlora_over_lora_trainable", 0.5),
-                       ("qlora_holds_fewer_bytes", not good["qlora_holds_fewer_bytes"])):
-        with pytest.raises(CheckFailed, match=key):
-            check.prediction({**good, key: wrong}, results)
-    with pytest.raises(CheckFailed, match="missing"):
-        check.prediction({}, results)
+def test_experiment_parameters_can_vary_per_study_for_later_lessons():
+    """A study may vary any experiment parameter, e.g. peft's init_lora_weights (lesson 07 compares them)."""
+    g = sweep.load_grid(grid(init={"INIT_LORA_WEIGHTS": [True, "gaussian", "pissa"]}))
+    sweep.validate(g)
+    assert [c.notebook_parameters()["INIT_LORA_WEIGHTS"] for c in g.configs] == [True, "gaussian", "pissa"]
+    assert sweep.notebook_parameters()["INIT_LORA_WEIGHTS"] is True  # peft's default: what the committed grid ran

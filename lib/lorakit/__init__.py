@@ -9,6 +9,7 @@ __version__ = "0.1.0"
 import logging as _logging
 
 # bitsandbytes logs "Failed to load CPU gemm_4bit_forward from kernels-community" when it is imported, by
-# us or by peft/transformers. It is harmless (the kernel would come from a hub; FACTS.md) and alarming to
-# a learner, so lorakit silences that logger once, before anything imports bitsandbytes.
+# us or by peft/transformers. It is harmless (the kernel would come from a hub, which the course never
+# reaches) and alarming to a learner, so lorakit silences that logger once, before anything imports
+# bitsandbytes.
 _logging.getLogger("bitsandbytes").setLevel(_logging.ERROR)

@@ -1,9 +1,11 @@
-"""The `lorakit` command: a thin layer over lorakit.course, lorakit.grading and lorakit.env."""
+"""The `lorakit` command: a thin layer over lorakit.course, lorakit.grading, lorakit.sweep, lorakit.lab and
+lorakit.env."""
 
 from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 
 # Commands that need more than the learner's install: nbgrader generates the student versions and grades.
@@ -31,6 +33,86 @@ def _env(args) -> int:
     return 1 if any(l.status == "missing" for l in lines) else 0
 
 
+def _sweep(args) -> int:
+    import time
+
+    from . import lab, sweep
+    if args.workers < 1:
+        raise sweep.SweepError(f"--workers {args.workers}: at least 1")
+    if args.ship and not args.full:
+        raise sweep.SweepError("--ship writes the kit's committed full-grid results: use it with --full")
+    grid = sweep.load_grid(args.grid or ("full" if args.full else "reduced"))
+    if args.seeds:
+        try:
+            seeds = [int(s) for s in args.seeds.split(",")]
+        except ValueError:
+            raise sweep.SweepError(f"--seeds {args.seeds!r}: give whole numbers separated by commas, e.g. 0,1,2") from None
+        grid = grid.with_seeds(seeds)
+    overrides = _parse_overrides(args.overrides)
+    sweep.validate(grid, overrides)
+    configs = grid.configs
+    print(f"grid {grid.name} ({grid.source}): {len(configs)} configurations in {len(grid.studies())} studies, "
+          f"seeds {list(grid.seeds)}: {len(grid.runs)} runs")
+    if args.dry_run:
+        for cfg in configs:
+            studies = [s for s, c in grid.entries if c == cfg]
+            print(f"  {cfg.name:<40} {', '.join(studies)}")
+        return 0
+    out = Path(args.out) if args.out else sweep.default_out(grid)
+    t0 = time.perf_counter()
+    from tqdm.auto import tqdm
+    table = sweep.run_sweep(grid, out, parameters=overrides, workers=args.workers, timeout=args.timeout,
+                            echo=tqdm.write)
+    seconds = time.perf_counter() - t0
+    failed = table[table.status != "ok"].drop_duplicates(["name", "seed"])
+    print(f"\n{len(grid.runs)} runs in {seconds:.0f} s, {len(failed)} failed; results: {out / 'results.csv'}")
+    if args.ship:
+        if len(failed):
+            print(f"not shipped: {len(failed)} runs failed, and the committed results must be complete",
+                  file=sys.stderr)
+            return 1
+        path = lab.ship(table, args.command_line, seconds, grid_source=f"lib/lorakit/experiments/{Path(grid.source).name}")
+        print(f"shipped: {path}")
+    return 1 if len(failed) else 0
+
+
+def _parse_overrides(items: list[str]) -> dict:
+    import yaml
+
+    from .sweep import SweepError
+    out = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        if not sep or not name:
+            raise SweepError(f"--set {item!r}: expected NAME=VALUE, e.g. --set DEVICE=cuda")
+        out[name.strip()] = yaml.safe_load(value)
+    return out
+
+
+def _add_sweep(sub) -> None:
+    p = sub.add_parser(
+        "sweep", help="run a LoRA/QLoRA hyperparameter grid headless with papermill and write the results table",
+        description="Run the experiment notebook once per configuration and seed of a grid (default: the reduced "
+                    "grid CI uses) and write results.csv / results.json. Bad grids are rejected before any run.")
+    which = p.add_mutually_exclusive_group()
+    which.add_argument("--grid", help="a YAML grid file (see lib/lorakit/experiments/grid_full.yml)")
+    which.add_argument("--reduced", action="store_true", help="the reduced grid CI runs (the default)")
+    which.add_argument("--full", action="store_true", help="the full grid of lesson 06 (long on a CPU)")
+    p.add_argument("--out", help="folder for results and executed runs (default build/sweep/<grid name>)")
+    p.add_argument("--workers", type=int, default=1, help="runs at once, each with its share of the CPU threads "
+                                                          "(default 1)")
+    p.add_argument("--seeds", help="seeds to run every configuration with, e.g. 0,1,2 (default: the grid's)")
+    p.add_argument("--set", action="append", default=[], metavar="NAME=VALUE", dest="overrides",
+                   help="override an experiment parameter for every run, e.g. --set DEVICE=cuda "
+                        "--set MODEL_ID=HuggingFaceTB/SmolLM2-135M (repeatable)")
+    p.add_argument("--timeout", type=int, default=3600, help="seconds one run may take")
+    p.add_argument("--dry-run", action="store_true", help="validate and list the configurations, run nothing")
+    p.add_argument("--ship", action="store_true",
+                   help="with --full: write the results into the kit (lib/lorakit/experiments/results_full.csv) "
+                        "with a provenance header, when every run succeeded")
+    p.set_defaults(func=_sweep)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="lorakit", description="LoRA and QLoRA, built by hand: the course kit.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -50,12 +132,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--student", action="store_true", help="run the student versions from lessons/ instead, past errors")
     p.set_defaults(func=_run)
 
-    from . import sweep
     from .grading import cli as grading_cli
     grading_cli.add_commands(sub)  # `grade` and `check`
-    sweep.add_command(sub)         # `sweep`
+    _add_sweep(sub)                # `sweep`
 
     args = parser.parse_args(argv)
+    args.command_line = "lorakit " + " ".join(sys.argv[1:] if argv is None else argv)
     from .course import CourseError
     from .install import InstallError, require_extra
     try:

@@ -10,12 +10,17 @@ The same world feeds two places:
   model knows the material and the skill before it has ever seen our prompt template;
 - the instruction datasets (`load_task`): a fresh story with one find among two to four children, a
   question in the Alpaca-style template, and a short answer. The base model does not answer in this
-  format (0% exact match); a LoRA adapter learns `who_found` to about 100% in under a minute of CPU
-  training. (`what_found`, which copies the thing, stays near 0% on the embedded model.)
+  format (0% exact match). Two tasks, one easy and one hard for the embedded model:
+  - `who_found` ("Who found the red ball?" -> "Mia"): pick the finder among the children. A LoRA adapter
+    learns it to about 100% in under a minute of CPU training (lessons 02-05);
+  - `where_found` ("Where did Mia find the red ball?" -> "Under a tree."): copy the place, two to four
+    words, from the story, where other places (the trip: "went to the park") are distractors. Rank and
+    target modules decide how far an adapter gets in a few minutes (lesson 06's lab).
 
-What made that fine-tuning work (FACTS.md): the answer starts with a space right after the response
-marker, so it tokenizes exactly like the pretraining text, and the loss is computed on the answer only
-(`tokenize_with_masking` sets every prompt and padding label to -100).
+What makes that fine-tuning work (measured while building the kit; lesson 05 explains it): the answer
+starts with a space right after the response marker, so it tokenizes exactly like the pretraining text,
+and the loss is computed on the answer only (`tokenize_with_masking` sets every prompt and padding label
+to -100).
 
 `python -m lorakit.data` rewrites the JSON Lines files shipped under lib/lorakit/data/ from the
 generator; a test checks that the shipped files are what the generator writes.
@@ -126,7 +131,7 @@ def story_corpus(n_stories: int, seed: int = 0, recap: float = 0.35):
 
 TASKS = {
     "who_found": "Read the story, then answer the question with a name.",
-    "what_found": "Read the story, then say what the child found.",  # too hard for the embedded model
+    "where_found": "Read the story, then say where the child found it.",
 }
 SPLITS = {"train": 2000, "validation": 200, "test": 200}
 # Each split comes from its own seed (and a seed far from the pretraining corpus' seed 0).
@@ -145,8 +150,8 @@ def make_example(rng: random.Random, task: str) -> dict:
     f = finds[0]
     if task == "who_found":
         question, answer = f"Who found the {f['thing']}?", f["who"]
-    elif task == "what_found":
-        question, answer = f"What did {f['who']} find?", f["what"]
+    elif task == "where_found":  # answered as the pretraining stories' recaps answer it: "Under a tree."
+        question, answer = f"Where did {f['who']} find the {f['thing']}?", f["where"].capitalize() + "."
     else:
         raise ValueError(f"unknown task {task!r}: choose one of {sorted(TASKS)}")
     return {"instruction": TASKS[task], "input": f"{story}\nQuestion: {question}", "output": answer}
@@ -289,8 +294,9 @@ def collate(batch: list[dict], pad_token_id: int) -> dict:
 
 @contextlib.contextmanager
 def _no_cpu_inference_repack(model):
-    """bitsandbytes trap 1 (FACTS.md): a 4-bit layer run in eval() under no_grad on a CPU repacks its
-    weight for an inference kernel, after which LoRA adapters silently stop getting gradients. While
+    """A bitsandbytes 0.50 trap (`Linear4bit.forward`, CPU branch): a 4-bit layer run in eval() under no_grad
+    on a CPU repacks its weight for an inference kernel, after which LoRA adapters silently stop getting
+    gradients. While
     evaluating we switch that repack off and put it back as it was afterwards.
     (`lorakit.models.disable_cpu_inference_repack` switches it off for good.)"""
     changed = []
@@ -344,6 +350,37 @@ def exact_match(model, tokenizer, dataset, max_new_tokens: int = 8, batch_size: 
     if not answers:
         raise ValueError("exact_match got an empty dataset")
     return sum(a == ex["output"].strip() for a, ex in zip(answers, dataset)) / len(answers)
+
+
+def answer_loss(model, tokenizer, dataset, batch_size: int = 32, max_length: int = 256,
+                progress: bool = True) -> float:
+    """Mean cross-entropy (nats per token) of the expected answers of `dataset`, EOS included, given their
+    prompts: the training loss, measured on held-out examples. Unlike exact match it does not round: an
+    answer that is almost right and one that is far off both score 0 in exact match, but not in answer
+    loss, so it separates models that exact match lumps together."""
+    import torch
+    from tqdm.auto import tqdm
+
+    rows = [tokenize_with_masking(ex, tokenizer, max_length, padding=False) for ex in dataset]
+    if not rows:
+        raise ValueError("answer_loss got an empty dataset")
+    device = next(model.parameters()).device
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    total, count = 0.0, 0
+    was_training = model.training
+    try:
+        model.eval()
+        with torch.no_grad(), _no_cpu_inference_repack(model):
+            for i in tqdm(range(0, len(rows), batch_size), desc="answer loss", unit="batch", disable=not progress):
+                batch = {k: v.to(device) for k, v in collate(rows[i:i + batch_size], pad_id).items()}
+                logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+                labels = batch["labels"][:, 1:]  # the token at t is predicted from the logits at t - 1
+                total += torch.nn.functional.cross_entropy(
+                    logits[:, :-1].float().flatten(0, 1), labels.flatten(), ignore_index=-100, reduction="sum").item()
+                count += int((labels != -100).sum())
+    finally:
+        model.train(was_training)
+    return total / count
 
 
 def main(argv=None):

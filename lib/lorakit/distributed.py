@@ -116,7 +116,7 @@ class RunConfig:
     split evenly over the processes (so any number of processes sees the same batches)."""
     out_dir: str
     model_id: str = TINY
-    tasks: list = field(default_factory=lambda: ["who_found", "what_found"])  # mixed: answers of 2 and 4 tokens
+    tasks: list = field(default_factory=lambda: ["who_found", "where_found"])  # mixed: a name, or a place of several tokens
     max_steps: int = 20
     global_batch_size: int = 8
     learning_rate: float = 2e-3

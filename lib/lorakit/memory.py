@@ -81,6 +81,11 @@ CONFIGS: dict[str, dict] = {
                          num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3,
                          max_position_embeddings=8192, rms_norm_eps=1e-5, rope_theta=100000.0,
                          tie_word_embeddings=True),
+    # meta-llama/Meta-Llama-3-8B: 8.03B parameters, often quoted as "a 7B model"
+    "llama-3-8b": dict(model_type="llama", vocab_size=128256, hidden_size=4096, intermediate_size=14336,
+                       num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
+                       max_position_embeddings=8192, rms_norm_eps=1e-5, rope_theta=500000.0,
+                       tie_word_embeddings=False),
     "llama-3.2-1b": dict(model_type="llama", vocab_size=128256, hidden_size=2048, intermediate_size=8192,
                          num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8, head_dim=64,
                          max_position_embeddings=131072, rms_norm_eps=1e-5, rope_theta=500000.0,
@@ -91,7 +96,7 @@ CONFIGS: dict[str, dict] = {
 PUBLISHED = {"llama-2-7b": 6_738_415_616, "llama-2-13b": 13_015_864_320, "llama-2-70b": 68_976_648_192,
              "llama-33b": 32_528_943_616, "mistral-7b": 7_241_732_096, "qwen2.5-0.5b": 494_032_768,
              "qwen2.5-1.5b": 1_543_714_304, "qwen2.5-7b": 7_615_616_512, "smollm2-135m": 134_515_008,
-             "llama-3.2-1b": 1_235_814_400}
+             "llama-3-8b": 8_030_261_248, "llama-3.2-1b": 1_235_814_400}
 
 
 # ------------------------------------------------------------------------------------------- configs
@@ -187,6 +192,15 @@ def quantized_parameters(cfg) -> int:
     """Parameters in the linear layers of the blocks: the ones 4-bit loading quantizes (transformers keeps
     lm_head, embeddings and norms in 16 bits). Biases stay in 16 bits and are not counted here."""
     return sum(m[1] * m[2] for name, m in modules(cfg).items() if m[0] == "linear" and name != "lm_head")
+
+
+def packed_parameter_count(cfg, r: int = 0, target_modules=None) -> int:
+    """The parameter count of a 4-bit model whose tensors are counted element by element, as peft before
+    0.5 did in `print_trainable_parameters` ("all params"): each quantized linear weight counts as its packed
+    uint8 tensor (two 4-bit codes per element, so half its parameters), every other parameter as itself,
+    plus the LoRA adapters when `r` > 0. Current peft counts a 4-bit weight at its full size instead."""
+    n, nq = count_parameters(cfg), quantized_parameters(cfg)
+    return n - nq + nq // 2 + (lora_parameters(cfg, r, target_modules) if r else 0)
 
 
 def _check_rank(r) -> None:
@@ -522,3 +536,84 @@ def measure(model, *, buffers: bool = True) -> int:
         for b in model.buffers():
             add(b)
     return total
+
+
+def _storage_key(t):
+    return (t.device.type, t.untyped_storage().data_ptr())
+
+
+def measure_training_step(model, batch: dict, optimizer=None, *, autocast_dtype=None) -> dict[str, int]:
+    """Bytes one training step of `model` holds, measured part by part on a real forward and backward pass
+    over `batch` (a dict of tensors such as input_ids / attention_mask / labels). The keys are those of
+    `estimate(...).parts`, so the two can be read side by side:
+
+    - "weights": parameters that do not train (the frozen base, 4-bit weights as their packed bytes) and
+      buffers; "quantization constants": bitsandbytes' absmax and codes; "adapters": trainable parameters;
+    - "gradients": the `.grad` of every trainable parameter after `loss.backward()`;
+    - "optimizer states": the tensors `optimizer.state` holds (AdamW: m and v, plus a step count). Without an
+      optimizer (or one that has not stepped yet), a throwaway `torch.optim.AdamW(lr=0)` takes one step so that
+      its states exist; with lr = 0 the weights do not move;
+    - "activations": every tensor autograd saves for the backward pass (`torch.autograd.graph.saved_tensors_hooks`)
+      that is not a parameter or buffer, each storage counted once: layer inputs, attention and MLP
+      intermediates, the logits, and the 16-bit copies autocast makes of fp32 weights.
+
+    The model's gradients are cleared afterwards (set to None) and its train/eval mode is put back."""
+    import torch
+
+    params = list(model.parameters())
+    owned = {}  # storage -> bytes, for everything the model itself holds
+    parts = {"weights": 0, "quantization constants": 0, "adapters": 0}
+
+    def own(t, part):
+        key = _storage_key(t)
+        if key not in owned:
+            owned[key] = _tensor_bytes(t)
+            parts[part] += _tensor_bytes(t)
+
+    for p in params:
+        own(p, "adapters" if p.requires_grad else "weights")
+        for t in quant_state_tensors(p):
+            own(t, "quantization constants")
+    for b in model.buffers():
+        own(b, "weights")
+
+    saved: dict = {}
+
+    def pack(t):
+        key = _storage_key(t)
+        if key not in owned and key not in saved:
+            saved[key] = t.untyped_storage().nbytes()
+        return t
+
+    trainable = [p for p in params if p.requires_grad]
+    if not trainable:
+        raise ValueError("the model has no trainable parameters: add adapters (peft's get_peft_model) first")
+    was_training = model.training
+    model.train()
+    device = trainable[0].device
+    batch = {k: v.to(device) if hasattr(v, "to") else v for k, v in batch.items()}
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), \
+                torch.autocast(device.type, dtype=autocast_dtype or torch.bfloat16, enabled=autocast_dtype is not None):
+            loss = model(**batch).loss
+        loss.backward()
+        grads = {}
+        for p in trainable:
+            if p.grad is not None:
+                grads.setdefault(_storage_key(p.grad), _tensor_bytes(p.grad))
+        parts["gradients"] = sum(grads.values())
+        if optimizer is None or not optimizer.state:
+            optimizer = torch.optim.AdamW(trainable, lr=0.0)
+            optimizer.step()
+        states = {}
+        for state in optimizer.state.values():
+            for t in state.values():
+                if isinstance(t, torch.Tensor):
+                    states.setdefault(_storage_key(t), _tensor_bytes(t))
+        parts["optimizer states"] = sum(states.values())
+        parts["activations"] = sum(saved.values())
+    finally:
+        for p in trainable:
+            p.grad = None
+        model.train(was_training)
+    return parts

@@ -76,7 +76,7 @@ def presets_table(r: int = 16, batch_size: int = 8, seq_len: int = 512) -> str:
 def disable_cpu_inference_repack(model) -> int:
     """Switch off bitsandbytes' CPU inference repack on every `Linear4bit` of `model`; returns how many.
 
-    bitsandbytes 0.50 trap 1 (FACTS.md): a 4-bit layer that runs in eval() mode under no_grad on a CPU
+    bitsandbytes 0.50 (`Linear4bit.forward`, CPU branch): a 4-bit layer that runs in eval() mode under no_grad on a CPU
     with AVX512-BF16 repacks its weight for a fused inference kernel. After that, LoRA adapters on top of
     it silently get no gradients and the loss stays flat. `load_base` calls this for 4-bit models on CPU,
     so that "evaluate the base model, then train" works as it does on a GPU.

@@ -13,7 +13,8 @@ Steps, each reproducible from the seed:
    the validation loss and sample generations into lib/lorakit/assets/tiny-stories-llama/.
 
 Every hidden and intermediate size is a multiple of 64: bitsandbytes' CPU 4-bit inference path fails on
-other shapes (FACTS.md, trap 2), and the course quantizes this model.
+other shapes (`bitsandbytes.functional._convert_weight_packed_for_cpu` asserts them), and the course
+quantizes this model.
 """
 
 from __future__ import annotations
@@ -252,7 +253,8 @@ Reproduce: `{cmd}` (a different CPU or thread count can change the last digits).
 {sample_md}
 ## What it is for
 
-Lessons 02-06 fine-tune it with LoRA and QLoRA on `lorakit.data` tasks ("Who found the red ball?").
+Lessons 02-06 fine-tune it with LoRA and QLoRA on `lorakit.data` tasks ("Who found the red ball?",
+"Where did Mia find it?").
 Every hidden and intermediate size is a multiple of 64 so bitsandbytes' 4-bit CPU kernels accept it. It
 is a teaching model: it knows one small world of children finding things, and nothing else.
 
@@ -261,7 +263,11 @@ shell?" with a child who found something else, and when a story has two or three
 adapter reaches only about 40% exact match (a guess among the finders; the answer loss stays at ln 2).
 The course tasks therefore give each story one find, with the other children as distractors: the model
 must pick the finder from the story, which an adapter learns to about 100% in under a minute of CPU
-training. Copying the thing itself ("What did Mia find?", the `what_found` task) stays near 0%.
+training. Copying a longer span is harder: "Where did Mia find the red ball?" ("Under a rock.", the
+`where_found` task of lesson 06's lab) reaches 55-60% exact match on average over 3 seeds after 300 steps with
+r = 16 on all linear layers, about 49% with the same number of trainable parameters on q_proj and v_proj only, and
+about 10% at r = 1, alpha = 2 (lib/lorakit/experiments/results_full.csv). It picks the right kind of place ("Under
+...", "In the ...") but often the wrong noun.
 
 ## Licence
 

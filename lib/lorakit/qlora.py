@@ -281,8 +281,8 @@ def bitsandbytes_lora(linear: nn.Linear, r: int = 8, alpha: float = 8, dropout: 
     """The same layer built with the real libraries: bitsandbytes `Linear4bit` (nf4, double quantization
     = compress_statistics) from `linear`'s weights, wrapped by peft's LoRA layer for 4-bit bases.
 
-    bitsandbytes' CPU inference repack (FACTS.md, trap 1) is switched off so that the adapters keep
-    receiving gradients after an evaluation in eval() mode under no_grad."""
+    bitsandbytes' CPU inference repack (`Linear4bit.forward` in bitsandbytes 0.50) is switched off so that
+    the adapters keep receiving gradients after an evaluation in eval() mode under no_grad."""
     import bitsandbytes as bnb
     from peft import LoraConfig
     from peft.tuners.lora.bnb import Linear4bit as PeftLinear4bit

@@ -1,26 +1,26 @@
-"""Hyperparameter sweeps: one parameterized experiment notebook, executed by papermill once per configuration.
-
-`lorakit sweep` and lesson 06 use the same pieces:
+"""Hyperparameter sweeps: one parameterized experiment notebook, executed by papermill once per configuration
+and seed. This module answers one question, "what runs, and how": the grid format, its validation, and running.
+Reading the results (summaries over seeds, verdicts, the committed results) is lesson 06's, in `lorakit.lab`.
 
 - a **grid file** (YAML) says what to run: `parameters` shared by every run (the experiment notebook's
-  UPPER_CASE names), a `base` configuration, and `studies` that each vary a few fields of it (a list runs
-  every value; several lists run every combination). `load_grid("reduced" | "full" | path)` expands it into
-  `Config`s; a configuration that two studies share runs once.
+  UPPER_CASE names), the `seeds` every configuration runs with, a `base` configuration, and `studies` that
+  each vary a few fields of it (a list runs every value; several lists run every combination).
+  `load_grid("reduced" | "full" | path)` expands it into `Config`s; a configuration that two studies share
+  runs once per seed.
 - `validate(grid)` rejects bad input **before anything runs**, naming the entry: `r` must be a positive whole
-  number, `method` "lora" or "qlora", every target module must exist in the model, every parameter must be one
-  the experiment notebook declares.
+  number, `method` "lora" or "qlora", seeds whole numbers, every target module must exist in the model, every
+  parameter must be one the experiment notebook declares.
 - `run_sweep(grid)` executes `experiments/finetune_experiment.ipynb` (lesson 05's recipe, built from
-  lorakit.models / lorakit.data / lorakit.train and peft) per configuration with a progress bar, records a
-  configuration that fails as failed (with its error) and goes on, and writes the results table as CSV and JSON.
-- `committed_results()` reads the full grid's results that ship with the kit (the command that produced them
-  is in the file's first lines); `best_under_budget` and `qlora_overhead` are the reference answers to two
-  of lesson 06's exercises.
+  lorakit.models / lorakit.data / lorakit.train and peft) per configuration and seed with a progress bar,
+  records a run that fails as failed (with its error) and goes on, and writes the results table (one row per
+  study, configuration and seed) as CSV and JSON.
 
 Grid file example (the fields of a configuration: method, r, alpha, target_modules, dropout, use_rslora, and
 UPPER_CASE experiment parameters such as N_TRAIN)::
 
-    parameters: {MAX_STEPS: 60, N_EVAL: 100}
-    base: {method: lora, r: 8, alpha: 16, target_modules: [q_proj, v_proj], dropout: 0.0, use_rslora: false}
+    parameters: {MAX_STEPS: 60, N_EVAL: 200}
+    seeds: [0, 1, 2]
+    base: {method: lora, r: 8, alpha: 16, target_modules: all-linear, dropout: 0.0, use_rslora: false}
     studies:
       rank: {r: [1, 2, 4, 8, 16, 64]}            # alpha stays 16
       rank_alpha_2r: {r: [1, 2, 4, 8, 16, 64], alpha: 2r}
@@ -44,7 +44,6 @@ from .course import CourseError
 EXPERIMENTS = Path(__file__).parent / "experiments"
 EXPERIMENT_NOTEBOOK = EXPERIMENTS / "finetune_experiment.ipynb"
 GRIDS = {"reduced": EXPERIMENTS / "grid_reduced.yml", "full": EXPERIMENTS / "grid_full.yml"}
-COMMITTED_RESULTS = EXPERIMENTS / "results_full.csv"
 
 METHODS = ("lora", "qlora")
 FIELDS = ("method", "r", "alpha", "target_modules", "dropout", "use_rslora")
@@ -53,11 +52,16 @@ DEFAULTS = {"method": "lora", "r": 8, "alpha": 16, "target_modules": ["q_proj", 
 # Configuration field -> the experiment notebook's parameter it sets.
 NOTEBOOK_NAMES = {"method": "METHOD", "r": "LORA_R", "alpha": "LORA_ALPHA", "target_modules": "TARGET_MODULES",
                   "dropout": "LORA_DROPOUT", "use_rslora": "USE_RSLORA"}
+# The training state a run holds, measured with lorakit.memory.measure_training_step: part -> column.
+MEMORY_COLUMNS = {"weights": "weight_bytes", "quantization constants": "quant_constant_bytes",
+                  "adapters": "adapter_bytes", "gradients": "gradient_bytes", "optimizer states": "optimizer_bytes",
+                  "activations": "activation_bytes"}
 # The columns of a results table, in order (measurements come from the experiment notebook's JSON).
-MEASUREMENTS = ("exact_match", "trainable_params", "model_bytes", "peak_memory_bytes", "step_seconds",
-                "train_seconds", "final_loss")
-COLUMNS = ("study", "name", *FIELDS, "params", "status", "error", *MEASUREMENTS, "peak_memory_kind",
-           "base_dtype", "device", "threads", "steps", "n_train", "n_eval", "run_seconds")
+MEASUREMENTS = ("exact_match", "answer_loss", "trainable_params", "model_bytes", "training_bytes",
+                *MEMORY_COLUMNS.values(), "estimated_training_bytes", "estimated_activation_bytes",
+                "peak_rss_bytes", "step_seconds", "train_seconds", "final_loss")
+COLUMNS = ("study", "name", *FIELDS, "params", "seed", "status", "error", *MEASUREMENTS, "base_dtype", "device",
+           "threads", "steps", "batch_size", "n_train", "n_eval", "run_seconds")
 
 
 class SweepError(CourseError):
@@ -116,11 +120,12 @@ class Config:
 
 @dataclass
 class Grid:
-    """An expanded grid: shared experiment parameters and (study, Config) pairs in file order."""
+    """An expanded grid: shared experiment parameters, the seeds, and (study, Config) pairs in file order."""
     name: str
     parameters: dict = field(default_factory=dict)
     entries: list = field(default_factory=list)   # [(study, Config)]
     source: str = ""                               # the file it came from, for messages
+    seeds: tuple = (0,)                            # every configuration runs once per seed
 
     @property
     def configs(self) -> list[Config]:
@@ -129,6 +134,16 @@ class Grid:
 
     def studies(self) -> list[str]:
         return list(dict.fromkeys(s for s, _ in self.entries))
+
+    @property
+    def runs(self) -> list[tuple[Config, int]]:
+        """Every (configuration, seed) the sweep executes, configuration by configuration."""
+        return [(cfg, seed) for cfg in self.configs for seed in self.seeds]
+
+    def with_seeds(self, seeds) -> "Grid":
+        """The same grid run with other seeds (checked like a grid file's `seeds`)."""
+        return Grid(self.name, dict(self.parameters), list(self.entries), self.source,
+                    _seeds(seeds, self.source))
 
 
 def _num(x):
@@ -155,9 +170,9 @@ def load_grid(source="reduced") -> Grid:
         name = spec.get("name", Path(path).stem) if isinstance(spec, dict) else ""
     if not isinstance(spec, dict):
         raise SweepError(f"{label}: expected a mapping with 'parameters', 'base' and 'studies'")
-    unknown = sorted(set(spec) - {"name", "description", "parameters", "base", "studies"})
+    unknown = sorted(set(spec) - {"name", "description", "parameters", "seeds", "base", "studies"})
     if unknown:
-        raise SweepError(f"{label}: unknown key(s) {unknown}; a grid has 'parameters', 'base' and 'studies'")
+        raise SweepError(f"{label}: unknown key(s) {unknown}; a grid has 'parameters', 'seeds', 'base' and 'studies'")
     parameters = spec.get("parameters") or {}
     base = spec.get("base") or {}
     studies = spec.get("studies") or {}
@@ -184,7 +199,19 @@ def load_grid(source="reduced") -> Grid:
                 where = (f"{label}: study {study!r}, configuration "
                          + ", ".join(f"{k}={v!r}" for k, v in zip(keys, combo)))
                 entries.append((str(study), _config(raw, where)))
-    return Grid(str(name), dict(parameters), entries, label)
+    return Grid(str(name), dict(parameters), entries, label, _seeds(spec.get("seeds", [0]), label))
+
+
+def _seeds(seeds, label: str) -> tuple:
+    """A grid's seeds: a non-empty list of distinct whole numbers >= 0 (a single number is one seed)."""
+    if isinstance(seeds, int) and not isinstance(seeds, bool):
+        seeds = [seeds]
+    if (not isinstance(seeds, (list, tuple)) or not seeds
+            or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in seeds)):
+        raise SweepError(f"{label}: seeds={seeds!r}: give a list of whole numbers >= 0, e.g. seeds: [0, 1, 2]")
+    if len(set(seeds)) != len(seeds):
+        raise SweepError(f"{label}: seeds={list(seeds)!r} repeats a seed; each seed runs every configuration once")
+    return tuple(seeds)
 
 
 def _varies(key, value) -> bool:
@@ -282,11 +309,14 @@ def validate(grid: Grid, parameters: dict | None = None, notebook=EXPERIMENT_NOT
     that the model does not have. (Ranks, methods, alphas and dropouts were checked by `load_grid`.)"""
     declared = notebook_parameters(notebook)
     shared = {**grid.parameters, **(parameters or {})}
-    reserved = set(NOTEBOOK_NAMES.values()) | {"RESULT_JSON"}
+    reserved = set(NOTEBOOK_NAMES.values()) | {"RESULT_JSON", "SEED"}
     for name in shared:
         if name not in declared:
             raise SweepError(f"{grid.source}: parameter {name!r} is not one of the experiment notebook's: "
                              f"{sorted(set(declared) - reserved)}")
+        if name == "SEED":
+            raise SweepError(f"{grid.source}: parameter 'SEED' is set per run: list the seeds under 'seeds', "
+                             f"e.g. seeds: [0, 1, 2]")
         if name in reserved:
             raise SweepError(f"{grid.source}: parameter {name!r} is set per configuration: use the field "
                              f"{[k for k, v in NOTEBOOK_NAMES.items() if v == name] or ['(none)']} in 'base' or a study")
@@ -314,15 +344,16 @@ def validate(grid: Grid, parameters: dict | None = None, notebook=EXPERIMENT_NOT
 # --------------------------------------------------------------------------------------------------
 
 def run_config(cfg: Config, out_dir: Path, parameters: dict | None = None, notebook=EXPERIMENT_NOTEBOOK,
-               timeout: int = 3600) -> dict:
-    """Execute the experiment notebook for one configuration; returns its measurements plus `status`
+               timeout: int = 3600, seed: int = 0) -> dict:
+    """Execute the experiment notebook for one configuration and seed; returns its measurements plus `status`
     ("ok" or "failed"), `error` and `run_seconds`. Never raises for a failing run."""
     out_dir = Path(out_dir)
-    result_json = out_dir / "runs" / f"{cfg.name}.json"
-    executed = out_dir / "runs" / f"{cfg.name}.ipynb"
+    result_json = out_dir / "runs" / f"{cfg.name}_seed{seed}.json"
+    executed = out_dir / "runs" / f"{cfg.name}_seed{seed}.ipynb"
     result_json.parent.mkdir(parents=True, exist_ok=True)
     result_json.unlink(missing_ok=True)
-    params = {**(parameters or {}), **cfg.notebook_parameters(), "RESULT_JSON": str(result_json.resolve())}
+    params = {**(parameters or {}), **cfg.notebook_parameters(), "SEED": seed,
+              "RESULT_JSON": str(result_json.resolve())}
     t0 = time.perf_counter()
     row = {"status": "ok", "error": ""}
     try:
@@ -355,56 +386,63 @@ def _describe(exc: Exception, executed: Path) -> str:
 
 
 def run_sweep(grid="reduced", out_dir: str | os.PathLike | None = None, *, parameters: dict | None = None,
-              workers: int = 1, progress: bool = True, notebook=EXPERIMENT_NOTEBOOK, timeout: int = 3600,
-              echo=None):
-    """Validate `grid`, then run each configuration with papermill; returns the results as a pandas DataFrame
-    (one row per study and configuration) and writes results.csv and results.json to `out_dir` (default
-    build/sweep/<grid name>). `parameters` override the grid's shared experiment parameters (e.g. MODEL_ID,
-    DEVICE). With `workers` > 1 runs go in parallel, each with cpu_count // workers torch threads."""
+              seeds=None, workers: int = 1, progress: bool = True, notebook=EXPERIMENT_NOTEBOOK,
+              timeout: int = 3600, echo=None):
+    """Validate `grid`, then run each configuration once per seed with papermill; returns the results as a
+    pandas DataFrame (one row per study, configuration and seed, in grid order) and writes results.csv and
+    results.json to `out_dir` (default build/sweep/<grid name>). `parameters` override the grid's shared
+    experiment parameters (e.g. MODEL_ID, DEVICE); `seeds` overrides the grid's seeds. With `workers` > 1 runs
+    go in parallel, each with cpu_count // workers torch threads."""
     from tqdm.auto import tqdm
 
     grid = load_grid(grid)
+    if seeds is not None:
+        grid = grid.with_seeds(seeds)
     validate(grid, parameters, notebook)
     shared = {**grid.parameters, **(parameters or {})}
     if workers > 1 and "THREADS" not in shared:
         shared["THREADS"] = max(1, (os.cpu_count() or 1) // workers)
-    out_dir = Path(out_dir) if out_dir else _default_out(grid)
+    out_dir = Path(out_dir) if out_dir else default_out(grid)
     out_dir.mkdir(parents=True, exist_ok=True)
-    configs = grid.configs
-    results: dict[Config, dict] = {}
-    bar = tqdm(total=len(configs), desc=f"sweep {grid.name}", unit="config", disable=not progress)
+    runs = grid.runs
+    results: dict[tuple, dict] = {}
+    bar = tqdm(total=len(runs), desc=f"sweep {grid.name}", unit="run", disable=not progress)
     try:
-        def one(cfg):
-            return cfg, run_config(cfg, out_dir, shared, notebook, timeout)
+        def one(run):
+            cfg, seed = run
+            return run, run_config(cfg, out_dir, shared, notebook, timeout, seed=seed)
 
         if workers <= 1:
-            for cfg in configs:
-                bar.set_postfix_str(cfg.name)
-                _, results[cfg] = one(cfg)
-                _report(bar, echo, cfg, results[cfg])
+            for run in runs:
+                bar.set_postfix_str(f"{run[0].name} seed {run[1]}")
+                _, results[run] = one(run)
+                _report(bar, echo, run, results[run])
         else:
             with ThreadPoolExecutor(max_workers=workers) as pool:
-                for cfg, row in pool.map(one, configs):
-                    results[cfg] = row
-                    _report(bar, echo, cfg, row)
+                for run, row in pool.map(one, runs):
+                    results[run] = row
+                    _report(bar, echo, run, row)
     finally:
         bar.close()
-    rows = [{"study": study, **cfg.row(), **results[cfg]} for study, cfg in grid.entries]
-    table = _frame(rows)
-    write_results(table, out_dir / "results.csv")
+    rows = [{"study": study, **cfg.row(), "seed": seed, **results[(cfg, seed)]}
+            for study, cfg in grid.entries for seed in grid.seeds]
+    table = results_table(rows)
+    table.to_csv(out_dir / "results.csv", index=False)
     table.to_json(out_dir / "results.json", orient="records", indent=1)
     return table
 
 
-def _report(bar, echo, cfg, row):
+def _report(bar, echo, run, row):
     bar.update(1)
     if echo:
-        extra = (f"exact match {row['exact_match']:.1%}, {row['step_seconds']:.3f} s/step"
+        cfg, seed = run
+        extra = (f"exact match {row['exact_match']:.1%}, answer loss {row['answer_loss']:.3f}"
                  if row["status"] == "ok" else row["error"])
-        echo(f"{cfg.name:<40} {row['status']:<7} {row['run_seconds']:6.1f} s  {extra}")
+        echo(f"{cfg.name:<36} seed {seed:<3} {row['status']:<7} {row['run_seconds']:6.1f} s  {extra}")
 
 
-def _default_out(grid: Grid) -> Path:
+def default_out(grid: Grid) -> Path:
+    """Where `run_sweep` writes when no folder is given: build/sweep/<grid name> in the course root."""
     from . import course
     try:
         root = course.course_root()
@@ -413,201 +451,11 @@ def _default_out(grid: Grid) -> Path:
     return root / "build" / "sweep" / grid.name
 
 
-def _frame(rows):
+def results_table(rows):
+    """Rows of measurements as a DataFrame with exactly the columns of `COLUMNS`, in order (missing ones empty)."""
     import pandas as pd
     table = pd.DataFrame(rows)
     for col in COLUMNS:
         if col not in table:
             table[col] = None
     return table[list(COLUMNS)]
-
-
-# --------------------------------------------------------------------------------------------------
-# Results files
-# --------------------------------------------------------------------------------------------------
-
-def write_results(table, path: str | os.PathLike, header: list[str] | None = None) -> Path:
-    """Write a results table as CSV, with optional provenance lines (`# ...`) on top."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    text = "".join(f"# {line}\n" for line in (header or [])) + table.to_csv(index=False)
-    path.write_text(text)
-    return path
-
-
-def read_results(path: str | os.PathLike):
-    """A results table written by `run_sweep` or `write_results` (leading `# ...` lines are provenance)."""
-    import io
-
-    import pandas as pd
-    lines = Path(path).read_text().splitlines(keepends=True)
-    body = "".join(itertools.dropwhile(lambda l: l.startswith("#"), lines))
-    table = pd.read_csv(io.StringIO(body), keep_default_na=False, na_values=[""])
-    for col in ("error", "params", "peak_memory_kind", "base_dtype", "device"):
-        if col in table:
-            table[col] = table[col].astype(object).fillna("")
-    return table
-
-
-def provenance(path: str | os.PathLike = COMMITTED_RESULTS) -> list[str]:
-    """The `# ...` lines on top of a results file: the command that produced it, where and when."""
-    out = []
-    for line in Path(path).read_text().splitlines():
-        if not line.startswith("#"):
-            break
-        out.append(line.lstrip("# ").rstrip())
-    return out
-
-
-def committed_results():
-    """The full grid's results that ship with the kit (see `provenance()` for how they were made)."""
-    return read_results(COMMITTED_RESULTS)
-
-
-# --------------------------------------------------------------------------------------------------
-# Reading results (the reference answers to lesson 06's exercises)
-# --------------------------------------------------------------------------------------------------
-
-PAIR_KEYS = ("r", "alpha", "target_modules", "dropout", "use_rslora", "params")
-
-
-def best_under_budget(results, budget_bytes: float, memory: str = "peak_memory_bytes"):
-    """The successful run with the highest exact match whose `memory` column is at most `budget_bytes`
-    (ties: the less memory, then the fewer trainable parameters); None when nothing fits.
-    Returns the row (a pandas Series)."""
-    ok = results[results["status"] == "ok"].drop_duplicates("name")
-    fits = ok[ok[memory] <= budget_bytes]
-    if fits.empty:
-        return None
-    order = fits.sort_values(["exact_match", memory, "trainable_params"], ascending=[False, True, True],
-                             kind="stable")
-    return order.iloc[0]
-
-
-def paired_ratios(results, column: str) -> list[float]:
-    """qlora / lora of `column` for each successful QLoRA run paired with the successful LoRA run that
-    matches it in everything but the method (r, alpha, target_modules, dropout, use_rslora, params).
-    Pairs whose LoRA value is 0 are left out."""
-    ok = results[results["status"] == "ok"].drop_duplicates("name")
-    keys = [k for k in PAIR_KEYS if k in ok]
-    lora = {tuple(row[k] for k in keys): row[column] for _, row in ok[ok["method"] == "lora"].iterrows()}
-    return [row[column] / lora[key] for _, row in ok[ok["method"] == "qlora"].iterrows()
-            if (key := tuple(row[k] for k in keys)) in lora and lora[key] != 0]
-
-
-def qlora_overhead(results, column: str = "step_seconds") -> float:
-    """QLoRA's slowdown relative to LoRA: the median over matched pairs (see `paired_ratios`) of
-    qlora / lora - 1 (0.25 = 25% slower). Raises ValueError when there is no pair."""
-    import statistics
-    ratios = paired_ratios(results, column)
-    if not ratios:
-        raise ValueError("no QLoRA run has a LoRA run with the same r, alpha, target_modules, dropout and "
-                         "use_rslora to compare with")
-    return statistics.median(ratios) - 1
-
-
-# --------------------------------------------------------------------------------------------------
-# Plots
-# --------------------------------------------------------------------------------------------------
-
-LABELS = {"exact_match": "held-out exact match", "trainable_params": "trainable parameters",
-          "model_bytes": "model bytes (weights + adapters)", "peak_memory_bytes": "peak memory (bytes)",
-          "step_seconds": "seconds per step", "final_loss": "final training loss", "r": "rank r",
-          "alpha": "alpha", "dropout": "dropout", "scaling": "scaling (alpha / r)"}
-
-
-def plot_study(results, study: str, x: str = "r", y: str = "exact_match", hue: str | None = None, ax=None):
-    """One study of a results table: `y` against `x`, one line per value of `hue` (default: the field
-    that varies besides `x`, if any). Failed runs are left out. Returns the Axes."""
-    import matplotlib.pyplot as plt
-    rows = results[(results["study"] == study) & (results["status"] == "ok")].copy()
-    if ax is None:
-        _, ax = plt.subplots(figsize=(6.5, 3.4))
-    if rows.empty:
-        ax.set_title(f"{study}: no successful runs")
-        return ax
-    if "scaling" not in rows:
-        rows["scaling"] = [a / (math.sqrt(r) if rs else r) for a, r, rs in zip(rows.alpha, rows.r, rows.use_rslora)]
-    if hue is None:
-        varying = [c for c in ("method", "alpha", "use_rslora", "target_modules", "dropout")
-                   if c != x and rows[c].nunique() > 1]
-        hue = varying[0] if varying else None
-    groups = rows.groupby(hue, sort=False) if hue else [("", rows)]
-    numeric_x = rows[x].dtype.kind in "if"
-    for label, g in groups:
-        g = g.sort_values(x) if numeric_x else g
-        xs = g[x].astype(float) if numeric_x else g[x].astype(str)
-        # exact match on n examples: error bars of two standard errors, so that noise looks like noise
-        yerr = (2 * (g[y] * (1 - g[y]) / g["n_eval"].astype(float)) ** 0.5
-                if y == "exact_match" and "n_eval" in g else None)
-        ax.errorbar(xs, g[y], yerr=yerr, marker="o", capsize=3, label=f"{hue}={label}" if hue else None)
-    if numeric_x and x in ("r", "trainable_params", "model_bytes") and rows[x].max() / max(rows[x].min(), 1e-9) > 8:
-        ax.set_xscale("log", base=2)
-        if x == "r":
-            ticks = sorted(rows[x].unique())
-            ax.set_xticks(ticks, [str(int(t)) for t in ticks])
-    if y == "exact_match":
-        ax.set_ylim(0, 1)
-    ax.set(xlabel=LABELS.get(x, x), ylabel=LABELS.get(y, y), title=study)
-    if hue:
-        ax.legend(fontsize=8)
-    ax.figure.tight_layout()
-    return ax
-
-
-# --------------------------------------------------------------------------------------------------
-# The `lorakit sweep` command
-# --------------------------------------------------------------------------------------------------
-
-def add_command(subparsers) -> None:
-    p = subparsers.add_parser(
-        "sweep", help="run a LoRA/QLoRA hyperparameter grid headless with papermill and write the results table",
-        description="Run the experiment notebook once per configuration of a grid (default: the reduced grid "
-                    "CI uses) and write results.csv / results.json. Bad grids are rejected before any run.")
-    which = p.add_mutually_exclusive_group()
-    which.add_argument("--grid", help="a YAML grid file (see lib/lorakit/experiments/grid_full.yml)")
-    which.add_argument("--reduced", action="store_true", help="the reduced grid CI runs (the default)")
-    which.add_argument("--full", action="store_true", help="the full grid of lesson 06 (long on a CPU)")
-    p.add_argument("--out", help="folder for results and executed runs (default build/sweep/<grid name>)")
-    p.add_argument("--workers", type=int, default=1, help="configurations run at once (default 1)")
-    p.add_argument("--set", action="append", default=[], metavar="NAME=VALUE", dest="overrides",
-                   help="override an experiment parameter for every run, e.g. --set DEVICE=cuda "
-                        "--set MODEL_ID=HuggingFaceTB/SmolLM2-135M (repeatable)")
-    p.add_argument("--timeout", type=int, default=3600, help="seconds one configuration may take")
-    p.add_argument("--dry-run", action="store_true", help="validate and list the configurations, run nothing")
-    p.set_defaults(func=_cli)
-
-
-def _parse_overrides(items: list[str]) -> dict:
-    import yaml
-    out = {}
-    for item in items:
-        name, sep, value = item.partition("=")
-        if not sep or not name:
-            raise SweepError(f"--set {item!r}: expected NAME=VALUE, e.g. --set DEVICE=cuda")
-        out[name.strip()] = yaml.safe_load(value)
-    return out
-
-
-def _cli(args) -> int:
-    if args.workers < 1:
-        raise SweepError(f"--workers {args.workers}: at least 1")
-    grid = load_grid(args.grid or ("full" if args.full else "reduced"))
-    overrides = _parse_overrides(args.overrides)
-    validate(grid, overrides)
-    configs = grid.configs
-    print(f"grid {grid.name} ({grid.source}): {len(configs)} configurations in {len(grid.studies())} studies")
-    if args.dry_run:
-        for cfg in configs:
-            studies = [s for s, c in grid.entries if c == cfg]
-            print(f"  {cfg.name:<40} {', '.join(studies)}")
-        return 0
-    out = Path(args.out) if args.out else _default_out(grid)
-    t0 = time.perf_counter()
-    from tqdm.auto import tqdm
-    table = run_sweep(grid, out, parameters=overrides, workers=args.workers, timeout=args.timeout,
-                      echo=tqdm.write)
-    failed = table[table.status != "ok"].drop_duplicates("name")
-    print(f"\n{len(configs)} configurations in {time.perf_counter() - t0:.0f} s, {len(failed)} failed; "
-          f"results: {out / 'results.csv'}")
-    return 1 if len(failed) else 0

@@ -137,6 +137,57 @@ def memory_bars(estimates: dict, gpus=(16, 24, 48, 80), ax=None, title: str | No
     return ax
 
 
+# --------------------------------------------------------------------------------------------------
+# Lesson 06 (the LoRA vs QLoRA lab)
+# --------------------------------------------------------------------------------------------------
+
+LAB_LABELS = {"exact_match": "held-out exact match", "answer_loss": "held-out answer loss (nats/token)",
+              "trainable_params": "trainable parameters", "training_bytes": "training state (bytes, measured)",
+              "activation_bytes": "saved activations (bytes)", "model_bytes": "model bytes (weights + adapters)",
+              "step_seconds": "seconds per step", "r": "rank r", "alpha": "alpha", "dropout": "dropout",
+              "scaling": "scaling (alpha / r)"}
+
+
+def plot_study(summary, study: str, x: str = "r", y: str = "exact_match", hue: str | None = None, ax=None):
+    """Lesson 06: one study of a lab summary (`lorakit.lab.summarize`): the mean of `y` against `x` over the
+    seeds, with a bar from the worst to the best seed, one line per value of `hue` (default: the field that
+    varies besides `x`, if any). Configurations without a successful run are left out. Returns the Axes."""
+    import math
+
+    import matplotlib.pyplot as plt
+
+    rows = summary[(summary["study"] == study) & (summary["n"] > 0)].copy()
+    if ax is None:
+        _, ax = plt.subplots(figsize=(6.5, 3.4))
+    if rows.empty:
+        ax.set_title(f"{study}: no successful runs")
+        return ax
+    rows["scaling"] = [a / (math.sqrt(r) if rs else r) for a, r, rs in zip(rows.alpha, rows.r, rows.use_rslora)]
+    if hue is None:
+        varying = [c for c in ("method", "alpha", "use_rslora", "target_modules", "dropout")
+                   if c != x and rows[c].nunique() > 1]
+        hue = varying[0] if varying else None
+    numeric_x = rows[x].dtype.kind in "if"
+    for label, g in (rows.groupby(hue, sort=False) if hue else [("", rows)]):
+        g = g.sort_values(x) if numeric_x else g
+        xs = g[x].astype(float) if numeric_x else g[x].astype(str)
+        if f"{y}_min" in g:  # the seed range: from the worst run to the best
+            yerr = [g[y] - g[f"{y}_min"], g[f"{y}_max"] - g[y]]
+        else:
+            yerr = None
+        ax.errorbar(xs, g[y], yerr=yerr, marker="o", capsize=3, label=f"{hue}={label}" if hue else None)
+    if numeric_x and x in ("r", "trainable_params") and rows[x].max() / max(rows[x].min(), 1e-9) > 8:
+        ax.set_xscale("log", base=2)
+        if x == "r":
+            ticks = sorted(rows[x].unique())
+            ax.set_xticks(ticks, [str(int(t)) for t in ticks])
+    if y == "exact_match":
+        ax.set_ylim(0, 1)
+    ax.set(xlabel=LAB_LABELS.get(x, x), ylabel=LAB_LABELS.get(y, y), title=f"{study} (bars: seed range)")
+    if hue:
+        ax.legend(fontsize=8)
+
+
 # --------------------------------------------------------------------------- lesson 08: sharded memory
 
 SHARDING_STYLES = {"DDP": ("none", False, "#8c8c8c"), "ZeRO-1": ("zero1", False, "#dd8452"),

@@ -582,7 +582,7 @@ def adapters_get_gradients(model, batch) -> None:
     """One forward and backward pass in train mode: every LoRA B matrix must receive a nonzero gradient.
 
     (B starts at zero, so A's gradient is zero on the first step; B's is not.) This is the proof that
-    bitsandbytes' CPU inference repack (FACTS.md, trap 1) did not silently cut the adapters off during the
+    bitsandbytes' CPU inference repack (`Linear4bit.forward` in bitsandbytes 0.50) did not silently cut the adapters off during the
     evaluation before training. Gradients are cleared afterwards."""
     was_training = model.training
     model.train()

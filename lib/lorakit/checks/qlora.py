@@ -16,7 +16,7 @@ from torch import nn
 from . import CheckFailed, close, expect
 from .judged import data_or_repr, judged
 
-D_IN, D_OUT = 192, 128  # multiples of 64, as bitsandbytes' CPU kernels want (FACTS.md trap 2)
+D_IN, D_OUT = 192, 128  # multiples of 64, as bitsandbytes' CPU kernels want (`_convert_weight_packed_for_cpu`)
 
 
 def _callable(obj, name: str) -> None:
