@@ -36,7 +36,7 @@ import pytest
 from lorakit import course
 
 ROOT = course.course_root()
-WATCHED = ("transformers", "peft", "bitsandbytes", "datasets", "accelerate", "safetensors", "lorakit")
+WATCHED = ("transformers", "peft", "bitsandbytes", "datasets", "accelerate", "safetensors", "trl", "lorakit")
 
 # lorakit functions whose **kwargs are handed on to a library callable (checked there).
 FORWARDS = {

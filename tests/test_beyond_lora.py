@@ -121,3 +121,29 @@ def test_lesson_test_cells_are_judged_checks_only():
             found += [find(c.check) for c in cs]
         known.update(aliases(cell.source))
     assert found == [check.dora_forward] * 2 + [check.loftq_iteration] * 2 + [check.concat_lora] * 2
+
+
+@pytest.mark.parametrize("use_trainer", [False, True])
+def test_finetune_trains_with_a_loraplus_optimizer(use_trainer):
+    """lorakit.train.finetune(optimizer=...) uses the optimizer given (LoRA+: B's learning rate 16x A's) and keeps
+    each group's ratio through warmup and decay."""
+    import warnings
+
+    from peft import LoraConfig, get_peft_model
+    from peft.optimizers import create_loraplus_optimizer
+
+    from lorakit import data, models
+    from lorakit.train import finetune
+
+    base, tok = models.load_base(device="cpu")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = get_peft_model(base, LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj"]))
+    opt = create_loraplus_optimizer(model, optimizer_cls=torch.optim.AdamW, lr=1e-3, loraplus_lr_ratio=16)
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    finetune(model, tok, data.load_task()["train"].select(range(8)), max_steps=3, batch_size=4, warmup_steps=1,
+             optimizer=opt, use_trainer=use_trainer, progress=False)
+    lrs = sorted({g["initial_lr"] for g in opt.param_groups if g["params"]})   # before the schedule scaled them
+    assert len(lrs) == 2 and lrs[1] == pytest.approx(16 * lrs[0])
+    assert len(opt.state) == len(before)                         # the optimizer given took the steps
+    assert all(not torch.equal(p, before[n]) for n, p in model.named_parameters() if "lora_A" in n)

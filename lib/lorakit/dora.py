@@ -38,9 +38,7 @@ __all__ = ["DoRALinear", "inject_dora", "weight_norm"]
 
 
 def weight_norm(weight: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
-    """||W0 + delta|| of each output row: (out, in), (out, in) -> (out,), detached (DoRA, section 4.3).
-
-    peft computes it in the input's dtype (the dtype the forward pass runs in); so does `DoRALinear`."""
+    """||W0 + delta|| of each output row: (out, in), (out, in) -> (out,), detached (DoRA, section 4.3)."""
     return torch.linalg.norm(weight + delta, dim=1).to(weight.dtype).detach()   # (out,)
 
 
@@ -58,14 +56,14 @@ class DoRALinear(LoRALinear):
 
     def __init__(self, base: nn.Linear, r: int = 8, alpha: float = 8, dropout: float = 0.0,
                  use_rslora: bool = False):
-        if not isinstance(base, nn.Linear) or isinstance(base, LoRALinear):
+        if isinstance(base, LoRALinear):
+            raise TypeError(f"this layer already is a {type(base).__name__}: wrap the plain nn.Linear once, not twice.")
+        if not isinstance(base, nn.Linear):
             kind = type(base).__name__
-            raise TypeError(
-                f"DoRALinear adapts an nn.Linear; got {kind}. DoRA normalises each output row of a 2-D weight "
-                f"(out x in); for {kind} layers use peft's LoraConfig(use_dora=True), which has DoRA variants "
-                f"for nn.Embedding and nn.Conv1d/2d/3d, or leave this module out of target_modules."
-                if not isinstance(base, LoRALinear) else
-                f"this layer already is a {kind}: wrap the plain nn.Linear once, not twice.")
+            raise TypeError(f"DoRALinear adapts an nn.Linear; got {kind}. DoRA normalises each output row of a 2-D "
+                            f"weight (out x in); for {kind} layers use peft's LoraConfig(use_dora=True), which has "
+                            f"DoRA variants for nn.Embedding and nn.Conv1d/2d/3d, or leave this module out of "
+                            f"target_modules.")
         super().__init__(base, r, alpha, dropout, use_rslora)
         # m starts at ||W0 + s B A|| = ||W0|| (B = 0): the layer starts equal to its base. Computed in W0's
         # dtype and then kept in the adapters' (fp32 beside a 16-bit base), as peft does: its adapters are
@@ -75,7 +73,8 @@ class DoRALinear(LoRALinear):
         self._merged_norm = None
 
     def weight_norm(self) -> torch.Tensor:
-        """||W0 + scaling * B A|| per output row (out,), detached, in the adapters' dtype."""
+        """||W0 + scaling * B A|| per output row (out,), detached, in the adapters' dtype (peft's forward pass
+        casts its input to that dtype and computes the norm in it)."""
         dtype = self.lora_A.weight.dtype
         lora_weight = (self.lora_B.weight @ self.lora_A.weight).detach().to(dtype)      # (out, in)
         return weight_norm(self.base_layer.weight.to(dtype), self.scaling * lora_weight)

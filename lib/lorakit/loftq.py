@@ -16,9 +16,9 @@ quantization: the settings peft's `loftq_init` uses), the SVD split puts sqrt(S)
 `_low_rank_decomposition` does: B = U sqrt(S), A = sqrt(S) V^T.
 
 One difference from peft on purpose: peft's LoftQ ignores the LoRA scaling s = alpha / r (peft issue
-#1982), so with alpha != r its adapters start at s times the residual instead of the residual. Here the
-SVD factors are divided by sqrt(s) each, so s B A is the residual for any alpha; with alpha = r (s = 1)
-the result is peft's. Lesson 07 measures both.
+#1982): it sets B A to the residual's rank-r part, so with alpha != r the layer's update s B A starts at s
+times that part. Here the SVD factors are divided by sqrt(s) each, so s B A is the residual's part for any
+alpha; with alpha = r (s = 1) the result is peft's. Lesson 07 measures both.
 """
 
 from __future__ import annotations
