@@ -6,10 +6,10 @@
    differences of dequant(Q), A and B;
 3. the quantizer peft 0.17-0.19 fell back to without bitsandbytes 4-bit (`NFQuantizer`, removed in 0.20): it
    divides each block by its absmax and takes the nearest code by argmin |x - c| (ties to the lower code),
-   where bitsandbytes multiplies by 1/absmax and counts the 15 midpoints strictly below. The rule below is
-   those three lines of NFQuantizer.quantize_block/dequantize_block (checked against peft 0.19.1's class:
-   identical dequantized weights on a 4096 x 4096 normal matrix and on the embedded model). Printed: how many
-   codes differ from bitsandbytes, and the error of each;
+   where bitsandbytes multiplies by 1/absmax and counts the 15 midpoints strictly below
+   (`lorakit.loftq.nfquantizer_roundtrip`, checked against peft 0.19.1's class: identical dequantized weights on a
+   4096 x 4096 normal matrix and on the embedded model). Printed: how many values differ from bitsandbytes,
+   and the error of each;
 4. peft's LoftQ ignores the LoRA scaling (peft issue #1982): with alpha = 2r its adapters start at 2x the
    residual; the error of that start against lorakit's (which divides by the scaling).
 
@@ -26,17 +26,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 
-from lorakit.loftq import loftq_init, peft_on_cpu  # noqa: E402
+from lorakit.loftq import loftq_init, nfquantizer_roundtrip, peft_on_cpu  # noqa: E402
 from lorakit.models import TINY, load_base  # noqa: E402
-from lorakit.nf4 import dequantize_nf4, nf4_code, quantize_nf4  # noqa: E402
-
-
-def nearest_code_by_division(W: torch.Tensor, blocksize: int = 64) -> torch.Tensor:
-    """peft <= 0.19's NFQuantizer, quantize then dequantize: x / absmax, argmin |x - code|, code * absmax."""
-    blocks = W.reshape(-1, blocksize).float()
-    absmax = blocks.abs().amax(dim=1, keepdim=True)
-    idx = torch.argmin(((blocks / absmax).unsqueeze(-1) - nf4_code()).abs(), dim=-1)
-    return (nf4_code()[idx] * absmax).reshape(W.shape)
+from lorakit.nf4 import dequantize_nf4, quantize_nf4  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -77,7 +69,7 @@ def main(argv=None) -> int:
     for name, flat in tests.items():
         packed, state = quantize_nf4(flat)
         deq_bnb = dequantize_nf4(packed, state)
-        deq_old = nearest_code_by_division(flat)
+        deq_old = nfquantizer_roundtrip(flat)
         differ = int((deq_bnb != deq_old).sum())
         print(f"| {name} | {differ} of {flat.numel():,} | {torch.linalg.norm(flat - deq_old):.6f} "
               f"| {torch.linalg.norm(flat - deq_bnb):.6f} |")

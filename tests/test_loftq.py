@@ -110,3 +110,17 @@ def test_peft_on_cuda_equals_lorakit_on_cpu():
     print(f"NF4 values that differ between CUDA and CPU: {differing} of {W.numel()}")
     assert differing == 0
     torch.testing.assert_close((B @ A).cpu(), mine.lora_B @ mine.lora_A, rtol=1e-3, atol=1e-5)
+
+
+def test_nfquantizer_rule_agrees_with_bitsandbytes_almost_everywhere():
+    """peft <= 0.19's NFQuantizer (divide, argmin) against bitsandbytes (multiply by 1/absmax, midpoints): the same
+    16 values, so only numbers next to a midpoint can round differently."""
+    from lorakit.loftq import nfquantizer_roundtrip
+    from lorakit.nf4 import nf4_code
+
+    W = weight((256, 512), seed=6)
+    packed, state = quantize_nf4(W)
+    ours, theirs = dequantize_nf4(packed, state), nfquantizer_roundtrip(W)
+    assert (ours != theirs).sum() <= W.numel() // 10_000
+    block = torch.linspace(-1, 1, 64)                        # absmax 1: every result is one of the 16 values
+    assert torch.isin(nfquantizer_roundtrip(block), nf4_code()).all()

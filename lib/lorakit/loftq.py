@@ -29,9 +29,10 @@ from dataclasses import dataclass, field
 import torch
 from torch.overrides import TorchFunctionMode
 
-from lorakit.nf4 import NF4State, dequantize_nf4, quantize_nf4
+from lorakit.nf4 import NF4State, dequantize_nf4, nf4_code, quantize_nf4
 
-__all__ = ["LoftQResult", "low_rank", "loftq_iteration", "loftq_init", "reconstruction_error", "peft_on_cpu"]
+__all__ = ["LoftQResult", "low_rank", "loftq_iteration", "loftq_init", "reconstruction_error", "peft_on_cpu",
+           "nfquantizer_roundtrip"]
 
 
 def _check(weight: torch.Tensor, r: int, scaling: float) -> None:
@@ -146,3 +147,15 @@ def peft_on_cpu():
         return
     with _AcceleratorMovesToCpu():
         yield
+
+
+def nfquantizer_roundtrip(weight: torch.Tensor, blocksize: int = 64) -> torch.Tensor:
+    """Quantize and dequantize the way peft 0.17-0.19's `NFQuantizer` did (its fallback when bitsandbytes could
+    not quantize to 4 bits; peft 0.20 removed it), for comparison with bitsandbytes: the same 16 NF4 values, but
+    each block is divided by its absmax (bitsandbytes multiplies by 1/absmax) and a number takes the nearest
+    value by argmin |x - value| (bitsandbytes counts the midpoints strictly below it). Checked against peft
+    0.19.1's class: the same dequantized weights. Its numel must be a multiple of `blocksize`, as there."""
+    blocks = weight.detach().reshape(-1, blocksize).float()                    # (n_blocks, blocksize)
+    absmax = blocks.abs().amax(dim=1, keepdim=True)
+    idx = torch.argmin(((blocks / absmax).unsqueeze(-1) - nf4_code()).abs(), dim=-1)
+    return (nf4_code()[idx] * absmax).reshape(weight.shape)
