@@ -1,5 +1,6 @@
 """The Colab path: a learner clicks "Open in Colab" on a lesson, runs the setup cell, and the kit with its
-tested stack is installed from the repository; on their own machine the same cell does nothing.
+tested stack is installed from the repository; on their own machine the same cell does nothing. (What
+`lorakit.install colab` pins is tested in tests/test_install.py.)
 
 tests/test_course.py checks the template (`stamp`, and `setup_source()` executed in-process with a fake
 `google.colab`); tests/test_pipeline.py checks that the solutions are stamped. This file checks what Colab
@@ -80,25 +81,30 @@ def test_setup_cell_comes_first_and_is_the_standard_one(lesson):
     assert not code[0].metadata.get("nbgrader"), f"lessons/{lesson}: the setup cell must not be an nbgrader cell"
 
 
-def test_the_install_command_is_the_configured_one():
-    """The command written into the setup cell is exactly `course.colab_install_command()`, and its
-    requirement names this package at the configured repository and branch."""
+def test_the_install_commands_are_the_configured_ones():
+    """The commands written into the setup cell are exactly `course.colab_install_commands()`: the kit from
+    the configured repository and branch without dependencies, then the kit's own installer, which adds the
+    learner's dependencies at the tested versions (tests/test_install.py checks what it pins)."""
     tree = ast.parse(course.setup_source())
     runs = [n for n in ast.walk(tree) if isinstance(n, ast.Call) and ast.unparse(n.func) == "subprocess.run"]
-    assert len(runs) == 1, "the setup cell should make exactly one subprocess.run call"
-    argv = runs[0].args[0]
-    assert isinstance(argv, ast.List)
-    written = [sys.executable if ast.unparse(e) == "sys.executable" else ast.literal_eval(e) for e in argv.elts]
-    assert written == course.colab_install_command()
-    assert any(k.arg == "check" and ast.literal_eval(k.value) is True for k in runs[0].keywords), \
-        "the install must raise when pip fails (check=True), or the next import fails with a confusing error"
-    # The call sits under `if ON_COLAB:`.
-    guard = next(n for n in ast.walk(tree) if isinstance(n, ast.If) and runs[0] in ast.walk(n))
-    assert ast.unparse(guard.test) == "ON_COLAB"
-    req = Requirement(written[-1])
+    assert len(runs) == 2, "the setup cell should make exactly two subprocess.run calls"
+    written = []
+    for run in runs:
+        argv = run.args[0]
+        assert isinstance(argv, ast.List)
+        written.append([sys.executable if ast.unparse(e) == "sys.executable" else ast.literal_eval(e) for e in argv.elts])
+        assert any(k.arg == "check" and ast.literal_eval(k.value) is True for k in run.keywords), \
+            "an install must raise when it fails (check=True), or the next import fails with a confusing error"
+        # Each call sits under `if ON_COLAB:`.
+        guard = next(n for n in ast.walk(tree) if isinstance(n, ast.If) and run in ast.walk(n))
+        assert ast.unparse(guard.test) == "ON_COLAB"
+    assert written == course.colab_install_commands()
+    kit, deps = written
+    assert kit[1:4] == ["-m", "pip", "install"] and "--no-deps" in kit, "pip must be the kernel's own (sys.executable -m pip)"
+    req = Requirement(kit[-1])
     assert req.name == PYPROJECT["project"]["name"] == "lorakit"
     assert req.url == f"git+{course.REPOSITORY}@{course.BRANCH}"
-    assert written[1:4] == ["-m", "pip", "install"], "pip must be the kernel's own (sys.executable -m pip)"
+    assert deps[1:] == ["-m", "lorakit.install", "colab"]
 
 
 SIMULATE = textwrap.dedent("""
@@ -140,8 +146,8 @@ def test_setup_cell_locally_installs_nothing_and_prints_the_versions(tmp_path):
 
 def test_setup_cell_on_colab_installs_the_kit(tmp_path):
     calls, out = _run_setup_cell(tmp_path, colab=True)
-    expected = course.colab_install_command()
-    assert calls == [[sys.executable, *expected[1:]]], f"on Colab the setup cell should run {expected}, ran {calls}"
+    expected = course.colab_install_commands()
+    assert calls == [[sys.executable, *cmd[1:]] for cmd in expected], f"on Colab the setup cell should run {expected}, ran {calls}"
     assert "torch" in out, "after installing, the setup cell prints the versions"
 
 
@@ -188,6 +194,10 @@ def test_installed_package_pins_the_tested_stack(wheel):
     base = {str(r) for r in requires if not r.marker}
     declared = {str(Requirement(d)) for d in PYPROJECT["project"]["dependencies"]}
     assert base == declared
+    import lorakit
+    assert f"Version: {lorakit.__version__}" in text and "License-Expression: MIT" in text
+    assert "lorakit/tested.txt" in wheel.namelist(), "the lock ships with the kit (Colab and `lorakit env` read it)"
+    assert any(n.endswith("licenses/LICENSE") for n in wheel.namelist()), "the LICENSE file ships in the wheel"
     by_name = {Requirement(d).name: Requirement(d) for d in PYPROJECT["project"]["dependencies"]}
     for name in ("torch", "transformers", "peft", "bitsandbytes"):
         assert by_name[name].specifier, f"{name} must have a version range: Colab installs whatever is newest otherwise"

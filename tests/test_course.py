@@ -94,5 +94,6 @@ def test_setup_cell_is_a_no_op_off_colab_and_installs_on_colab(tmp_path, monkeyp
     for m in [m for m in sys.modules if m == "google" or m.startswith("google.")]:
         monkeypatch.delitem(sys.modules, m)
     exec(course.setup_source(), {})
-    assert calls == [course.colab_install_command()]
+    assert calls == course.colab_install_commands()
     assert calls[0][-1].startswith("lorakit @ git+" + course.REPOSITORY)
+    assert calls[1][-2:] == ["lorakit.install", "colab"]

@@ -6,6 +6,10 @@ import argparse
 import sys
 
 
+# Commands that need more than the learner's install: nbgrader generates the student versions and grades.
+NEEDS_EXTRA = {"lessons": "instructor", "grade": "instructor"}
+
+
 def _lessons(args) -> int:
     from . import course
     for p in course.generate_lessons(args.lesson or None):
@@ -53,9 +57,12 @@ def main(argv: list[str] | None = None) -> int:
 
     args = parser.parse_args(argv)
     from .course import CourseError
+    from .install import InstallError, require_extra
     try:
+        if args.command in NEEDS_EXTRA:
+            require_extra(NEEDS_EXTRA[args.command])
         return args.func(args)
-    except CourseError as e:
+    except (CourseError, InstallError) as e:
         print(f"lorakit {args.command}: {e}", file=sys.stderr)
         return 2
 

@@ -143,13 +143,16 @@ def colab_badge(lesson: str) -> str:
 
 
 def colab_requirement() -> str:
-    """The pip requirement the setup cell installs on Colab: the kit (and with it the tested stack)."""
+    """The pip requirement the setup cell installs on Colab: the kit from the repository."""
     return f"lorakit @ git+{REPOSITORY}@{BRANCH}"
 
 
-def colab_install_command() -> list[str]:
-    """What the setup cell runs on Colab."""
-    return [sys.executable, "-m", "pip", "install", "-q", colab_requirement()]
+def colab_install_commands() -> list[list[str]]:
+    """What the setup cell runs on Colab: the kit alone (no dependencies), then the kit's own installer
+    (`lorakit.install colab`), which adds the learner's dependencies with the course's stack at its tested
+    versions and keeps what Colab already has in range, its CUDA torch first of all."""
+    return [[sys.executable, "-m", "pip", "install", "-q", "--no-deps", colab_requirement()],
+            [sys.executable, "-m", "lorakit.install", "colab"]]
 
 
 SETUP_SOURCE = """\
@@ -157,7 +160,8 @@ SETUP_SOURCE = """\
 import importlib.util, subprocess, sys
 ON_COLAB = importlib.util.find_spec("google") is not None and importlib.util.find_spec("google.colab") is not None
 if ON_COLAB:
-    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "{requirement}"], check=True)
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "{requirement}"], check=True)
+    subprocess.run([sys.executable, "-m", "lorakit.install", "colab"], check=True)
 from lorakit.env import print_versions
 print_versions()"""
 
@@ -285,25 +289,21 @@ def execute(path: Path, output: Path, parameters: dict | None = None, *, allow_e
     With allow_errors the run goes on past failing cells (used for student versions and `check`)."""
     import papermill as pm
     output.parent.mkdir(parents=True, exist_ok=True)
-    env_before = os.environ.get("HF_HUB_OFFLINE")
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    try:
-        if not allow_errors:
-            pm.execute_notebook(str(path), str(output), parameters=parameters or {}, kernel_name="python3",
-                                cwd=str(cwd or path.parent), progress_bar=False, execution_timeout=timeout)
-            return nbformat.read(output, as_version=4)
-        from nbclient import NotebookClient
-        from papermill.parameterize import parameterize_notebook
-        from papermill.iorw import load_notebook_node
-        nb = parameterize_notebook(load_notebook_node(str(path)), parameters or {}, kernel_name="python3")
-        client = NotebookClient(nb, kernel_name="python3", allow_errors=True, timeout=timeout,
-                                resources={"metadata": {"path": str(cwd or path.parent)}})
-        client.execute()
-        nbformat.write(nb, output)
-        return nb
-    finally:
-        if env_before is None:
-            os.environ.pop("HF_HUB_OFFLINE", None)
+    # The kernel inherits this process's environment as it is: offline where the caller is (tests and CI
+    # set HF_HUB_OFFLINE=1), free to download a hub MODEL_ID elsewhere. The embedded model needs no hub.
+    if not allow_errors:
+        pm.execute_notebook(str(path), str(output), parameters=parameters or {}, kernel_name="python3",
+                            cwd=str(cwd or path.parent), progress_bar=False, execution_timeout=timeout)
+        return nbformat.read(output, as_version=4)
+    from nbclient import NotebookClient
+    from papermill.parameterize import parameterize_notebook
+    from papermill.iorw import load_notebook_node
+    nb = parameterize_notebook(load_notebook_node(str(path)), parameters or {}, kernel_name="python3")
+    client = NotebookClient(nb, kernel_name="python3", allow_errors=True, timeout=timeout,
+                            resources={"metadata": {"path": str(cwd or path.parent)}})
+    client.execute()
+    nbformat.write(nb, output)
+    return nb
 
 
 def graded_cells(nb: nbformat.NotebookNode) -> list[tuple[str, bool, str]]:

@@ -15,8 +15,13 @@ from dataclasses import dataclass
 
 import torch
 
+from lorakit import install
+
+# What the lessons run on (the learner's install), then what only instructors install (lorakit[instructor]).
 STACK = ("torch", "transformers", "peft", "bitsandbytes", "datasets", "accelerate",
-         "nbgrader", "papermill", "ipywidgets", "matplotlib", "tqdm")
+         "papermill", "ipywidgets", "matplotlib", "tqdm")
+INSTRUCTOR_TOOLS = ("nbgrader", "jupyterlab")
+REQUIRED = ("torch", "transformers", "peft", "bitsandbytes", "datasets")
 
 
 def pick_device(device: str | torch.device = "auto") -> torch.device:
@@ -84,8 +89,25 @@ def versions(packages=STACK) -> dict[str, str | None]:
     return out
 
 
+def tested_versions(packages=STACK) -> dict[str, str | None]:
+    """The versions CI tested (lib/lorakit/tested.txt), None for a package the lock does not pin."""
+    lock = install.tested()
+    return {name: lock.get(install.normalize(name)) for name in packages}
+
+
+def differs(running: str | None, tested: str | None) -> bool:
+    """A running version that is not the tested release (a build label such as +cpu or +cu126 aside)."""
+    return bool(running and tested and install.base_version(running) != tested)
+
+
 def print_versions() -> None:
-    print("  ".join(f"{k} {v or 'MISSING'}" for k, v in versions().items()))
+    """One line: the running versions, with the tested one beside any that differs."""
+    tested = tested_versions()
+    parts = []
+    for name, ver in versions().items():
+        note = f" (tested {tested[name]})" if name in tested and differs(ver, tested[name]) else ""
+        parts.append(f"{name} {ver or 'MISSING'}{note}")
+    print("  ".join(parts))
 
 
 def import_bitsandbytes():
@@ -126,12 +148,34 @@ class Line:
     status: str  # "OK", "missing" or "warning"
 
 
+def version_lines() -> list[Line]:
+    """Running beside tested versions: a warning where they differ, missing where a package the lessons
+    need is absent or outside the range the kit supports (each with the command that fixes it)."""
+    tested = tested_versions(STACK + INSTRUCTOR_TOOLS)
+    outside = {name: spec for name, _, spec in install.out_of_range()}
+    lines = [Line("python", platform.python_version(), "OK")]
+    for name, ver in versions(STACK + INSTRUCTOR_TOOLS).items():
+        if name == "python":
+            continue
+        pin, spec = tested.get(name), outside.get(install.normalize(name))
+        if ver is None and name in INSTRUCTOR_TOOLS:
+            lines.append(Line(name, "not installed (instructors only: pip install 'lorakit[instructor]')", "OK"))
+        elif ver is None:
+            lines.append(Line(name, f"not installed: {install.fix(name)}", "missing" if name in REQUIRED else "warning"))
+        elif spec:
+            lines.append(Line(name, f"{ver} is outside the range lorakit supports ({spec}): {install.fix(name, spec)}",
+                              "missing"))
+        elif differs(ver, pin):
+            lines.append(Line(name, f"{ver}, tested {pin}: results may differ from the course's (Colab's setup "
+                                    f"cell and `make lab` install the tested versions)", "warning"))
+        else:
+            lines.append(Line(name, ver + (f" (tested {pin})" if pin else ""), "OK"))
+    return lines
+
+
 def check(device: str | torch.device = "auto") -> list[Line]:
     """The environment check as lines of (item, value, status)."""
-    lines: list[Line] = []
-    for name, ver in versions().items():
-        required = name in ("python", "torch", "transformers", "peft", "bitsandbytes", "datasets")
-        lines.append(Line(name, ver or "not installed", "OK" if ver else ("missing" if required else "warning")))
+    lines = version_lines()
     dev = pick_device(device)
     if dev.type == "cuda":
         cap = ".".join(map(str, torch.cuda.get_device_capability(dev)))

@@ -12,6 +12,10 @@ The reference version of lesson 01. Everything here works from a config alone (n
 - `estimate(config, method, ...)`: a `MemoryEstimate` with a per-part breakdown for "full" (mixed-precision
   AdamW: 2 + 2 + 4 + 8 = 16 bytes per parameter), "lora" and "qlora" (NF4 weights + quantization
   constants + adapters with their gradients and Adam states + a rough activation budget).
+  With `world_size=N, sharding=...` it is the memory of ONE device of a data-parallel run: "none" (DDP,
+  every device holds everything), "zero1" / "zero2" / "zero3" (the ZeRO paper's P_os, P_os+g, P_os+g+p;
+  FSDP's SHARD_GRAD_OP and FULL_SHARD are accepted by name), with `cpu_offload` moving sharded states to
+  the host (lesson 08).
 - `measure(model)`: the bytes a loaded model's tensors really hold, including bitsandbytes' 4-bit
   quantization constants, which transformers' `get_memory_footprint()` leaves out.
 """
@@ -34,6 +38,14 @@ OPTIMIZER_BYTES = {"adamw": 8, "adamw_bf16": 4, "adamw_8bit": 2, "sgd": 0}
 PEFT_DEFAULT_TARGETS = ("q_proj", "v_proj")
 ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP = ("gate_proj", "up_proj", "down_proj")
+# Data-parallel sharding, by ZeRO stage (Rajbhandari et al. 2019, arXiv 1910.02054): "none" is DDP (every
+# device holds all model states), "zero1" shards the optimizer states, "zero2" the gradients too, "zero3"
+# the weights too. PyTorch FSDP's strategies are accepted by name: they keep the same per-device memory.
+SHARDINGS = ("none", "zero1", "zero2", "zero3")
+FSDP_SHARDING = {"NO_SHARD": "none", "SHARD_GRAD_OP": "zero2", "FULL_SHARD": "zero3"}
+# dtypes bitsandbytes can pack 4-bit weights into (`bnb_4bit_quant_storage`): the bytes are the same, but
+# FSDP shards only floating-point tensors.
+QUANT_STORAGE = ("uint8", "bf16", "fp16", "fp32")
 
 _LLAMA2 = dict(model_type="llama", vocab_size=32000, max_position_embeddings=4096, rms_norm_eps=1e-5,
                tie_word_embeddings=False)
@@ -277,12 +289,14 @@ def activation_bytes(cfg, batch_size: int = 1, seq_len: int = 512, *, gradient_c
 
 @dataclass
 class MemoryEstimate:
-    """Bytes per part of a fine-tuning run; `total_bytes` adds them up."""
+    """Bytes per part of a fine-tuning run on one device; `total_bytes` adds them up. `offloaded` holds what
+    a sharded run with CPU offload keeps in host memory instead (per process)."""
     method: str
     parts: dict[str, int]
     params: int
     trainable: int
     notes: dict = field(default_factory=dict)
+    offloaded: dict[str, int] = field(default_factory=dict)
 
     @property
     def total_bytes(self) -> int:
@@ -297,29 +311,89 @@ class MemoryEstimate:
         """What the loaded model holds: weights plus their quantization constants."""
         return self.parts.get("weights", 0) + self.parts.get("quantization constants", 0)
 
+    @property
+    def offloaded_bytes(self) -> int:
+        return sum(self.offloaded.values())
+
     def table(self) -> str:
-        rows = [f"{k:<24}{v / 1e9:>10.2f} GB" for k, v in self.parts.items()]
-        rows.append(f"{'total (' + self.method + ')':<24}{self.gb:>10.2f} GB")
+        where = "" if self.notes.get("world_size", 1) == 1 else ", per device"
+        total = f"total ({self.method}{where})"
+        w = max(24, 1 + max(len(name) for name in [*self.parts, total, *(k + " (CPU)" for k in self.offloaded)]))
+        rows = [f"{k:<{w}}{v / 1e9:>10.2f} GB" for k, v in self.parts.items()]
+        rows.append(f"{total:<{w}}{self.gb:>10.2f} GB")
+        rows += [f"{k + ' (CPU)':<{w}}{v / 1e9:>10.2f} GB" for k, v in self.offloaded.items()]
         return "\n".join(rows)
 
     def __str__(self) -> str:
         return self.table()
 
 
+def sharding_stage(sharding) -> int:
+    """The ZeRO stage (0 = none, DDP) of `sharding`: None, "none", "ddp", "zero0" to "zero3", or one of
+    FSDP's strategy names ("NO_SHARD", "SHARD_GRAD_OP", "FULL_SHARD", any case)."""
+    name = "none" if sharding is None else str(sharding)
+    name = FSDP_SHARDING.get(name.upper(), name.lower())
+    if name in ("ddp", "zero0"):
+        name = "none"
+    if name in SHARDINGS:
+        return SHARDINGS.index(name)
+    if name.upper() in ("HYBRID_SHARD", "_HYBRID_SHARD_ZERO2"):
+        raise ValueError(f"{sharding!r} shards inside each node and replicates across nodes: estimate it as "
+                         "'zero3' (or 'zero2') with world_size = the number of devices per node")
+    raise ValueError(f"unknown sharding {sharding!r}: use one of {', '.join(SHARDINGS)} or FSDP's "
+                     f"{', '.join(FSDP_SHARDING)}")
+
+
+def _check_world_size(world_size) -> None:
+    if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
+        raise ValueError(f"world_size is the number of devices (processes) and must be a whole number >= 1; "
+                         f"found {world_size!r}")
+
+
+def _gathered_bytes(cfg, method: str, wb: int) -> int:
+    """What a ZeRO-3 / FULL_SHARD device holds unsharded while it computes, as FSDP wraps a decoder: the
+    root unit (embeddings, final norm, lm_head: gathered for the whole forward and backward) plus two
+    decoder layers (the one computing and the next one being prefetched)."""
+    mods = modules(cfg)
+    tied = _sizes(cfg)["tied"]
+    layer = {n: m for n, m in mods.items() if n.startswith("model.layers.0.")}
+    if method == "qlora":
+        linear = sum(m[1] * m[2] for m in layer.values() if m[0] == "linear")
+        rest = sum(_module_params(*m) for m in layer.values()) - linear
+        n_layers = _sizes(cfg)["layers"]
+        per_layer = int(linear * BYTES["nf4"] + rest * wb) + quantization_constant_bytes(cfg) // n_layers
+    else:
+        per_layer = sum(_module_params(*m) for m in layer.values()) * wb
+    root = sum(_module_params(*m) for n, m in mods.items()
+               if not n.startswith("model.layers.") and not (tied and n == "lm_head")) * wb
+    return root + 2 * per_layer
+
+
 def estimate(cfg, method: str, r: int = 8, target_modules=None, batch_size: int = 1, seq_len: int = 512, *,
              weight_dtype: str = "bf16", optimizer: str = "adamw", master_weights: bool = True,
              double_quant: bool = True, blocksize: int = 64, gradient_checkpointing: bool = True,
-             activations: bool = True) -> MemoryEstimate:
-    """Memory to fine-tune the model `cfg` describes, per part, in bytes.
+             activations: bool = True, world_size: int = 1, sharding="none", cpu_offload: bool = False,
+             quant_storage: str = "uint8") -> MemoryEstimate:
+    """Memory to fine-tune the model `cfg` describes, per part, in bytes, on one device.
 
     - "full": every parameter trains: weights and gradients in `weight_dtype`, fp32 master weights
       (mixed precision, unless master_weights=False or the weights are fp32) and optimizer states
-      (AdamW: 8 bytes) -> 16 bytes per parameter with the defaults.
+      (AdamW: 8 bytes) -> 16 bytes per parameter with the defaults. `cfg` may also be a bare parameter
+      count here (with activations=False), as in the ZeRO paper.
     - "lora": frozen weights in `weight_dtype`; adapters (peft keeps them in fp32) with fp32 gradients and
       optimizer states: 16 bytes per trainable parameter.
     - "qlora": like "lora", but the linear layers of the blocks are stored in NF4 with their quantization
       constants (double quantization by default); embeddings, norms and lm_head stay in `weight_dtype`.
-    `activations` adds `activation_bytes` (a rough budget); CUDA context and allocator slack are not counted.
+    `activations` adds `activation_bytes` for `batch_size` sequences per device (a rough budget); CUDA
+    context and allocator slack are not counted.
+
+    Data parallel over `world_size` devices (per device; see `SHARDINGS`): "none" (DDP) keeps everything on
+    every device; "zero1" divides the optimizer states and fp32 master weights by world_size, "zero2" the
+    gradients too, "zero3" (FSDP FULL_SHARD) the weights (adapters included) too, and then adds the layers
+    a device gathers while it computes (`_gathered_bytes`). `cpu_offload` moves the sharded optimizer
+    states and master weights to the host (ZeRO-Offload), with "zero3" the sharded weights and gradients
+    too (FSDP's CPUOffload); they are listed in `offloaded`. QLoRA under FSDP needs the 4-bit weights
+    stored in a float dtype (`quant_storage`, bitsandbytes' `bnb_4bit_quant_storage`).
     """
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}: use one of {', '.join(METHODS)}")
@@ -327,7 +401,34 @@ def estimate(cfg, method: str, r: int = 8, target_modules=None, batch_size: int 
         raise ValueError(f"weight_dtype must be fp32, fp16 or bf16 (use method='qlora' for 4-bit); found {weight_dtype!r}")
     if optimizer not in OPTIMIZER_BYTES:
         raise ValueError(f"unknown optimizer {optimizer!r}; known: {', '.join(OPTIMIZER_BYTES)}")
-    n = count_parameters(cfg)
+    _check_world_size(world_size)
+    stage = sharding_stage(sharding)
+    fsdp = str(sharding).upper() in FSDP_SHARDING
+    if cpu_offload and stage == 0:
+        raise ValueError("cpu_offload needs sharded states: DDP keeps a full copy on every device. Use "
+                         "sharding='zero2' (DeepSpeed ZeRO-Offload) or 'zero3' (FSDP FULL_SHARD with CPUOffload), "
+                         "which work with world_size=1 too")
+    if quant_storage not in QUANT_STORAGE:
+        raise ValueError(f"quant_storage must be one of {', '.join(QUANT_STORAGE)}; found {quant_storage!r}")
+    if quant_storage != "uint8" and method != "qlora":
+        raise ValueError(f"quant_storage={quant_storage!r} is the storage of 4-bit weights: it applies to "
+                         "method='qlora' only")
+    if method == "qlora" and quant_storage == "uint8" and (stage == 3 or (fsdp and stage > 0)):
+        raise ValueError(f"sharding={sharding!r} shards the frozen 4-bit weights, and FSDP (like DeepSpeed ZeRO-3) "
+                         "shards only floating-point tensors: bitsandbytes packs them as uint8 by default. Load "
+                         "with BitsAndBytesConfig(bnb_4bit_quant_storage=torch.bfloat16) and pass quant_storage='bf16' "
+                         "(same bytes), or shard less (sharding='zero2' keeps the frozen weights whole)")
+    bare = isinstance(cfg, int) and not isinstance(cfg, bool)
+    if bare:
+        if method != "full":
+            raise ValueError(f"a bare parameter count has no layers to put LoRA adapters on: pass a config for "
+                             f"method={method!r} (or use method='full')")
+        if activations:
+            raise ValueError("a bare parameter count has no architecture to size activations from: pass "
+                             "activations=False (the ZeRO paper counts model states only) or a config")
+        if cfg <= 0:
+            raise ValueError(f"the parameter count must be positive; found {cfg:,}")
+    n = cfg if bare else count_parameters(cfg)
     wb = BYTES[weight_dtype]
     parts: dict[str, int] = {}
     if method == "full":
@@ -349,11 +450,30 @@ def estimate(cfg, method: str, r: int = 8, target_modules=None, batch_size: int 
         parts["adapters"] = trainable * 4
         parts["gradients"] = trainable * 4
         parts["optimizer states"] = trainable * OPTIMIZER_BYTES[optimizer]
+    # Which parts each stage shards, and which of those cpu_offload sends to the host.
+    sharded = {"fp32 master weights", "optimizer states"} if stage >= 1 else set()
+    if stage >= 2:
+        sharded.add("gradients")
+    if stage >= 3:
+        sharded |= {"weights", "quantization constants", "adapters"}
+    to_host = {"fp32 master weights", "optimizer states"} if cpu_offload else set()
+    if cpu_offload and stage == 3:
+        to_host |= {"weights", "quantization constants", "adapters", "gradients"}
+    offloaded: dict[str, int] = {}
+    for part in list(parts):
+        if part in sharded:
+            parts[part] = -(-parts[part] // world_size)  # a device's share, rounded up
+        if part in to_host:
+            offloaded[part] = parts.pop(part)
+    if stage == 3 and not bare and (world_size > 1 or cpu_offload):
+        parts["gathered layers"] = _gathered_bytes(cfg, method, wb)
     if activations:
         parts["activations"] = activation_bytes(cfg, batch_size, seq_len, gradient_checkpointing=gradient_checkpointing,
                                                 dtype="bf16" if weight_dtype != "fp32" else "fp32")
-    return MemoryEstimate(method, parts, n, trainable,
-                          dict(r=r, target_modules=target_modules, batch_size=batch_size, seq_len=seq_len))
+    notes = dict(r=r, target_modules=target_modules, batch_size=batch_size, seq_len=seq_len)
+    if world_size > 1 or stage or cpu_offload:
+        notes.update(world_size=world_size, sharding=SHARDINGS[stage], cpu_offload=cpu_offload)
+    return MemoryEstimate(method, parts, n, trainable, notes, offloaded)
 
 
 # ----------------------------------------------------------------------------------------- measuring

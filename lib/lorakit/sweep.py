@@ -338,15 +338,11 @@ def _execute(notebook: Path, output: Path, params: dict, timeout: int, cwd: Path
     """papermill, as `lorakit.course.execute` runs lessons, with the kernel's own log quieted: when the sweep
     runs inside a notebook (lesson 06), each run's kernel would otherwise print its start-up warnings there."""
     import papermill as pm
-    offline_before = os.environ.get("HF_HUB_OFFLINE")
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the course never downloads (run_sweep sets it for all runs)
-    try:
-        pm.execute_notebook(str(notebook), str(output), parameters=params, kernel_name="python3", cwd=str(cwd),
-                            progress_bar=False, execution_timeout=timeout,
-                            extra_arguments=["--IPKernelApp.log_level=CRITICAL"])
-    finally:
-        if offline_before is None:
-            os.environ.pop("HF_HUB_OFFLINE", None)
+    # The kernel inherits the caller's environment unchanged (offline in tests and CI; a hub MODEL_ID set
+    # with --set may download elsewhere): nothing here changes os.environ, which worker threads share.
+    pm.execute_notebook(str(notebook), str(output), parameters=params, kernel_name="python3", cwd=str(cwd),
+                        progress_bar=False, execution_timeout=timeout,
+                        extra_arguments=["--IPKernelApp.log_level=CRITICAL"])
 
 
 def _describe(exc: Exception, executed: Path) -> str:
@@ -376,8 +372,6 @@ def run_sweep(grid="reduced", out_dir: str | os.PathLike | None = None, *, param
     out_dir.mkdir(parents=True, exist_ok=True)
     configs = grid.configs
     results: dict[Config, dict] = {}
-    offline_before = os.environ.get("HF_HUB_OFFLINE")
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # set once for all runs (threads share the environment)
     bar = tqdm(total=len(configs), desc=f"sweep {grid.name}", unit="config", disable=not progress)
     try:
         def one(cfg):
@@ -395,8 +389,6 @@ def run_sweep(grid="reduced", out_dir: str | os.PathLike | None = None, *, param
                     _report(bar, echo, cfg, row)
     finally:
         bar.close()
-        if offline_before is None:
-            os.environ.pop("HF_HUB_OFFLINE", None)
     rows = [{"study": study, **cfg.row(), **results[cfg]} for study, cfg in grid.entries]
     table = _frame(rows)
     write_results(table, out_dir / "results.csv")

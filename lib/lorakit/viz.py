@@ -100,7 +100,7 @@ def lora_shapes(d_out: int = 5000, d_in: int = 4000, r: int = 8, ax=None):
 
 MEMORY_COLORS = {"weights": "#4c72b0", "quantization constants": "#8172b3", "gradients": "#dd8452",
                  "fp32 master weights": "#c44e52", "optimizer states": "#937860", "adapters": "#55a868",
-                 "activations": "#8c8c8c"}
+                 "activations": "#8c8c8c", "gathered layers": "#64b5cd"}
 
 
 def memory_bars(estimates: dict, gpus=(16, 24, 48, 80), ax=None, title: str | None = None):
@@ -133,5 +133,41 @@ def memory_bars(estimates: dict, gpus=(16, 24, 48, 80), ax=None, title: str | No
     if title:
         ax.set_title(title)
     ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1), fontsize=8, frameon=False)
+    ax.figure.tight_layout()
+    return ax
+
+
+# --------------------------------------------------------------------------- lesson 08: sharded memory
+
+SHARDING_STYLES = {"DDP": ("none", False, "#8c8c8c"), "ZeRO-1": ("zero1", False, "#dd8452"),
+                   "ZeRO-2 / SHARD_GRAD_OP": ("zero2", False, "#55a868"), "ZeRO-3 / FULL_SHARD": ("zero3", False, "#4c72b0"),
+                   "ZeRO-3 + CPU offload": ("zero3", True, "#8172b3")}
+
+
+def sharding_curves(cfg, method: str, devices=(1, 2, 4, 8, 16, 32, 64), gpus=(24, 80), ax=None, **estimate_kw):
+    """Lesson 08: per-device memory (`lorakit.memory.estimate`) against the number of devices, one line per
+    strategy: DDP, ZeRO-1, ZeRO-2, ZeRO-3 and ZeRO-3 with CPU offload, dashed lines at GPU sizes (GB).
+    QLoRA under ZeRO-3 is estimated with its 4-bit weights stored in bf16 (what FSDP needs)."""
+    import matplotlib.pyplot as plt
+
+    from . import memory
+    if ax is None:
+        _, ax = plt.subplots(figsize=(7.5, 4))
+    for label, (sharding, offload, color) in SHARDING_STYLES.items():
+        kw = dict(estimate_kw, sharding=sharding, cpu_offload=offload)
+        if method == "qlora" and sharding == "zero3":
+            kw["quant_storage"] = "bf16"
+        gb = [memory.estimate(cfg, method, world_size=n, **kw).gb for n in devices]
+        ax.plot(devices, gb, marker="o", ms=3, color=color, label=label, ls="--" if offload else "-")
+    for g in gpus:
+        ax.axhline(g, color="black", lw=0.8, ls=":")
+        ax.text(devices[-1], g, f" {g} GB GPU", va="bottom", ha="right", fontsize=8)
+    ax.set(xscale="log", yscale="log", xlabel="devices (data-parallel processes)", ylabel="GB per device",
+           title=f"{cfg if isinstance(cfg, str) else 'model'}, {method}: memory of one device")
+    ax.set_xticks(list(devices), [str(d) for d in devices])
+    from matplotlib.ticker import FuncFormatter
+    ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    ax.yaxis.set_minor_formatter(FuncFormatter(lambda v, _: f"{v:g}" if str(v)[0] in "25" else ""))
+    ax.legend(fontsize=8, frameon=False, loc="upper left", bbox_to_anchor=(1.01, 1))
     ax.figure.tight_layout()
     return ax
