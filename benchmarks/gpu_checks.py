@@ -9,9 +9,11 @@ lessons it would execute (tests/test_gpu_checks.py runs it), so a device run doe
              outside torch's allocator), and whether the updates agree
 4. memory    torch.cuda.max_memory_allocated of LoRA / QLoRA / full fine-tuning steps on random-init models
              vs lorakit.memory.estimate for the same configuration
-5. lessons   every lesson's solution notebook on cuda with the embedded model (papermill), lesson 05 first
+5. loftq     peft's own loftq_init where it was written to run (bitsandbytes' CUDA kernel quantizes) vs
+             lorakit.loftq on the CPU, same weights: NF4 values differing, largest |B A| difference
+6. lessons   every lesson's solution notebook on cuda with the embedded model (papermill), lesson 05 first
              and with RESULTS_JSON so its before/after exact match is reported (section 6)
-6. lesson 05 before/after exact match, training seconds and peak memory, from the lesson's own JSON
+7. lesson 05 before/after exact match, training seconds and peak memory, from the lesson's own JSON
 
     python benchmarks/gpu_checks.py                     # all, on cuda (exits 2 without a GPU)
     python benchmarks/gpu_checks.py --only nf4 speed    # some sections
@@ -40,14 +42,15 @@ logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
 
 # The measurements first (short and bounded), then the lessons (lesson 05 first among them), so that a budget
 # spent by slow notebooks still leaves every measurement done.
-SECTIONS = ("nf4", "speed", "paged", "memory", "lessons", "lesson05")
+SECTIONS = ("nf4", "speed", "paged", "memory", "loftq", "lessons", "lesson05")
 # Seconds each section is expected to need on an H200 (a section is skipped when less than this is left).
-NEEDS = {"lessons": 60, "nf4": 10, "speed": 20, "paged": 15, "memory": 60, "lesson05": 0}
+NEEDS = {"lessons": 60, "nf4": 10, "speed": 20, "paged": 15, "memory": 60, "loftq": 40, "lesson05": 0}
 NF4_SHAPES = [(4096, 4096), (11008, 4096), (3, 1000)]            # the last one ends in a partial block
 SPEED_SHAPES = [(4096, 4096, 4096), (11008, 4096, 4096), (4096, 11008, 4096)]  # (out, in, tokens)
 MEMORY_MODELS = ("smollm2-135m", "llama-3.2-1b")
 RESERVE_FOR_LESSONS = 240  # seconds the memory section leaves for the lessons (it skips its larger models)
-DRY = {"nf4": [(64, 64), (3, 100)], "speed": [(128, 64, 32)], "memory": ("tiny",)}
+LOFTQ_SHAPES = [(4096, 4096), (1024, 4096)]  # the CPU side runs the SVDs too: kept small
+DRY = {"nf4": [(64, 64), (3, 100)], "speed": [(128, 64, 32)], "memory": ("tiny",), "loftq": [(128, 64)]}
 
 
 class Budget:
@@ -362,6 +365,26 @@ def lesson05_row(out: Path) -> list[list]:
 
 # -------------------------------------------------------------------------------------------- main
 
+def loftq_vs_peft(device, shapes, rank: int, num_iter: int = 2) -> list[list]:
+    """peft's loftq_init on `device` (on the CPU through lorakit.loftq.peft_on_cpu) against lorakit.loftq on the
+    CPU, on the same weights: how many dequantized NF4 values differ, and the largest |B A| difference."""
+    import torch
+    from peft.utils.loftq_utils import loftq_init as peft_loftq_init
+
+    from lorakit.loftq import loftq_init, peft_on_cpu
+    rows = []
+    for shape in shapes:
+        torch.manual_seed(0)
+        W = 0.02 * torch.randn(*shape)
+        with peft_on_cpu():
+            q, A, B = peft_loftq_init(W.to(device), num_bits=4, reduced_rank=rank, num_iter=num_iter)
+        mine = loftq_init(W, rank, num_iter=num_iter)
+        differ = int((q.float().cpu() != mine.dequantize()).sum())
+        ba = ((B @ A).float().cpu() - mine.lora_B @ mine.lora_A).abs().max().item()
+        rows.append([f"{shape[0]}x{shape[1]}", rank, num_iter, f"{differ}/{W.numel()}", ba])
+    return rows
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     import torch
@@ -369,14 +392,14 @@ def main(argv=None) -> int:
     from lorakit.env import print_versions
     if args.dry_run:
         device = torch.device("cpu")
-        nf4_shapes, speed_shapes, models = DRY["nf4"], DRY["speed"], DRY["memory"]
+        nf4_shapes, speed_shapes, models, loftq_shapes = DRY["nf4"], DRY["speed"], DRY["memory"], DRY["loftq"]
         reps, batch, seq = 2, 2, 32
     else:
         if not torch.cuda.is_available():
             print("gpu_checks: no CUDA device here: run it on a GPU machine, or with --dry-run on this one")
             return 2
         device = torch.device("cuda")
-        nf4_shapes, speed_shapes, models = NF4_SHAPES, SPEED_SHAPES, args.memory_models
+        nf4_shapes, speed_shapes, models, loftq_shapes = NF4_SHAPES, SPEED_SHAPES, args.memory_models, LOFTQ_SHAPES
         reps, batch, seq = args.reps, args.batch_size, args.seq_len
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -404,6 +427,9 @@ def main(argv=None) -> int:
                    ["model (random init)", "method", "estimate GB", "max_memory_allocated GB", "measured / estimate"],
                    lambda: memory_vs_estimate(device, models, batch, seq, args.rank, budget,
                                               reserve=RESERVE_FOR_LESSONS if "lessons" in args.sections else 0)),
+        "loftq": (f"LoftQ: peft's loftq_init on {device.type} vs lorakit.loftq on the CPU, r={args.rank}",
+                  ["shape", "r", "iterations", "NF4 values differing", "max |B A diff|"],
+                  lambda: loftq_vs_peft(device, loftq_shapes, args.rank)),
         "lesson05": ("lesson 05 before/after (from the lesson's RESULTS_JSON)",
                      ["model", "device", "dtype", "steps", "exact match before", "after", "training s", "peak memory"],
                      lambda: lesson05_row(out)),

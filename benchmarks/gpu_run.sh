@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Every GPU check of the kit in one prepared run on a device machine (no network there, 10 minutes at most):
 # every lesson on cuda with the embedded model, NF4 bytes vs bitsandbytes' CUDA kernels, QLoRALinear vs
-# Linear4bit + peft forward+backward, paged optimizers, max_memory_allocated vs lorakit.memory.estimate, and
+# Linear4bit + peft forward+backward, peft's LoftQ on CUDA vs lorakit.loftq, paged optimizers, max_memory_allocated vs lorakit.memory.estimate, and
 # lesson 05 before/after. The measurements are benchmarks/gpu_checks.py; this script prepares the machine.
 #
 #   1. here, where PyPI is reachable, once:   bash benchmarks/gpu_run.sh fetch
@@ -18,7 +18,7 @@
 # that the setup (about a minute) and the checks end within the device's 10 minutes.
 #
 # The GPU image has torch, transformers, accelerate, safetensors, tokenizers, pandas, matplotlib... but not
-# bitsandbytes, peft, datasets, papermill or a Jupyter kernel. We make a venv whose base is the image's Python
+# bitsandbytes, peft, trl, datasets, papermill or a Jupyter kernel. We make a venv whose base is the image's Python
 # environment (a .pth file adds its site-packages after ours, so the carried versions win), install the
 # wheels and the kit without dependencies (no index), then run the checks.
 set -euo pipefail
@@ -27,7 +27,7 @@ WHEELS=build/gpu/wheels
 OUT=${OUT:-build/gpu/out}
 # What the image lacks, by name; the versions come from the lock. Left out on purpose (size): jedi and
 # debugpy, both optional at run time for IPython and ipykernel.
-NEEDED="bitsandbytes peft datasets dill multiprocess xxhash pyarrow papermill entrypoints tenacity nbformat nbclient
+NEEDED="bitsandbytes peft trl datasets dill multiprocess xxhash pyarrow papermill entrypoints tenacity nbformat nbclient
 fastjsonschema jsonschema jsonschema-specifications referencing rpds-py jupyter-client jupyter-core traitlets
 platformdirs ipykernel comm ipython ipython-pygments-lexers parso pexpect ptyprocess prompt-toolkit wcwidth
 stack-data asttokens executing pure-eval matplotlib-inline pyzmq tornado nest-asyncio2 ipywidgets

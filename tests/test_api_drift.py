@@ -36,7 +36,7 @@ import pytest
 from lorakit import course
 
 ROOT = course.course_root()
-WATCHED = ("transformers", "peft", "bitsandbytes", "datasets", "accelerate", "safetensors", "lorakit")
+WATCHED = ("transformers", "peft", "bitsandbytes", "datasets", "accelerate", "safetensors", "trl", "lorakit")
 
 # lorakit functions whose **kwargs are handed on to a library callable (checked there).
 FORWARDS = {
@@ -446,7 +446,7 @@ def _problems(src: str) -> list[str]:
     ("from peft import get_peft_model\nm = get_peft_model(None, None)\nm.merge_and_unload(safe_merg=True)",
      "`safe_merg`"),
     ("import peft\npeft.prepare_model_for_int8_training(None)", "no longer exists"),
-    ("from lorakit.train import finetune\nfinetune(None, None, None, use_trainer=True, optimizer='x')", "`optimizer`"),
+    ("from lorakit.train import finetune\nfinetune(None, None, None, use_trainer=True, optimiser='x')", "`optimiser`"),
 ])
 def test_a_renamed_argument_fails_with_its_name(src, fragment):
     problems = _problems(src)

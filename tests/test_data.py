@@ -160,3 +160,24 @@ def test_answer_loss_is_the_training_loss_on_held_out_answers(tokenizer):
     model.train()  # the mode is put back
     answer_loss(model, tokenizer, ds, progress=False)
     assert model.training
+
+
+def test_the_chat_template_renders_the_prompt_format_and_masks_like_tokenize_with_masking(tokenizer):
+    """Lesson 07: apply_chat_template with data.CHAT_TEMPLATE gives the same text, tokens and loss mask as the
+    prompt template and tokenize_with_masking; the generation prompt is the prompt."""
+    tok = tokenizer
+    tok.chat_template = data.CHAT_TEMPLATE
+    try:
+        for ex in load_task("who_found")["validation"]:
+            msgs = data.chat_messages(ex)
+            assert tok.apply_chat_template(msgs, tokenize=False) == format_prompt(ex) + data.format_answer(ex) + tok.eos_token
+            assert tok.apply_chat_template(data.chat_messages(ex, with_answer=False), tokenize=False,
+                                           add_generation_prompt=True) == format_prompt(ex)
+            enc = tok.apply_chat_template(msgs, return_dict=True, return_assistant_tokens_mask=True)
+            ref = tokenize_with_masking(ex, tok, 256, padding=False)
+            assert enc["input_ids"] == ref["input_ids"]
+            assert [t if m else -100 for t, m in zip(enc["input_ids"], enc["assistant_masks"])] == ref["labels"]
+        with pytest.raises(Exception, match="system, user and assistant"):
+            tok.apply_chat_template([{"role": "tool", "content": "x"}], tokenize=False)
+    finally:
+        tok.chat_template = None

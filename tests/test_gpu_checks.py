@@ -66,7 +66,7 @@ def test_dry_run_measures_on_the_cpu(tmp_path):
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     out = res.stdout
     for title in ("lessons on cuda", "NF4: lorakit.nf4 vs bitsandbytes", "forward+backward", "paged optimizers",
-                  "peak memory vs lorakit.memory.estimate", "lesson 05 before/after"):
+                  "peak memory vs lorakit.memory.estimate", "LoftQ: peft's loftq_init", "lesson 05 before/after"):
         assert f"## {title}" in out, f"section {title!r} missing:\n{out}"
     report = json.loads((tmp_path / "gpu_report.json").read_text())
     assert [r[2] for r in report["nf4"]["rows"]] == ["bit-exact"] * 4, report["nf4"]["rows"]
@@ -74,6 +74,7 @@ def test_dry_run_measures_on_the_cpu(tmp_path):
     assert sorted(r[0] for r in report["lessons"]["rows"]) == course.lessons()
     assert {r[1] for r in report["memory"]["rows"]} == {"lora", "qlora", "full"}
     assert all(r[2] > 0 for r in report["memory"]["rows"])
+    assert [r[3].split("/")[0] for r in report["loftq"]["rows"]] == ["0"], report["loftq"]["rows"]  # CPU: bit-exact
     speed = report["speed"]["rows"][0]
     assert speed[1] > 0 and speed[2] > 0 and speed[4] < 0.05, speed
 

@@ -269,3 +269,63 @@ def test_merge_lora_keeps_an_already_merged_layer_once():
     merge_lora(model), merge_lora(copy_)
     for a, b in zip(model.parameters(), copy_.parameters()):
         torch.testing.assert_close(a, b)
+
+
+# ------------------------------------------------------------------------------- combining adapters
+
+def two_adapter_model(r0=4, r1=8, targets1=("q_proj", "v_proj")):
+    """A peft model with adapters "a" (rank r0, alpha 8) and "b" (rank r1, alpha 2 r1), B non-zero."""
+    from peft import LoraConfig, get_peft_model
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = get_peft_model(tiny_llama(), LoraConfig(r=r0, lora_alpha=8, target_modules=["q_proj", "v_proj"]),
+                               adapter_name="a")
+        model.add_adapter("b", LoraConfig(r=r1, lora_alpha=2 * r1, target_modules=list(targets1)))
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+    return model
+
+
+def adapter_state(model, name):
+    from peft import get_peft_model_state_dict
+
+    return get_peft_model_state_dict(model, adapter_name=name)
+
+
+def test_concat_adapters_equals_peft_add_weighted_adapter_cat():
+    model = two_adapter_model()
+    weights = [0.7, 1.3]
+    model.add_weighted_adapter(["a", "b"], weights, "ab", combination_type="cat")
+    scalings = [8 / 4, 16 / 8]
+    mine = lora.concat_adapters([adapter_state(model, "a"), adapter_state(model, "b")], scalings, weights)
+    theirs = adapter_state(model, "ab")
+    assert sorted(mine) == sorted(theirs)
+    for k in mine:
+        torch.testing.assert_close(mine[k], theirs[k], rtol=0, atol=0)
+    assert model.peft_config["ab"].r == 12 and model.peft_config["ab"].lora_alpha == 12  # scaling 1
+    # and the combination is the weighted sum of the two updates, exactly what cat promises
+    layer = model.base_model.model.model.layers[0].self_attn.q_proj
+    expected = sum(w * layer.get_delta_weight(a) for w, a in zip(weights, ["a", "b"]))
+    torch.testing.assert_close(layer.get_delta_weight("ab"), expected)
+
+
+def test_concat_lora_bad_input_is_explained():
+    A, B = torch.zeros(4, 16), torch.zeros(8, 4)
+    with pytest.raises(ValueError, match="one lora_A, lora_B, scaling and weight per adapter"):
+        lora.concat_lora([A, A], [B, B], [1.0], [1.0, 1.0])
+    with pytest.raises(ValueError, match=r"adapter 1: lora_A \(4, 16\) and lora_B \(8, 2\) do not fit"):
+        lora.concat_lora([A, A], [B, torch.zeros(8, 2)], [1.0, 1.0], [1.0, 1.0])
+    with pytest.raises(ValueError, match="adapter 1 adapts a 32 -> 8 layer but adapter 0 a 16 -> 8 layer"):
+        lora.concat_lora([A, torch.zeros(4, 32)], [B, B], [1.0, 1.0], [1.0, 1.0])
+
+
+def test_concat_adapters_with_other_targets_is_explained():
+    model = two_adapter_model(targets1=("q_proj", "k_proj"))
+    with pytest.raises(ValueError) as e:
+        lora.concat_adapters([adapter_state(model, "a"), adapter_state(model, "b")], [2.0, 2.0], [1.0, 1.0])
+    for words in ["other modules", "v_proj", "k_proj", "same target_modules", "add_weighted_adapter"]:
+        assert words in str(e.value)

@@ -246,6 +246,35 @@ def format_answer(example: dict) -> str:
     return " " + example["output"].strip()
 
 
+# The same format as a chat template (lesson 07). A chat template is a Jinja program stored with the
+# tokenizer that renders a list of messages into the model's prompt format; `apply_chat_template` runs it.
+# This one renders system = instruction, user = input, assistant = output into exactly the text above, so
+# a model fine-tuned either way sees the same tokens. `{% generation %}` marks the assistant's answer, which
+# is how transformers' `return_assistant_tokens_mask=True` (and trl's `assistant_only_loss`) find it.
+CHAT_TEMPLATE = (
+    "{%- for message in messages -%}"
+    "{%- if message['role'] == 'system' -%}"
+    "{{- '### Instruction:\\n' + message['content'] + '\\n\\n' -}}"
+    "{%- elif message['role'] == 'user' -%}"
+    "{{- '### Input:\\n' + message['content'] + '\\n\\n### Response:' -}}"
+    "{%- elif message['role'] == 'assistant' -%}"
+    "{%- generation -%}{{- ' ' + message['content'] | trim + eos_token -}}{%- endgeneration -%}"
+    "{%- else -%}"
+    "{{- raise_exception('this chat template knows the roles system, user and assistant, not ' + message['role']) -}}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+)
+
+
+def chat_messages(example: dict, with_answer: bool = True) -> list[dict]:
+    """An instruction example as chat messages: system = instruction, user = input, assistant = output."""
+    messages = [{"role": "system", "content": example["instruction"]},
+                {"role": "user", "content": example.get("input", "")}]
+    if with_answer:
+        messages.append({"role": "assistant", "content": example["output"]})
+    return messages
+
+
 def tokenize_with_masking(example: dict, tokenizer, max_length: int = 256, padding: bool = True) -> dict:
     """Tokenize prompt + answer + EOS for causal-LM training with the loss on the answer only.
 

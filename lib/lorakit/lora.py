@@ -23,7 +23,8 @@ import warnings
 import torch
 from torch import nn
 
-__all__ = ["LoRALinear", "inject_lora", "lora_state_dict", "merge_lora", "trainable_parameters"]
+__all__ = ["LoRALinear", "inject_lora", "lora_state_dict", "merge_lora", "trainable_parameters", "concat_lora",
+           "concat_adapters"]
 
 
 def _check_hyperparameters(r, alpha, dropout) -> None:
@@ -177,11 +178,13 @@ def trainable_parameters(model: nn.Module) -> int:
 
 
 def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Only the adapter weights: {'model.layers.0.self_attn.q_proj.lora_A.weight': tensor, ...}.
+    """Only the adapter weights: {'model.layers.0.self_attn.q_proj.lora_A.weight': tensor, ...}, and DoRA's
+    magnitude vectors ('....q_proj.lora_magnitude_vector', lesson 07) where there are any.
 
     These are all a fine-tune needs to save. peft's `set_peft_model_state_dict` loads them into a peft
     model after prefixing each key with 'base_model.model.'."""
-    return {k: v.detach().clone() for k, v in model.state_dict().items() if ".lora_A." in k or ".lora_B." in k}
+    return {k: v.detach().clone() for k, v in model.state_dict().items()
+            if ".lora_A." in k or ".lora_B." in k or k.endswith(".lora_magnitude_vector")}
 
 
 @torch.no_grad()
@@ -198,3 +201,54 @@ def merge_lora(model: nn.Module) -> nn.Module:
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, child, m.base_layer)
     return model
+
+
+# ------------------------------------------------------------------------------- combining adapters
+
+def concat_lora(lora_As, lora_Bs, scalings, weights) -> tuple[torch.Tensor, torch.Tensor]:
+    """Several adapters of one layer as one adapter of rank sum(r_i) and scaling 1 (peft's
+    `add_weighted_adapter(..., combination_type="cat")`):
+
+        A = [w_1 s_1 A_1; w_2 s_2 A_2; ...]   rows stacked: (r_1 + r_2 + ..., in)
+        B = [B_1, B_2, ...]                   columns side by side: (out, r_1 + r_2 + ...)
+
+    so that B @ A = sum_i w_i s_i B_i A_i exactly: nothing is approximated, the rank just adds up."""
+    n = len(lora_As)
+    if not (n == len(lora_Bs) == len(scalings) == len(weights)) or n == 0:
+        raise ValueError(f"give one lora_A, lora_B, scaling and weight per adapter; got {len(lora_As)} lora_As, "
+                         f"{len(lora_Bs)} lora_Bs, {len(scalings)} scalings and {len(weights)} weights.")
+    out_f, in_f = lora_Bs[0].shape[0], lora_As[0].shape[1]
+    for i, (A, B) in enumerate(zip(lora_As, lora_Bs)):
+        if A.dim() != 2 or B.dim() != 2 or A.shape[0] != B.shape[1]:
+            raise ValueError(f"adapter {i}: lora_A {tuple(A.shape)} and lora_B {tuple(B.shape)} do not fit: lora_A is "
+                             f"(r, in) and lora_B (out, r) with the same rank r. Pass each adapter's own A and B.")
+        if (B.shape[0], A.shape[1]) != (out_f, in_f):
+            raise ValueError(f"adapter {i} adapts a {A.shape[1]} -> {B.shape[0]} layer but adapter 0 a {in_f} -> "
+                             f"{out_f} layer: combine the adapters of the same module of the same base model.")
+    A = torch.cat([A * (w * s) for A, w, s in zip(lora_As, weights, scalings)], dim=0)   # (sum r, in)
+    B = torch.cat(list(lora_Bs), dim=1)                                                 # (out, sum r)
+    return A, B
+
+
+def concat_adapters(adapters: list[dict], scalings: list[float], weights: list[float]) -> dict[str, torch.Tensor]:
+    """`concat_lora` for every adapted module of a model: `adapters` are adapter state dicts (keys
+    '<module>.lora_A.weight' and '<module>.lora_B.weight', as `lora_state_dict` or peft's saved
+    adapter_model.safetensors hold them), `scalings` each adapter's alpha / r. Returns the combined state dict
+    (rank sum r_i, to be used with alpha = rank, i.e. scaling 1). The adapters must target the same modules."""
+    def modules(state):
+        return {k.removesuffix(".lora_A.weight") for k in state if k.endswith(".lora_A.weight")}
+
+    names = modules(adapters[0])
+    for i, state in enumerate(adapters[1:], start=1):
+        if modules(state) != names:
+            only_0, only_i = sorted(names - modules(state)), sorted(modules(state) - names)
+            raise ValueError(f"adapter {i} targets other modules than adapter 0 (only in adapter 0: {only_0[:3]}, only "
+                             f"in adapter {i}: {only_i[:3]}{' ...' if len(only_0) > 3 or len(only_i) > 3 else ''}). "
+                             f"Train both with the same target_modules, or let peft's add_weighted_adapter combine "
+                             f"them (it treats a module an adapter lacks as a zero update).")
+    out = {}
+    for name in sorted(names):
+        out[f"{name}.lora_A.weight"], out[f"{name}.lora_B.weight"] = concat_lora(
+            [s[f"{name}.lora_A.weight"] for s in adapters], [s[f"{name}.lora_B.weight"] for s in adapters],
+            scalings, weights)
+    return out

@@ -53,13 +53,15 @@ def _autocast(model, device: torch.device, bf16: bool | None):
 def finetune(model, tokenizer, train_ds, max_steps: int = 100, learning_rate: float = 2e-3,
              batch_size: int = 16, max_length: int = 256, warmup_steps: int = 10, weight_decay: float = 0.0,
              max_grad_norm: float = 1.0, seed: int = 0, bf16: bool | None = None, use_trainer: bool = False,
-             progress: bool = True, **trainer_args) -> FinetuneResult:
+             progress: bool = True, optimizer: torch.optim.Optimizer | None = None, **trainer_args) -> FinetuneResult:
     """Train `model`'s trainable parameters on `train_ds` for `max_steps` optimizer steps.
 
     `train_ds`: a `datasets.Dataset` of instruction examples or of tokenized ones. Batches are drawn by
     shuffling with `seed`, epoch after epoch. `bf16=None` uses bf16 autocast on a CPU and on GPUs of
     compute capability 8.0+. Extra keyword arguments go to `transformers.TrainingArguments` when
-    `use_trainer=True` (for example `optim="paged_adamw_32bit"` on a GPU).
+    `use_trainer=True` (for example `optim="paged_adamw_32bit"` on a GPU). `optimizer`: one you built
+    yourself (LoRA+'s `create_loraplus_optimizer`, say) instead of AdamW(learning_rate); the warmup and
+    decay then scale each of its parameter groups' own learning rate.
     """
     trainable = [p for p in model.parameters() if p.requires_grad]
     if not trainable:
@@ -69,14 +71,15 @@ def finetune(model, tokenizer, train_ds, max_steps: int = 100, learning_rate: fl
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     if use_trainer:
         return _finetune_trainer(model, tokenizer, data, pad_id, max_steps, learning_rate, batch_size,
-                                 warmup_steps, weight_decay, max_grad_norm, seed, bf16, progress, trainer_args)
+                                 warmup_steps, weight_decay, max_grad_norm, seed, bf16, progress, trainer_args,
+                                 optimizer)
     if trainer_args:
         raise TypeError(f"unexpected arguments {sorted(trainer_args)} (they are for use_trainer=True)")
 
     from tqdm.auto import tqdm
 
     device = next(model.parameters()).device
-    opt = torch.optim.AdamW(trainable, lr=learning_rate, weight_decay=weight_decay)
+    opt = optimizer or torch.optim.AdamW(trainable, lr=learning_rate, weight_decay=weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / max(1, warmup_steps)) * max(0.0, 1 - s / max_steps))
     rng = random.Random(seed)
@@ -111,7 +114,7 @@ def finetune(model, tokenizer, train_ds, max_steps: int = 100, learning_rate: fl
 
 
 def _finetune_trainer(model, tokenizer, data, pad_id, max_steps, learning_rate, batch_size, warmup_steps,
-                      weight_decay, max_grad_norm, seed, bf16, progress, trainer_args):
+                      weight_decay, max_grad_norm, seed, bf16, progress, trainer_args, optimizer=None):
     import tempfile
 
     from transformers import PrinterCallback, ProgressCallback, Trainer, TrainerCallback, TrainingArguments
@@ -140,7 +143,8 @@ def _finetune_trainer(model, tokenizer, data, pad_id, max_steps, learning_rate, 
                 disable_tqdm=not progress, remove_unused_columns=False, dataloader_num_workers=0)
     args.update(trainer_args)
     trainer = Trainer(model=model, args=TrainingArguments(**args), train_dataset=data,
-                      data_collator=lambda rows: collate(rows, pad_id), callbacks=[_Losses()])
+                      data_collator=lambda rows: collate(rows, pad_id), callbacks=[_Losses()],
+                      optimizers=(optimizer, None))
     trainer.remove_callback(PrinterCallback)
     trainer.remove_callback(ProgressCallback)
     if progress:
