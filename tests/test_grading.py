@@ -387,8 +387,7 @@ def test_flags_read_the_learners_own_code(key, answer, flagged):
         assert all(f.startswith("ex00_bytes_per_param:") for f in flags), flags
 
 
-@pytest.mark.parametrize("lesson", ["00_setup", "01_memory", "02_lora", "03_nf4", "04_qlora_from_scratch",
-                                    "05_qlora_finetune"])
+@pytest.mark.parametrize("lesson", course.lessons())
 def test_the_lessons_own_answers_are_never_flagged(lesson):
     """The instructor's answers use earlier lessons' references where the course means them to (the NF4 table
     in lesson 03's dequantize, lesson 02's LoRALinear under lesson 04's QLoRALinear): no flag."""
