@@ -193,7 +193,7 @@ def test_inject_keeps_the_output_at_init():
 def test_inject_errors_are_explained():
     with pytest.raises(ValueError, match=r"matched no module.*'q_proj'"):
         inject_lora(tiny_llama(), ["qproj"], r=4, alpha=4)
-    with pytest.raises(TypeError, match="list of module names"):
+    with pytest.raises(ValueError, match="target_modules is empty"):
         inject_lora(tiny_llama(), [], r=4, alpha=4)
     with pytest.raises(TypeError, match="list of module names"):
         inject_lora(tiny_llama(), None, r=4, alpha=4)

@@ -94,7 +94,7 @@ def test_all_linear_leaves_out_lm_head():
 
 @pytest.mark.parametrize("r", [0, -8, 2.5, True, "8"])
 def test_bad_rank_says_so(r):
-    with pytest.raises(ValueError, match="rank r must be a positive whole number"):
+    with pytest.raises(ValueError, match=r"LoRA rank\) must be a positive integer"):
         memory.lora_parameters("llama-2-7b", r, ["q_proj"])
 
 
@@ -213,7 +213,7 @@ def test_checks_explain_wrong_answers():
         check.count_parameters(untied)
 
     def no_gqa(cfg):  # k and v as wide as q
-        s = memory._sizes(cfg)
+        s = memory.sizes(cfg)
         return memory.count_parameters(cfg) + s["layers"] * 2 * s["h"] * (s["q"] - s["kv"])
     with pytest.raises(CheckFailed, match="grouped-query"):
         check.count_parameters(no_gqa)

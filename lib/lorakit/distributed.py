@@ -69,9 +69,9 @@ def rank_loss(logits: torch.Tensor, labels: torch.Tensor, n_label_tokens, world_
 
 def split_batch(global_batch_size: int, world_size: int) -> int:
     """Examples per process when `global_batch_size` examples are split over `world_size` processes."""
-    for name, v in (("global_batch_size", global_batch_size), ("world_size", world_size)):
-        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-            raise ValueError(f"{name} must be a whole number >= 1; found {v!r}")
+    from lorakit.memory import whole_number
+    global_batch_size = whole_number(global_batch_size, "global_batch_size")
+    world_size = whole_number(world_size, "world_size")
     if global_batch_size % world_size:
         lower = global_batch_size - global_batch_size % world_size
         options = " or ".join(str(x) for x in (lower, lower + world_size) if x > 0)
