@@ -16,12 +16,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import functools
 import html
 import json
 import os
-import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -49,10 +49,26 @@ class Graded:
         return self.outcome.status
 
 
-def _env_with_alembic() -> None:
-    bin_dir = str(Path(sys.executable).parent)
-    if bin_dir not in os.environ.get("PATH", "").split(os.pathsep):
-        os.environ["PATH"] = os.pathsep.join([bin_dir, os.environ.get("PATH", "")])
+_PATH_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def _alembic_on_path():
+    """nbgrader's Gradebook runs the `alembic` command (a subprocess with this process's environment, which it
+    offers no way to pass) when it creates a new gradebook's tables; alembic is installed beside this Python,
+    whose folder need not be on PATH (`.venv/bin/lorakit grade` without an activated venv). PATH becomes
+    `course.tools_env()`'s for that call only and is put back afterwards."""
+    from lorakit import course
+    with _PATH_LOCK:
+        old = os.environ.get("PATH")
+        os.environ["PATH"] = course.tools_env()["PATH"]
+        try:
+            yield
+        finally:
+            if old is None:
+                os.environ.pop("PATH", None)
+            else:
+                os.environ["PATH"] = old
 
 
 def gradebook(db_url: str):
@@ -60,10 +76,10 @@ def gradebook(db_url: str):
     the same moment collide (a unique violation in the catalog); the loser waits and opens it again."""
     from nbgrader.api import Gradebook
     from sqlalchemy.exc import IntegrityError, ProgrammingError
-    _env_with_alembic()
     for attempt in range(6):
         try:
-            return Gradebook(db_url)
+            with _alembic_on_path():
+                return Gradebook(db_url)
         except (IntegrityError, ProgrammingError):
             if attempt == 5:
                 raise

@@ -41,6 +41,14 @@ class Outcome:
     def score(self) -> float:
         return float(sum(t.points for t in self.tests.values()))
 
+    def score_the_rest(self, cells, why: str) -> "Outcome":
+        """The zero-score rule, in one place: every test cell of `cells` ((grade_id, points) pairs) that has no
+        result scores nothing, and says why (`judge.not_run`). Returns this outcome."""
+        for gid, points in cells:
+            if gid not in self.tests:
+                self.tests[gid] = judge.not_run(gid, points, why)
+        return self
+
 
 class _Stopped(Exception):
     """The conversation ended early: (reason, detail)."""
@@ -85,10 +93,8 @@ class Session:
                     pass
             if proc is not None and proc.poll() is None:
                 self.sandbox.kill(proc)
-        for _, gid in self.tests:  # tests never reached score nothing, and say why
-            if gid not in out.tests:
-                out.tests[gid] = judge.not_run(gid, self.key.cells[gid].points,
-                                               out.reason or "an earlier cell stopped the notebook")
+        out.score_the_rest([(gid, self.key.cells[gid].points) for _, gid in self.tests],
+                           out.reason or "an earlier cell stopped the notebook")
         out.seconds = time.monotonic() - t0
         return out
 
