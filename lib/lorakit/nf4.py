@@ -290,16 +290,22 @@ def dynamic_lookup_table(device=None) -> torch.Tensor:
     return _lookup_table_cpu().to(device or "cpu")
 
 
-def quantize_dynamic_8bit(x: torch.Tensor, blocksize: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
-    """Blockwise 8-bit quantization with the dynamic map, as bitsandbytes' `quantize_blockwise` does on
-    CPU (through a 65,536-entry lookup table). Returns (uint8 codes like x, fp32 absmax per block)."""
+def _scaled_blocks(x: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """x flattened, zero-padded to whole blocks and divided by each block's absmax: (n_blocks, blocksize)
+    in [-1, 1], the absmax (n_blocks,), and n. An all-zero block stays zero."""
     x = x.reshape(-1).float()
     n = x.numel()
     n_blocks = -(-n // blocksize)
     padded = torch.nn.functional.pad(x, (0, n_blocks * blocksize - n)).view(n_blocks, blocksize)
     absmax = padded.abs().amax(dim=1)                                              # (n_blocks,)
     inv = torch.where(absmax > 0, 1.0 / absmax, torch.zeros_like(absmax))          # all-zero block -> code 0
-    scaled = (padded * inv.unsqueeze(1)).clamp_(-1, 1)
+    return (padded * inv.unsqueeze(1)).clamp_(-1, 1), absmax, n
+
+
+def quantize_dynamic_8bit(x: torch.Tensor, blocksize: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+    """Blockwise 8-bit quantization with the dynamic map, as bitsandbytes' `quantize_blockwise` does on
+    CPU (through a 65,536-entry lookup table). Returns (uint8 codes like x, fp32 absmax per block)."""
+    scaled, absmax, n = _scaled_blocks(x, blocksize)
     grid_idx = ((scaled + 1.0) * 0.5 * 65535.0 + 0.5).to(torch.int32)              # nearest grid point
     codes = dynamic_lookup_table(x.device)[grid_idx.long()]
     codes[absmax == 0] = 0
@@ -317,12 +323,7 @@ def dequantize_dynamic_8bit(codes: torch.Tensor, absmax: torch.Tensor, code: tor
 
 def exact_dynamic_8bit(x: torch.Tensor, blocksize: int = 256) -> torch.Tensor:
     """The exact nearest dynamic code of each number (no lookup table): for comparison with the CPU path."""
-    x = x.reshape(-1).float()
-    n = x.numel()
-    n_blocks = -(-n // blocksize)
-    padded = torch.nn.functional.pad(x, (0, n_blocks * blocksize - n)).view(n_blocks, blocksize)
-    absmax = padded.abs().amax(dim=1, keepdim=True)
-    scaled = (padded * torch.where(absmax > 0, 1.0 / absmax, torch.zeros_like(absmax))).clamp(-1, 1)
+    scaled, _, n = _scaled_blocks(x, blocksize)
     code = dynamic_code(x.device)
     return torch.bucketize(scaled, (code[:-1] + code[1:]) / 2).to(torch.uint8).view(-1)[:n]
 

@@ -86,11 +86,7 @@ class Session:
             os.close(c2p_w)
             out = self._converse(proc, p2c_w, c2p_r, t0)
         finally:
-            for fd in (p2c_w, c2p_r):
-                try:
-                    os.close(fd)
-                except OSError:
-                    pass
+            protocol.close_fds(p2c_w, c2p_r)
             if proc is not None and proc.poll() is None:
                 self.sandbox.kill(proc)
         out.score_the_rest([(gid, self.key.cells[gid].points) for _, gid in self.tests],
@@ -144,17 +140,14 @@ class Session:
                         raise ProtocolError(f"'done' before test cell(s) {[g for _, g in self.tests[next_test:]]} ran")
                     out.status, out.reason = "graded", ""
                     break
-        except ProtocolError as e:
+        except (ProtocolError, _Stopped, OSError) as e:
             self.sandbox.kill(proc)
-            out.reason, out.detail = "protocol error", f"the grading process sent {e} (at {self.where})"
-            return out
-        except _Stopped as e:
-            self.sandbox.kill(proc)
-            out.reason, out.detail = e.args
-            return out
-        except OSError as e:
-            self.sandbox.kill(proc)
-            out.reason, out.detail = "crashed", f"lost contact with the grading process: {e}"
+            if isinstance(e, ProtocolError):
+                out.reason, out.detail = "protocol error", f"the grading process sent {e} (at {self.where})"
+            elif isinstance(e, _Stopped):
+                out.reason, out.detail = e.args
+            else:
+                out.reason, out.detail = "crashed", f"lost contact with the grading process: {e}"
             return out
         try:
             code = proc.wait(timeout=15)
