@@ -150,7 +150,7 @@ def run_lessons(args, out: Path, budget: Budget) -> tuple[list[list], bool]:
             rows.append([lesson, "ok", time.perf_counter() - t0, f"{passed}/{len(graded)} graded cells pass"])
             ok &= passed == len(graded)
         except Exception as e:  # noqa: BLE001 - recorded, the run goes on
-            rows.append([lesson, "FAILED", time.perf_counter() - t0, course._describe_failure(lesson, e, out / "lessons" / f"{lesson}.ipynb")[:300]])
+            rows.append([lesson, "FAILED", time.perf_counter() - t0, course.describe_failure(e, out / "lessons" / f"{lesson}.ipynb", lesson)[:300]])
             ok = False
     return rows, ok
 

@@ -22,6 +22,12 @@ from pathlib import Path
 
 import nbformat
 
+__all__ = ["REPOSITORY", "BRANCH", "BADGE_IMAGE", "KERNEL", "CourseError", "course_root", "lessons", "select",
+           "solution_path", "lesson_path", "markdown", "code", "parameters", "exercise", "test", "notebook",
+           "colab_url", "colab_badge", "colab_requirement", "colab_install_commands", "setup_source", "stamp",
+           "tools_env", "run_nbgrader", "generate_assignment", "generate_lessons", "write_clean", "load_params",
+           "params_for", "RunResult", "execute", "graded_cells", "run_lessons", "describe_failure", "table"]
+
 REPOSITORY = "https://github.com/lorakit/lorakit"  # the one place the course's public URL is configured
 BRANCH = "main"
 BADGE_IMAGE = "https://colab.research.google.com/assets/colab-badge.svg"
@@ -356,7 +362,7 @@ def run_lessons(names: list[str] | None = None, params_file: str | None = None, 
             nb = execute(src, dst, params_for(lesson, params), allow_errors=student, cwd=src.parent)
             graded = graded_cells(nb)
         except Exception as e:  # papermill's execution error names the cell; keep the run going
-            status, error = "failed", _describe_failure(lesson, e, dst)
+            status, error = "failed", describe_failure(e, dst, lesson)
         results.append(RunResult(lesson, status, time.perf_counter() - t0, dst, error, graded))
         if echo:
             echo(f"{lesson:<28} {status:<7} {results[-1].seconds:7.1f} s")
@@ -365,19 +371,22 @@ def run_lessons(names: list[str] | None = None, params_file: str | None = None, 
     return results
 
 
-def _describe_failure(lesson: str, exc: Exception, executed: Path) -> str:
+def describe_failure(exc: Exception, executed: Path, label: str = "") -> str:
+    """One line on why a notebook run failed: the cell (with its grade_id when it has one) and the error, and
+    where the executed copy is; `label` (the lesson, the sweep's run) goes first."""
     from papermill.exceptions import PapermillExecutionError
+    head = f"{label}: " if label else ""
     if isinstance(exc, PapermillExecutionError):
-        label = ""
+        cell_label = ""
         try:  # the executed copy has papermill's banner cell on top: find the cell that errored
             nb = nbformat.read(executed, as_version=4)
             cell = next(c for c in nb.cells if any(o.get("output_type") == "error" for o in c.get("outputs", [])))
-            label = _cell_label(cell)
+            cell_label = _cell_label(cell)
         except Exception:
             pass
-        return (f"{lesson}: cell {exc.exec_count or exc.cell_index}{label} failed with "
+        return (f"{head}cell {exc.exec_count or exc.cell_index}{cell_label} failed with "
                 f"{exc.ename}: {exc.evalue} (executed copy: {executed})")
-    return f"{lesson}: {type(exc).__name__}: {exc}"
+    return f"{head}{type(exc).__name__}: {exc}"
 
 
 def table(results: list[RunResult]) -> str:

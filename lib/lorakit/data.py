@@ -35,6 +35,11 @@ import random
 import tempfile
 from pathlib import Path
 
+__all__ = ["DATA_DIR", "NAMES", "TASKS", "SPLITS", "PROMPT_TEMPLATE", "CHAT_TEMPLATE", "make_story",
+           "story_corpus", "make_example", "generate_task", "write_jsonl", "load_task", "format_prompt",
+           "format_answer", "chat_messages", "tokenize_with_masking", "collate", "generate_answers",
+           "exact_match", "answer_loss", "main"]
+
 DATA_DIR = Path(__file__).parent / "data"
 
 # --------------------------------------------------------------------------------------------------

@@ -17,6 +17,10 @@ import torch
 
 from lorakit import install
 
+__all__ = ["INSTRUCTOR_TOOLS", "pick_device", "bf16_supported", "compute_dtype", "check_dtype", "versions",
+           "tested_versions", "differs", "print_versions", "import_bitsandbytes", "four_bit_works",
+           "memory_available", "Line", "version_lines", "check", "report"]
+
 # What the lessons run on (the learner's install), then what only instructors install (lorakit[instructor]).
 STACK = ("torch", "transformers", "peft", "bitsandbytes", "datasets", "accelerate",
          "papermill", "ipywidgets", "matplotlib", "tqdm")

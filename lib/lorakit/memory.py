@@ -31,6 +31,12 @@ from dataclasses import dataclass, field
 
 from lorakit.lora import check_rank, check_target_modules, target_matches, unmatched_targets
 
+__all__ = ["METHODS", "BYTES", "ATTENTION", "MLP", "FSDP_SHARDING", "CONFIGS", "PUBLISHED", "config", "sizes",
+           "modules", "count_parameters", "quantized_parameters", "packed_parameter_count", "lora_targets",
+           "lora_parameters", "bits_per_param", "quantization_constant_bytes", "activation_bytes",
+           "MemoryEstimate", "sharding_stage", "whole_number", "estimate", "quant_state_tensors", "measure",
+           "saved_tensors_meter", "saved_bytes", "measure_training_step"]
+
 SUPPORTED = ("llama", "mistral", "qwen2")
 METHODS = ("full", "lora", "qlora")
 

@@ -17,6 +17,10 @@ import torch
 
 from lorakit.env import compute_dtype, import_bitsandbytes, pick_device
 
+__all__ = ["TINY", "TINY_PATH", "ALL_LINEAR", "PRESETS", "ModelNotFoundError", "resolve", "Preset",
+           "presets_table", "disable_cpu_inference_repack", "cpu_inference_repack_off", "quantization_config",
+           "load_tokenizer", "load_base"]
+
 TINY = "lorakit/tiny-stories-llama"
 TINY_PATH = Path(__file__).parent / "assets" / "tiny-stories-llama"
 QUANTIZATIONS = ("nf4", "fp4", "int8")

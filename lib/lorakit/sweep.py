@@ -41,7 +41,11 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .course import CourseError, execute
+from .course import CourseError, describe_failure, execute
+
+__all__ = ["EXPERIMENTS", "GRIDS", "FIELDS", "NOTEBOOK_NAMES", "MEMORY_COLUMNS", "COLUMNS", "SweepError",
+           "Config", "Grid", "load_grid", "notebook_parameters", "linear_modules", "linear_module_names",
+           "validate", "run_config", "run_sweep", "default_out", "results_table"]
 
 EXPERIMENTS = Path(__file__).parent / "experiments"
 EXPERIMENT_NOTEBOOK = EXPERIMENTS / "finetune_experiment.ipynb"
@@ -378,12 +382,9 @@ def run_config(cfg: Config, out_dir: Path, parameters: dict | None = None, noteb
 
 
 def _describe(exc: Exception, executed: Path) -> str:
-    from papermill.exceptions import PapermillExecutionError
-    if isinstance(exc, PapermillExecutionError):
-        return f"{exc.ename}: {exc.evalue} (cell {exc.exec_count}; executed copy {executed})"
     if isinstance(exc, FileNotFoundError):
         return f"the experiment notebook wrote no results ({exc.filename})"
-    return f"{type(exc).__name__}: {exc}"
+    return describe_failure(exc, executed)
 
 
 def run_sweep(grid="reduced", out_dir: str | os.PathLike | None = None, *, parameters: dict | None = None,

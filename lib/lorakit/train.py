@@ -22,6 +22,8 @@ import torch
 from lorakit.data import collate, tokenize_with_masking
 from lorakit.env import bf16_supported
 
+__all__ = ["FinetuneResult", "tokenize_dataset", "finetune"]
+
 
 @dataclass
 class FinetuneResult:
