@@ -4,7 +4,10 @@ upwards, and no module reaches for another's private names. Read from the source
 inside functions included."""
 
 import ast
+import importlib.util
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import lorakit
@@ -101,3 +104,54 @@ def test_no_private_name_is_imported_across_modules():
                 found += [f"{name}: from {module} import {n}" for n in names if n.startswith("_")]
         found += [f"{name}: {m}" for m in attribute.findall(path.read_text())]
     assert not found, found
+
+
+def test_public_names_other_modules_use_are_in_all():
+    """A module with `__all__` lists every name other lorakit modules take from it."""
+    missing = []
+    for path, name, package in _modules():
+        for module, names in _imports(path, package):
+            if module == name or not names:
+                continue
+            try:
+                target = __import__(module, fromlist=["_"])
+            except ImportError:
+                continue
+            public = getattr(target, "__all__", None)
+            if public is None:
+                continue
+            missing += [f"{name} uses {module}.{n}" for n in names  # a submodule is not a name of its package
+                        if n not in public and importlib.util.find_spec(f"{module}.{n}") is None]
+    assert not missing, missing
+
+
+IMPORT_EVERYTHING = """
+import importlib, logging, os, pkgutil, sys, warnings
+import torch, transformers, peft, datasets, bitsandbytes, matplotlib, matplotlib.pyplot, papermill  # noqa
+def state():
+    return (dict(os.environ), [repr(f) for f in warnings.filters], logging.root.level, torch.get_num_threads(),
+            torch.get_default_dtype(), matplotlib.get_backend(), list(sys.path),
+            {n: l.level for n, l in logging.root.manager.loggerDict.items()
+             if isinstance(l, logging.Logger) and n != "bitsandbytes"})
+before = state()
+import lorakit
+for m in pkgutil.walk_packages(lorakit.__path__, "lorakit."):
+    if ".assets" not in m.name:
+        importlib.import_module(m.name)
+after = state()
+names = ["os.environ", "warnings filters", "root log level", "torch threads", "torch default dtype",
+         "matplotlib backend", "sys.path", "log levels"]
+print([n for n, a, b in zip(names, before, after) if a != b])
+print(logging.getLogger("bitsandbytes").level)
+"""
+
+
+def test_importing_lorakit_changes_no_global_state_but_the_bitsandbytes_log_level():
+    """Every module of the kit imported (the heavy libraries first, so their own import-time changes are not
+    counted): the environment, warning filters, log levels, torch's threads and dtype, matplotlib's backend
+    and sys.path are as they were; only bitsandbytes' logger is quieted (its harmless kernel-hub line)."""
+    out = subprocess.run([sys.executable, "-c", IMPORT_EVERYTHING], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    changed, bnb_level = out.stdout.strip().splitlines()[-2:]
+    assert changed == "[]", changed
+    assert int(bnb_level) == 40  # logging.ERROR
