@@ -38,6 +38,7 @@ from pathlib import Path
 
 import torch
 
+from lorakit.env import scoped_environ
 from lorakit.models import TINY
 
 ASSETS = Path(__file__).parent / "assets"
@@ -355,7 +356,7 @@ def notebook_launch(config, num_processes: int = 2) -> RunResult:
     _fresh(cfg.out_dir)
     threads = torch.get_num_threads()  # on Colab the function runs in this process and would change it
     try:
-        with _env(OMP_NUM_THREADS=str(cfg.threads)):
+        with scoped_environ(OMP_NUM_THREADS=str(cfg.threads)):  # the forked workers read it
             notebook_launcher(train, args=(asdict(cfg),), num_processes=num_processes, use_port=str(free_port()))
     except ChildFailedError as e:
         collect(cfg.out_dir)  # raises with the failed rank's own error when it wrote one
@@ -363,25 +364,6 @@ def notebook_launch(config, num_processes: int = 2) -> RunResult:
     finally:
         torch.set_num_threads(threads)
     return collect(cfg.out_dir)
-
-
-class _env:
-    """Set environment variables for a block (the forked workers inherit them)."""
-
-    def __init__(self, **values):
-        self.values, self.saved = values, {}
-
-    def __enter__(self):
-        for k, v in self.values.items():
-            self.saved[k] = os.environ.get(k)
-            os.environ[k] = v
-
-    def __exit__(self, *exc):
-        for k, v in self.saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 SCRIPT = '''\

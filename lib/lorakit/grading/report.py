@@ -16,7 +16,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import functools
 import html
@@ -49,36 +48,19 @@ class Graded:
         return self.outcome.status
 
 
-_PATH_LOCK = threading.Lock()
-
-
-@contextlib.contextmanager
-def _alembic_on_path():
-    """nbgrader's Gradebook runs the `alembic` command (a subprocess with this process's environment, which it
-    offers no way to pass) when it creates a new gradebook's tables; alembic is installed beside this Python,
-    whose folder need not be on PATH (`.venv/bin/lorakit grade` without an activated venv). PATH becomes
-    `course.tools_env()`'s for that call only and is put back afterwards."""
-    from lorakit import course
-    with _PATH_LOCK:
-        old = os.environ.get("PATH")
-        os.environ["PATH"] = course.tools_env()["PATH"]
-        try:
-            yield
-        finally:
-            if old is None:
-                os.environ.pop("PATH", None)
-            else:
-                os.environ["PATH"] = old
-
-
 def gradebook(db_url: str):
     """nbgrader's Gradebook at `db_url`, open. Two machines that create a new PostgreSQL gradebook's tables at
     the same moment collide (a unique violation in the catalog); the loser waits and opens it again."""
     from nbgrader.api import Gradebook
     from sqlalchemy.exc import IntegrityError, ProgrammingError
+
+    from lorakit import course
+    from lorakit.env import scoped_environ
     for attempt in range(6):
         try:
-            with _alembic_on_path():
+            # nbgrader runs the `alembic` command (installed beside this Python, whose folder need not be on
+            # PATH) when it creates a gradebook's tables, with this process's environment: it takes no env.
+            with scoped_environ(PATH=course.tools_env()["PATH"]):
                 return Gradebook(db_url)
         except (IntegrityError, ProgrammingError):
             if attempt == 5:
