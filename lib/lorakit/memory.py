@@ -29,6 +29,7 @@ import operator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
+from lorakit import nf4
 from lorakit.lora import check_rank, check_target_modules, target_matches, unmatched_targets
 
 __all__ = ["METHODS", "BYTES", "ATTENTION", "MLP", "FSDP_SHARDING", "CONFIGS", "PUBLISHED", "config", "sizes",
@@ -272,10 +273,9 @@ def bits_per_param(dtype: str = "nf4", *, double_quant: bool = False, blocksize:
     scale per 256 of them (4 + 8/64 + 32/(64*256) = 4.127 bits)."""
     if dtype not in BYTES:
         raise ValueError(f"unknown dtype {dtype!r}; known: {', '.join(BYTES)}")
-    bits = BYTES[dtype] * 8
     if dtype == "nf4":
-        bits += 8 / blocksize + 32 / (blocksize * blocksize2) if double_quant else 32 / blocksize
-    return bits
+        return nf4.bits_per_param(blocksize, double_quant, blocksize2)
+    return BYTES[dtype] * 8
 
 
 def quantization_constant_bytes(cfg, *, double_quant: bool = True, blocksize: int = 64,
