@@ -47,19 +47,21 @@ def _is_number(x) -> bool:
     return isinstance(x, numbers.Real) and not isinstance(x, bool)
 
 
-def check_hyperparameters(r, alpha, dropout) -> None:
+def check_hyperparameters(r, alpha, dropout) -> int:
     """Clear errors for values LoRA cannot use: what was given and what is accepted. Integers may be numpy
-    integers (anything `operator.index` accepts); alpha and dropout may be numpy floats too."""
-    check_rank(r)
+    integers (anything `operator.index` accepts); alpha and dropout may be numpy floats too. Returns the
+    rank as a Python int."""
+    r = check_rank(r)
     if not _is_number(alpha) or not alpha > 0:
         raise ValueError(f"alpha must be a positive number (peft's default is alpha = r = 8); got alpha={alpha!r}.")
     if not _is_number(dropout) or not 0 <= dropout < 1:
         raise ValueError(f"dropout is a probability in [0, 1) (0.0 = no dropout, QLoRA used 0.05-0.1); "
                          f"got dropout={dropout!r}.")
+    return r
 
 
 def lora_scaling(r: int, alpha: float, use_rslora: bool = False) -> float:
-    """What multiplies B @ A: alpha / r, or alpha / sqrt(r) with rank-stabilised LoRA (Kalajdzievic 2023,
+    """What multiplies B @ A: alpha / r, or alpha / sqrt(r) with rank-stabilised LoRA (Kalajdzievski 2023,
     arXiv 2312.03732), peft's `scaling`. The one place where r, alpha and rsLoRA become behaviour."""
     return alpha / math.sqrt(r) if use_rslora else alpha / r
 
@@ -82,8 +84,7 @@ class LoRALinear(nn.Module):
         if not isinstance(base, nn.Linear):
             raise TypeError(f"LoRALinear wraps an nn.Linear (a layer with in_features x out_features weights); "
                             f"got {type(base).__name__}.")
-        check_hyperparameters(r, alpha, dropout)
-        r = operator.index(r)
+        r = check_hyperparameters(r, alpha, dropout)
         self.base_layer = base
         self.in_features, self.out_features = base.in_features, base.out_features
         self.r, self.lora_alpha, self.use_rslora = r, alpha, use_rslora
