@@ -4,7 +4,8 @@ Each check builds its own small layers (or a tiny random Llama) from weights and
 tests the learner's code and nothing else in the notebook's state. The probe returns what the learner's
 layers computed (outputs, gradients, packed bytes, counts); the judge compares with the real thing on the same
 weights: bitsandbytes' packed bytes and `Linear4bit` outputs, peft's LoRA layer for 4-bit bases, and
-`lorakit.qlora`, the reference.
+`lorakit.qlora`, the reference. That real thing is built here (`bitsandbytes_lora`, with `copy_adapters` to
+give two layers the same adapters): lesson 04, its tests and the benchmarks compare with it too.
 """
 
 from __future__ import annotations
