@@ -41,6 +41,10 @@ import torch
 from lorakit.env import scoped_environ
 from lorakit.models import TINY
 
+__all__ = ["DistributedRunError", "rank_loss", "split_batch", "require_backend", "RunConfig", "train",
+           "RunResult", "collect", "free_port", "notebook_launch", "write_launch_files", "launch_command",
+           "accelerate_launch", "fsdp_qlora_files", "check_fsdp_qlora"]
+
 ASSETS = Path(__file__).parent / "assets"
 FSDP_QLORA = ASSETS / "fsdp_qlora"
 SHARDINGS = ("none", "fsdp")  # what `train` runs: DDP (nothing sharded) or FSDP2 FULL_SHARD
