@@ -20,7 +20,6 @@ import csv
 import functools
 import html
 import json
-import os
 import threading
 import time
 from dataclasses import dataclass
