@@ -150,7 +150,7 @@ def run_lessons(args, out: Path, budget: Budget) -> tuple[list[list], bool]:
             rows.append([lesson, "ok", time.perf_counter() - t0, f"{passed}/{len(graded)} graded cells pass"])
             ok &= passed == len(graded)
         except Exception as e:  # noqa: BLE001 - recorded, the run goes on
-            rows.append([lesson, "FAILED", time.perf_counter() - t0, course._describe_failure(lesson, e, out / "lessons" / f"{lesson}.ipynb")[:300]])
+            rows.append([lesson, "FAILED", time.perf_counter() - t0, course.describe_failure(e, out / "lessons" / f"{lesson}.ipynb", lesson)[:300]])
             ok = False
     return rows, ok
 
@@ -210,6 +210,7 @@ def fwd_bwd(device, shapes, reps: int, rank: int) -> list[list]:
     from torch import nn
 
     from lorakit import qlora
+    from lorakit.checks import qlora as compare
     rows = []
     for d_out, d_in, tokens in shapes:
         torch.manual_seed(0)
@@ -217,8 +218,8 @@ def fwd_bwd(device, shapes, reps: int, rank: int) -> list[list]:
         ours = qlora.QLoRALinear.from_linear(lin, rank, 2 * rank, compute_dtype=torch.bfloat16).to(device)
         with torch.no_grad():
             ours.lora_B.weight.normal_(0, 0.02)  # a non-zero update, so the adapters' path is compared too
-        theirs = qlora.bitsandbytes_lora(lin.to(device), rank, 2 * rank, compute_dtype=torch.bfloat16)
-        qlora.copy_adapters(ours, theirs)
+        theirs = compare.bitsandbytes_lora(lin.to(device), rank, 2 * rank, compute_dtype=torch.bfloat16)
+        compare.copy_adapters(ours, theirs)
         x = torch.randn(tokens, d_in, dtype=torch.bfloat16, device=device, requires_grad=True)
         with torch.no_grad():
             out_diff = (ours(x).float() - theirs(x).float()).abs().max().item()

@@ -1,3 +1,5 @@
+import os
+
 import pytest
 import torch
 
@@ -46,3 +48,17 @@ def test_cli_env_prints_a_table(capsys):
     for item in ("torch", "bitsandbytes", "compute dtype", "4-bit (NF4)"):
         assert item in out
     assert "OK" in out
+
+
+def test_scoped_environ_sets_for_the_block_and_puts_back(monkeypatch):
+    monkeypatch.setenv("LORAKIT_TEST_SET", "before")
+    monkeypatch.delenv("LORAKIT_TEST_UNSET", raising=False)
+    with env.scoped_environ(LORAKIT_TEST_SET="inside", LORAKIT_TEST_UNSET="new"):
+        assert os.environ["LORAKIT_TEST_SET"] == "inside" and os.environ["LORAKIT_TEST_UNSET"] == "new"
+        with env.scoped_environ(LORAKIT_TEST_SET="nested"):  # one thread may nest blocks
+            assert os.environ["LORAKIT_TEST_SET"] == "nested"
+        assert os.environ["LORAKIT_TEST_SET"] == "inside"
+    assert os.environ["LORAKIT_TEST_SET"] == "before" and "LORAKIT_TEST_UNSET" not in os.environ
+    with pytest.raises(RuntimeError), env.scoped_environ(LORAKIT_TEST_SET="boom"):
+        raise RuntimeError("restored even when the block fails")
+    assert os.environ["LORAKIT_TEST_SET"] == "before"

@@ -190,10 +190,18 @@ def test_inject_keeps_the_output_at_init():
         assert torch.equal(model(ids).logits, before)
 
 
+def test_numpy_integers_are_ranks():
+    np = pytest.importorskip("numpy")
+    layer = LoRALinear(nn.Linear(16, 8), r=np.int64(4), alpha=np.float32(8.0), dropout=np.float64(0.0))
+    assert type(layer.r) is int and layer.r == 4 and layer.lora_A.weight.shape == (4, 16) and layer.scaling == 2.0
+    with pytest.raises(ValueError, match="r=0"):
+        LoRALinear(nn.Linear(16, 8), r=np.int64(0))
+
+
 def test_inject_errors_are_explained():
     with pytest.raises(ValueError, match=r"matched no module.*'q_proj'"):
         inject_lora(tiny_llama(), ["qproj"], r=4, alpha=4)
-    with pytest.raises(TypeError, match="list of module names"):
+    with pytest.raises(ValueError, match="target_modules is empty"):
         inject_lora(tiny_llama(), [], r=4, alpha=4)
     with pytest.raises(TypeError, match="list of module names"):
         inject_lora(tiny_llama(), None, r=4, alpha=4)

@@ -94,8 +94,47 @@ def test_all_linear_leaves_out_lm_head():
 
 @pytest.mark.parametrize("r", [0, -8, 2.5, True, "8"])
 def test_bad_rank_says_so(r):
-    with pytest.raises(ValueError, match="rank r must be a positive whole number"):
+    with pytest.raises(ValueError, match=r"LoRA rank\) must be a positive integer"):
         memory.lora_parameters("llama-2-7b", r, ["q_proj"])
+
+
+def test_whole_numbers_may_be_numpy_integers():
+    np = pytest.importorskip("numpy")
+    assert memory.lora_parameters("llama-2-7b", np.int64(8)) == memory.lora_parameters("llama-2-7b", 8) == 4_194_304
+    a = memory.estimate("llama-2-7b", "qlora", r=np.int32(8), batch_size=np.int64(2), seq_len=np.int64(256),
+                        world_size=np.int64(2), sharding="zero2")
+    b = memory.estimate("llama-2-7b", "qlora", r=8, batch_size=2, seq_len=256, world_size=2, sharding="zero2")
+    assert a.parts == b.parts
+    assert memory.estimate(np.int64(7_000_000_000), "full", activations=False).total_bytes == 16 * 7_000_000_000
+
+
+@pytest.mark.parametrize("kw, words", [
+    (dict(batch_size=-1), r"batch_size is the number of sequences per device and must be a whole number >= 1; found -1"),
+    (dict(batch_size=0), "batch_size"), (dict(batch_size=2.5), "batch_size.*found 2.5"),
+    (dict(seq_len=-512), r"seq_len is the number of tokens per sequence.*found -512"), (dict(seq_len=True), "seq_len"),
+])
+def test_negative_or_broken_batch_and_sequence_sizes_are_refused(kw, words):
+    with pytest.raises(ValueError, match=words):
+        memory.estimate("llama-2-7b", "lora", **kw)
+    with pytest.raises(ValueError, match=words):
+        memory.activation_bytes("llama-2-7b", **kw)
+
+
+def test_unknown_model_name_lists_the_known_configs():
+    with pytest.raises(ValueError) as e:
+        memory.estimate("llama-2-8b", "qlora")
+    assert "'llama-2-8b' is not one of the configs" in str(e.value)
+    assert all(name in str(e.value) for name in memory.CONFIGS)
+
+
+def test_target_forms_match_as_in_lorakit_lora_and_peft():
+    dotted = memory.lora_targets("llama-2-7b", ["self_attn.o_proj", "mlp.down_proj"])
+    assert dotted == memory.lora_targets("llama-2-7b", ["o_proj", "down_proj"]) and len(dotted) == 64
+    assert memory.lora_targets("llama-2-7b", r".*\.0\.self_attn\.q_proj") == ["model.layers.0.self_attn.q_proj"]
+    with pytest.raises(ValueError, match="target_modules is empty"):
+        memory.lora_parameters("llama-2-7b", 8, [])
+    with pytest.raises(ValueError, match=r"\['attn.o_proj'\] not found"):
+        memory.lora_targets("llama-2-7b", ["attn.o_proj"])
 
 
 def test_unknown_target_module_names_the_real_ones():
@@ -213,7 +252,7 @@ def test_checks_explain_wrong_answers():
         check.count_parameters(untied)
 
     def no_gqa(cfg):  # k and v as wide as q
-        s = memory._sizes(cfg)
+        s = memory.sizes(cfg)
         return memory.count_parameters(cfg) + s["layers"] * 2 * s["h"] * (s["q"] - s["kv"])
     with pytest.raises(CheckFailed, match="grouped-query"):
         check.count_parameters(no_gqa)

@@ -1,6 +1,7 @@
 """lorakit.nf4 against bitsandbytes 0.50.2 on CPU: bit-exact quantization, dequantization and double
 quantization, clear errors on bad input, and the lesson 03 self-checks failing on wrong answers."""
 
+import dataclasses
 import logging
 
 import pytest
@@ -71,6 +72,50 @@ def test_dequantize_output_dtype_and_large_chunked_path():
     assert torch.equal(fp32, bnb_dequant(ref, ref_state))
     for dtype in (torch.bfloat16, torch.float16):
         assert torch.equal(nf4.dequantize_nf4(packed, state, dtype=dtype), fp32.to(dtype))
+
+
+def _reference_dequantize(packed, state, dtype):
+    """dequantize_nf4's short path, forced for any size."""
+    n = state.numel
+    values = state.code[nf4.unpack_nibbles(packed, n)]
+    return (values * state.absmax_fp32().repeat_interleave(state.blocksize)[:n]).to(dtype).view(state.shape)
+
+
+# short path: 256 and 4,096 bytes, and 1,365 numbers (a partial last block); chunked: 6,240 bytes, and
+# 4,850 and 512,000 bytes with a partial last block
+@pytest.mark.parametrize("shape", [(8, 64), (64, 128), (3, 7, 65), (130, 96), (100, 97), (1024, 1000)])
+@pytest.mark.parametrize("double_quant", [False, True])
+def test_reference_and_chunked_dequantize_agree_bit_for_bit(shape, double_quant):
+    """dequantize_nf4 reads as code[index] * absmax for small weights and takes the chunked path above
+    REFERENCE_MAX_BYTES; both give the same numbers in every dtype, partial last blocks included."""
+    W = weights(shape, torch.float32)
+    packed, state = nf4.quantize_nf4(W, blocksize=64, double_quant=double_quant)
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        ref = _reference_dequantize(packed, state, dtype)
+        assert torch.equal(nf4._dequantize_chunked(packed, state, dtype), ref)
+        assert torch.equal(nf4.dequantize_nf4(packed, state, dtype), ref)
+
+
+@pytest.mark.parametrize("shape", [(16, 64), (512, 512)])
+def test_dequantize_uses_the_states_code_table(shape):
+    """The state carries its code table; dequantization reads it (both paths), not a table of its own."""
+    packed, state = nf4.quantize_nf4(weights(shape, torch.float32))
+    flipped = dataclasses.replace(state, code=-state.code.flip(0))  # code[i] -> -code[15 - i]
+    index = nf4.unpack_nibbles(packed, state.numel)
+    want = (-state.code.flip(0))[index] * state.absmax_fp32().repeat_interleave(64)
+    assert torch.equal(nf4.dequantize_nf4(packed, flipped).reshape(-1), want)
+
+
+def test_dequantize_explains_a_wrong_state():
+    W = weights((16, 64), torch.float32)
+    ref, ref_state = bnbF.quantize_4bit(W, blocksize=64, quant_type="nf4")
+    with pytest.raises(TypeError, match=r"got QuantState.*bitsandbytes.functional.dequantize_4bit"):
+        nf4.dequantize_nf4(ref, ref_state)
+    packed, state = nf4.quantize_nf4(W)
+    with pytest.raises(ValueError, match="uint8"):
+        nf4.dequantize_nf4(packed.float(), state)
+    with pytest.raises(ValueError, match="do not hold the 1024 numbers"):
+        nf4.dequantize_nf4(packed[:10], state)
 
 
 def test_midpoint_ties_and_padding():

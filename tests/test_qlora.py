@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lorakit import nf4, qlora
+from lorakit import memory, nf4, qlora
 from lorakit.checks import CheckFailed
 from lorakit.checks import qlora as check
 from lorakit.lora import LoRALinear, lora_state_dict
@@ -33,8 +33,8 @@ def _pair(d_in=192, d_out=128, bias=False, r=8, alpha=16):
     ours = qlora.QLoRALinear.from_linear(lin, r, alpha)
     with torch.no_grad():
         ours.lora_B.weight.normal_(0, 0.05)
-    twin = qlora.bitsandbytes_lora(lin, r, alpha)
-    qlora.copy_adapters(ours, twin)
+    twin = check.bitsandbytes_lora(lin, r, alpha)
+    check.copy_adapters(ours, twin)
     return lin, ours, twin
 
 
@@ -46,7 +46,7 @@ def test_packed_bytes_equal_bitsandbytes(shape):
     layer = qlora.NF4Linear(lin)
     expected, state = BF.quantize_4bit(lin.weight.detach(), blocksize=64, quant_type="nf4", compress_statistics=True)
     assert torch.equal(layer.weight, expected)
-    twin = qlora.bitsandbytes_lora(lin)
+    twin = check.bitsandbytes_lora(lin)
     assert torch.equal(layer.weight, twin.base_layer.weight.data)
     # double quantization: same offset; the 8-bit absmax codes agree (lorakit.nf4 reproduces the CPU lookup table)
     assert torch.allclose(layer.offset, state.offset)
@@ -135,8 +135,8 @@ def test_matmul_nf4_keeps_no_dequantized_weight():
     lin = _linear(256, 256)
     layer = qlora.NF4Linear(lin)
     x = torch.randn(8, 256, dtype=torch.bfloat16, requires_grad=True)
-    recompute = qlora.saved_bytes(layer, x, exclude=layer)
-    naive = qlora.saved_bytes(lambda x: F.linear(x, layer.dequantize(torch.bfloat16)), x, exclude=layer)
+    recompute = memory.saved_bytes(layer, x, exclude=layer)
+    naive = memory.saved_bytes(lambda x: F.linear(x, layer.dequantize(torch.bfloat16)), x, exclude=layer)
     assert recompute == 0
     assert naive == 256 * 256 * 2  # the bf16 weight
     # and the gradient is still right
@@ -345,8 +345,8 @@ def test_cuda_equality_and_paged_optimizer():
     ours = qlora.QLoRALinear.from_linear(lin, 8, 16, compute_dtype=torch.bfloat16)
     with torch.no_grad():
         ours.lora_B.weight.normal_(0, 0.05)
-    twin = qlora.bitsandbytes_lora(lin, 8, 16, compute_dtype=torch.bfloat16)
-    qlora.copy_adapters(ours, twin)
+    twin = check.bitsandbytes_lora(lin, 8, 16, compute_dtype=torch.bfloat16)
+    check.copy_adapters(ours, twin)
     assert ours.base_layer.weight.is_cuda
     assert torch.equal(ours.base_layer.weight, twin.base_layer.weight.data)
     x = torch.randn(4, 192, device="cuda")

@@ -55,8 +55,8 @@ def test_products_lists_of_mappings_alpha_multiples_and_module_lists():
 
 
 @pytest.mark.parametrize("bad, words", [
-    ({"r": [4, 0]}, ["'rank'", "r=0", "positive whole number"]),
-    ({"r": 2.5}, ["r=2.5", "positive whole number"]),
+    ({"r": [4, 0]}, ["'rank'", "r=0", "positive integer"]),
+    ({"r": 2.5}, ["r=2.5", "positive integer"]),
     ({"r": True}, ["r=True"]),
     ({"r": "8"}, ["r='8'"]),
     ({"method": ["lora", "qlora4"]}, ["method='qlora4'", "'lora', 'qlora'"]),
@@ -65,7 +65,8 @@ def test_products_lists_of_mappings_alpha_multiples_and_module_lists():
     ({"dropout": 1.0}, ["dropout=1.0"]),
     ({"use_rslora": "yes"}, ["use_rslora='yes'"]),
     ({"rank": 8}, ["unknown field", "'rank'"]),
-    ({"target_modules": []}, ["target_modules=[]"]),
+    ({"target_modules": []}, ["target_modules=[]", "is empty"]),
+    ({"target_modules": [["q_proj", 3]]}, ["list of module names"]),
 ])
 def test_bad_values_are_rejected_with_the_entry_named(bad, words):
     with pytest.raises(sweep.SweepError) as e:
@@ -97,6 +98,35 @@ def test_unknown_module_and_unknown_parameter_are_rejected_against_the_model_and
         sweep.validate(sweep.load_grid(grid(a={"N_TRAINS": 2})))
     with pytest.raises(sweep.SweepError, match="seeds: \\[0, 1, 2\\]"):
         sweep.validate(sweep.load_grid({**grid(a={"r": 2}), "parameters": {"SEED": 3}}))
+
+
+def test_target_modules_are_matched_as_peft_and_lorakit_match_them():
+    """A list entry names a module by its last parts, as in peft, lorakit.lora and lorakit.memory: 'o_proj' and
+    'self_attn.o_proj' both adapt every block's attention output; 'attn.o_proj' (not a whole part) adapts none."""
+    import peft
+    from peft.tuners.tuners_utils import check_target_module_exists
+
+    g = sweep.load_grid(grid(t={"target_modules": [["self_attn.o_proj", "mlp.down_proj"], ["o_proj"]]}))
+    sweep.validate(g)
+    cfg = memory.config(models.resolve(models.TINY))
+    dotted, short = g.configs
+    assert (memory.lora_targets(cfg, list(dotted.target_modules))
+            == memory.lora_targets(cfg, ["o_proj", "down_proj"]))
+    peft_cfg = peft.LoraConfig(target_modules=list(dotted.target_modules))
+    for name in sweep.linear_modules(models.TINY):
+        assert bool(check_target_module_exists(peft_cfg, name)) == any(
+            name.endswith("." + t) for t in dotted.target_modules)
+    with pytest.raises(sweep.SweepError) as e:
+        sweep.validate(sweep.load_grid(grid(t={"target_modules": [["attn.o_proj"]]})))
+    assert "['attn.o_proj']" in str(e.value) and "o_proj" in str(e.value)
+
+
+def test_numpy_integers_are_whole_numbers():
+    np = pytest.importorskip("numpy")
+    g = sweep.load_grid({**grid(rank={"r": [np.int64(4)]}), "seeds": [np.int64(0), np.int32(1)]})
+    assert [(c.r, s) for c, s in g.runs] == [(4, 0), (4, 1)]
+    assert type(g.configs[0].r) is int and all(type(s) is int for s in g.seeds)
+    assert g.with_seeds(np.int64(3)).seeds == (3,)
 
 
 @pytest.mark.parametrize("name", ["reduced", "full"])

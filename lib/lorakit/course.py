@@ -22,6 +22,12 @@ from pathlib import Path
 
 import nbformat
 
+__all__ = ["REPOSITORY", "BRANCH", "BADGE_IMAGE", "KERNEL", "CourseError", "course_root", "lessons", "select",
+           "solution_path", "lesson_path", "markdown", "code", "parameters", "exercise", "test", "notebook",
+           "colab_url", "colab_badge", "colab_requirement", "colab_install_commands", "setup_source", "stamp",
+           "tools_env", "run_nbgrader", "generate_assignment", "generate_lessons", "write_clean", "load_params",
+           "params_for", "RunResult", "execute", "graded_cells", "run_lessons", "describe_failure", "table"]
+
 REPOSITORY = "https://github.com/lorakit/lorakit"  # the one place the course's public URL is configured
 BRANCH = "main"
 BADGE_IMAGE = "https://colab.research.google.com/assets/colab-badge.svg"
@@ -198,13 +204,32 @@ def stamp(nb: nbformat.NotebookNode, lesson: str) -> bool:
 
 # ------------------------------------------------------------------------------------ student versions
 
+def tools_env() -> dict:
+    """The environment for a subprocess that runs the course's tools: this one's, with this Python's bin
+    folder first on PATH (nbgrader calls the `alembic` command it installs there). Nothing is changed in
+    this process's own `os.environ`."""
+    return dict(os.environ, PATH=os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]))
+
+
 def run_nbgrader(*args: str, root: Path | None = None) -> subprocess.CompletedProcess:
-    """Run nbgrader in grading/ (it reads nbgrader_config.py from its working directory), with this
-    Python's bin folder on PATH (nbgrader calls the `alembic` command)."""
+    """Run nbgrader in grading/ (it reads nbgrader_config.py from its working directory), in `tools_env()`."""
     root = root or course_root()
-    env = dict(os.environ, PATH=os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]))
-    return subprocess.run([sys.executable, "-m", "nbgrader", *args], cwd=root / "grading", env=env,
+    return subprocess.run([sys.executable, "-m", "nbgrader", *args], cwd=root / "grading", env=tools_env(),
                           capture_output=True, text=True)
+
+
+def generate_assignment(lesson: str, release_dir: Path, db_url: str, root: Path | None = None,
+                        check: bool = True) -> subprocess.CompletedProcess:
+    """nbgrader's `generate_assignment` for one lesson: the student version into `release_dir`/<lesson>, its
+    cells registered in the gradebook at `db_url`. With `check`, a failure raises CourseError with nbgrader's
+    output; without, the caller reads the returned process (grading retries while another machine registers
+    the same lesson)."""
+    res = run_nbgrader("generate_assignment", lesson, "--force", "--create",
+                       f"--CourseDirectory.release_directory={release_dir}", f"--CourseDirectory.db_url={db_url}",
+                       "--log-level=WARN", root=root)
+    if check and res.returncode != 0:
+        raise CourseError(f"nbgrader generate_assignment failed for {lesson}:\n{res.stdout}{res.stderr}")
+    return res
 
 
 def generate_lessons(names: list[str] | None = None, release_dir: Path | None = None,
@@ -220,12 +245,7 @@ def generate_lessons(names: list[str] | None = None, release_dir: Path | None = 
                 write_clean(nb, src)
         target = Path(release_dir or root / "lessons")
         with tempfile.TemporaryDirectory() as tmp:
-            res = run_nbgrader("generate_assignment", lesson, "--force", "--create",
-                               f"--CourseDirectory.release_directory={target}",
-                               f"--CourseDirectory.db_url=sqlite:///{tmp}/gradebook.db",
-                               "--log-level=WARN", root=root)
-        if res.returncode != 0:
-            raise CourseError(f"nbgrader generate_assignment failed for {lesson}:\n{res.stdout}{res.stderr}")
+            generate_assignment(lesson, target, f"sqlite:///{tmp}/gradebook.db", root)
         path = target / lesson / f"{lesson}.ipynb"
         write_clean(nbformat.read(path, as_version=4), path)
         out.append(path)
@@ -284,22 +304,28 @@ def _cell_label(cell) -> str:
 
 
 def execute(path: Path, output: Path, parameters: dict | None = None, *, allow_errors: bool = False,
-            timeout: int = 1800, cwd: Path | None = None) -> nbformat.NotebookNode:
+            timeout: int = 1800, cwd: Path | None = None, quiet_kernel: bool = False) -> nbformat.NotebookNode:
     """Execute a notebook with papermill-style parameter injection; returns the executed notebook.
-    With allow_errors the run goes on past failing cells (used for student versions and `check`)."""
+    With allow_errors the run goes on past failing cells (used for student versions and `check`).
+    `quiet_kernel` silences the kernel's own start-up log: a notebook run from inside another notebook (the
+    sweep in lesson 06) would otherwise print its warnings there."""
     import papermill as pm
+    output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
+    extra = ["--IPKernelApp.log_level=CRITICAL"] if quiet_kernel else []
     # The kernel inherits this process's environment as it is: offline where the caller is (tests and CI
     # set HF_HUB_OFFLINE=1), free to download a hub MODEL_ID elsewhere. The embedded model needs no hub.
+    # Nothing here changes os.environ, which the threads of a parallel sweep share.
     if not allow_errors:
         pm.execute_notebook(str(path), str(output), parameters=parameters or {}, kernel_name="python3",
-                            cwd=str(cwd or path.parent), progress_bar=False, execution_timeout=timeout)
+                            cwd=str(cwd or path.parent), progress_bar=False, execution_timeout=timeout,
+                            extra_arguments=extra)
         return nbformat.read(output, as_version=4)
     from nbclient import NotebookClient
     from papermill.parameterize import parameterize_notebook
     from papermill.iorw import load_notebook_node
     nb = parameterize_notebook(load_notebook_node(str(path)), parameters or {}, kernel_name="python3")
-    client = NotebookClient(nb, kernel_name="python3", allow_errors=True, timeout=timeout,
+    client = NotebookClient(nb, kernel_name="python3", allow_errors=True, timeout=timeout, extra_arguments=extra,
                             resources={"metadata": {"path": str(cwd or path.parent)}})
     client.execute()
     nbformat.write(nb, output)
@@ -336,7 +362,7 @@ def run_lessons(names: list[str] | None = None, params_file: str | None = None, 
             nb = execute(src, dst, params_for(lesson, params), allow_errors=student, cwd=src.parent)
             graded = graded_cells(nb)
         except Exception as e:  # papermill's execution error names the cell; keep the run going
-            status, error = "failed", _describe_failure(lesson, e, dst)
+            status, error = "failed", describe_failure(e, dst, lesson)
         results.append(RunResult(lesson, status, time.perf_counter() - t0, dst, error, graded))
         if echo:
             echo(f"{lesson:<28} {status:<7} {results[-1].seconds:7.1f} s")
@@ -345,19 +371,22 @@ def run_lessons(names: list[str] | None = None, params_file: str | None = None, 
     return results
 
 
-def _describe_failure(lesson: str, exc: Exception, executed: Path) -> str:
+def describe_failure(exc: Exception, executed: Path, label: str = "") -> str:
+    """One line on why a notebook run failed: the cell (with its grade_id when it has one) and the error, and
+    where the executed copy is; `label` (the lesson, the sweep's run) goes first."""
     from papermill.exceptions import PapermillExecutionError
+    head = f"{label}: " if label else ""
     if isinstance(exc, PapermillExecutionError):
-        label = ""
+        cell_label = ""
         try:  # the executed copy has papermill's banner cell on top: find the cell that errored
             nb = nbformat.read(executed, as_version=4)
             cell = next(c for c in nb.cells if any(o.get("output_type") == "error" for o in c.get("outputs", [])))
-            label = _cell_label(cell)
+            cell_label = _cell_label(cell)
         except Exception:
             pass
-        return (f"{lesson}: cell {exc.exec_count or exc.cell_index}{label} failed with "
+        return (f"{head}cell {exc.exec_count or exc.cell_index}{cell_label} failed with "
                 f"{exc.ename}: {exc.evalue} (executed copy: {executed})")
-    return f"{lesson}: {type(exc).__name__}: {exc}"
+    return f"{head}{type(exc).__name__}: {exc}"
 
 
 def table(results: list[RunResult]) -> str:

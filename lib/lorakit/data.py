@@ -35,6 +35,11 @@ import random
 import tempfile
 from pathlib import Path
 
+__all__ = ["DATA_DIR", "NAMES", "TASKS", "SPLITS", "PROMPT_TEMPLATE", "CHAT_TEMPLATE", "make_story",
+           "story_corpus", "make_example", "generate_task", "write_jsonl", "load_task", "format_prompt",
+           "format_answer", "chat_messages", "tokenize_with_masking", "collate", "generate_answers",
+           "exact_match", "answer_loss", "main"]
+
 DATA_DIR = Path(__file__).parent / "data"
 
 # --------------------------------------------------------------------------------------------------
@@ -321,31 +326,14 @@ def collate(batch: list[dict], pad_token_id: int) -> dict:
 # Evaluation
 # --------------------------------------------------------------------------------------------------
 
-@contextlib.contextmanager
-def _no_cpu_inference_repack(model):
-    """A bitsandbytes 0.50 trap (`Linear4bit.forward`, CPU branch): a 4-bit layer run in eval() under no_grad
-    on a CPU repacks its weight for an inference kernel, after which LoRA adapters silently stop getting
-    gradients. While
-    evaluating we switch that repack off and put it back as it was afterwards.
-    (`lorakit.models.disable_cpu_inference_repack` switches it off for good.)"""
-    changed = []
-    for m in model.modules():
-        if getattr(m, "support_avx512bf16_for_cpu", False):
-            m.support_avx512bf16_for_cpu = False
-            changed.append(m)
-    try:
-        yield
-    finally:
-        for m in changed:
-            m.support_avx512bf16_for_cpu = True
-
-
 def generate_answers(model, tokenizer, dataset, max_new_tokens: int = 8, batch_size: int = 32,
                      progress: bool = True) -> list[str]:
     """Greedy answers to every prompt of `dataset` (rows with instruction/input), batched with left
     padding. Works for plain, peft and 4-bit models. Returns the decoded text up to EOS, stripped."""
     import torch
     from tqdm.auto import tqdm
+
+    from lorakit.models import cpu_inference_repack_off
 
     prompts = [format_prompt(ex) for ex in dataset]
     device = next(model.parameters()).device
@@ -355,7 +343,7 @@ def generate_answers(model, tokenizer, dataset, max_new_tokens: int = 8, batch_s
     out = []
     try:
         model.eval()
-        with torch.no_grad(), _no_cpu_inference_repack(model):
+        with torch.no_grad(), cpu_inference_repack_off(model):
             for i in tqdm(range(0, len(prompts), batch_size), desc="exact match", unit="batch",
                           disable=not progress):
                 enc = tokenizer(prompts[i:i + batch_size], return_tensors="pt", padding=True,
@@ -390,6 +378,8 @@ def answer_loss(model, tokenizer, dataset, batch_size: int = 32, max_length: int
     import torch
     from tqdm.auto import tqdm
 
+    from lorakit.models import cpu_inference_repack_off
+
     rows = [tokenize_with_masking(ex, tokenizer, max_length, padding=False) for ex in dataset]
     if not rows:
         raise ValueError("answer_loss got an empty dataset")
@@ -399,7 +389,7 @@ def answer_loss(model, tokenizer, dataset, batch_size: int = 32, max_length: int
     was_training = model.training
     try:
         model.eval()
-        with torch.no_grad(), _no_cpu_inference_repack(model):
+        with torch.no_grad(), cpu_inference_repack_off(model):
             for i in tqdm(range(0, len(rows), batch_size), desc="answer loss", unit="batch", disable=not progress):
                 batch = {k: v.to(device) for k, v in collate(rows[i:i + batch_size], pad_id).items()}
                 logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits

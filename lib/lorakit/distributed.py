@@ -38,7 +38,12 @@ from pathlib import Path
 
 import torch
 
+from lorakit.env import scoped_environ
 from lorakit.models import TINY
+
+__all__ = ["DistributedRunError", "rank_loss", "split_batch", "require_backend", "RunConfig", "train",
+           "RunResult", "collect", "free_port", "notebook_launch", "write_launch_files", "launch_command",
+           "accelerate_launch", "fsdp_qlora_files", "check_fsdp_qlora"]
 
 ASSETS = Path(__file__).parent / "assets"
 FSDP_QLORA = ASSETS / "fsdp_qlora"
@@ -69,9 +74,9 @@ def rank_loss(logits: torch.Tensor, labels: torch.Tensor, n_label_tokens, world_
 
 def split_batch(global_batch_size: int, world_size: int) -> int:
     """Examples per process when `global_batch_size` examples are split over `world_size` processes."""
-    for name, v in (("global_batch_size", global_batch_size), ("world_size", world_size)):
-        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-            raise ValueError(f"{name} must be a whole number >= 1; found {v!r}")
+    from lorakit.memory import whole_number
+    global_batch_size = whole_number(global_batch_size, "global_batch_size")
+    world_size = whole_number(world_size, "world_size")
     if global_batch_size % world_size:
         lower = global_batch_size - global_batch_size % world_size
         options = " or ".join(str(x) for x in (lower, lower + world_size) if x > 0)
@@ -355,7 +360,7 @@ def notebook_launch(config, num_processes: int = 2) -> RunResult:
     _fresh(cfg.out_dir)
     threads = torch.get_num_threads()  # on Colab the function runs in this process and would change it
     try:
-        with _env(OMP_NUM_THREADS=str(cfg.threads)):
+        with scoped_environ(OMP_NUM_THREADS=str(cfg.threads)):  # the forked workers read it
             notebook_launcher(train, args=(asdict(cfg),), num_processes=num_processes, use_port=str(free_port()))
     except ChildFailedError as e:
         collect(cfg.out_dir)  # raises with the failed rank's own error when it wrote one
@@ -363,25 +368,6 @@ def notebook_launch(config, num_processes: int = 2) -> RunResult:
     finally:
         torch.set_num_threads(threads)
     return collect(cfg.out_dir)
-
-
-class _env:
-    """Set environment variables for a block (the forked workers inherit them)."""
-
-    def __init__(self, **values):
-        self.values, self.saved = values, {}
-
-    def __enter__(self):
-        for k, v in self.values.items():
-            self.saved[k] = os.environ.get(k)
-            os.environ[k] = v
-
-    def __exit__(self, *exc):
-        for k, v in self.saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 SCRIPT = '''\

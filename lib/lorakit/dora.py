@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lorakit.lora import LoRALinear, _check_hyperparameters, replace_linears
+from lorakit.lora import LoRALinear, check_hyperparameters, replace_linears
 
 __all__ = ["DoRALinear", "inject_dora", "weight_norm"]
 
@@ -125,6 +125,6 @@ def inject_dora(model: nn.Module, target_modules, r: int = 8, alpha: float = 8, 
                 use_rslora: bool = False) -> int:
     """Freeze `model` and replace every `nn.Linear` whose name matches `target_modules` by a `DoRALinear`
     (peft: `LoraConfig(use_dora=True)`). Returns the number of trainable parameters."""
-    _check_hyperparameters(r, alpha, dropout)
+    check_hyperparameters(r, alpha, dropout)
     return replace_linears(model, target_modules, lambda m: DoRALinear(m, r, alpha, dropout, use_rslora),
                            method="DoRA")

@@ -6,16 +6,22 @@ whoever helps them) can see what the notebook ran with.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import importlib.metadata as md
 import os
 import platform
 import shutil
+import threading
 from dataclasses import dataclass
 
 import torch
 
 from lorakit import install
+
+__all__ = ["INSTRUCTOR_TOOLS", "pick_device", "bf16_supported", "compute_dtype", "check_dtype", "versions",
+           "tested_versions", "differs", "print_versions", "scoped_environ", "import_bitsandbytes", "four_bit_works",
+           "memory_available", "Line", "version_lines", "check", "report"]
 
 # What the lessons run on (the learner's install), then what only instructors install (lorakit[instructor]).
 STACK = ("torch", "transformers", "peft", "bitsandbytes", "datasets", "accelerate",
@@ -108,6 +114,28 @@ def print_versions() -> None:
         note = f" (tested {tested[name]})" if name in tested and differs(ver, tested[name]) else ""
         parts.append(f"{name} {ver or 'MISSING'}{note}")
     print("  ".join(parts))
+
+
+_ENVIRON_LOCK = threading.RLock()
+
+
+@contextlib.contextmanager
+def scoped_environ(**values: str):
+    """Set environment variables for the `with` block only, and put them back afterwards: for code that reads
+    this process's os.environ and offers no way to pass an environment (accelerate's notebook_launcher forks
+    its workers; nbgrader's Gradebook runs `alembic`). Wherever a subprocess takes `env=`, pass it there
+    instead. One block at a time (os.environ is shared by every thread)."""
+    with _ENVIRON_LOCK:
+        saved = {k: os.environ.get(k) for k in values}
+        os.environ.update(values)
+        try:
+            yield
+        finally:
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
 
 
 def import_bitsandbytes():

@@ -34,6 +34,13 @@ import tempfile
 import threading
 from pathlib import Path
 
+__all__ = ["LOCK", "COURSE_STACK", "NOT_LOCKED", "CONDA_NAMES", "PIP_ONLY", "InstallError", "say", "normalize",
+           "base_version", "read_lock", "tested", "installed", "freeze", "lock_header", "pins_to_keep",
+           "too_new_for", "project", "requires_python", "check_python", "extras", "check_extra",
+           "has_nvidia_gpu", "answers", "torch_index", "pip_args", "venv_python", "usable", "make_venv",
+           "requirements", "out_of_range", "missing_for", "require_extra", "fix", "check", "colab_constraints",
+           "colab", "environment_yml", "main"]
+
 HERE = Path(__file__).resolve().parent
 LOCK = HERE / "tested.txt"
 ROOT = HERE.parent.parent  # the repository, when this file is run from a checkout

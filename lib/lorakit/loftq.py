@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 import torch
 from torch.overrides import TorchFunctionMode
 
+from lorakit.lora import check_rank
 from lorakit.nf4 import NF4State, dequantize_nf4, nf4_code, quantize_nf4
 
 __all__ = ["LoftQResult", "low_rank", "loftq_iteration", "loftq_init", "reconstruction_error", "peft_on_cpu",
@@ -39,8 +40,7 @@ def _check(weight: torch.Tensor, r: int, scaling: float) -> None:
     if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
         got = f"a tensor of shape {tuple(weight.shape)}" if isinstance(weight, torch.Tensor) else type(weight).__name__
         raise ValueError(f"LoftQ works on a 2-D weight matrix (out x in), like a linear layer's .weight; got {got}.")
-    if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
-        raise ValueError(f"r (the LoRA rank) must be a positive integer such as 8 or 16; got r={r!r}.")
+    check_rank(r)
     out_features, in_features = weight.shape
     if r > min(out_features, in_features):
         raise ValueError(

@@ -17,25 +17,53 @@ the two numerically equal. `lorakit.qlora` builds its 4-bit layer on `LoRALinear
 from __future__ import annotations
 
 import math
+import numbers
+import operator
 import re
 import warnings
 
 import torch
 from torch import nn
 
-__all__ = ["LoRALinear", "inject_lora", "lora_state_dict", "merge_lora", "trainable_parameters", "concat_lora",
-           "concat_adapters"]
+__all__ = ["LoRALinear", "inject_lora", "replace_linears", "lora_state_dict", "merge_lora", "trainable_parameters",
+           "concat_lora", "concat_adapters", "check_hyperparameters", "check_rank", "lora_scaling",
+           "check_target_modules", "target_matches", "unmatched_targets"]
 
 
-def _check_hyperparameters(r, alpha, dropout) -> None:
-    """Clear errors for values LoRA cannot use: what was given and what is accepted."""
-    if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
+def check_rank(r) -> int:
+    """The LoRA rank as a Python int: a positive whole number (a numpy integer too), else a clear error."""
+    try:
+        if isinstance(r, bool):
+            raise TypeError
+        r = operator.index(r)
+    except TypeError:
+        raise ValueError(f"r (the LoRA rank) must be a positive integer such as 8 or 16; got r={r!r}.") from None
+    if r <= 0:
         raise ValueError(f"r (the LoRA rank) must be a positive integer such as 8 or 16; got r={r!r}.")
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not alpha > 0:
+    return r
+
+
+def _is_number(x) -> bool:
+    return isinstance(x, numbers.Real) and not isinstance(x, bool)
+
+
+def check_hyperparameters(r, alpha, dropout) -> int:
+    """Clear errors for values LoRA cannot use: what was given and what is accepted. Integers may be numpy
+    integers (anything `operator.index` accepts); alpha and dropout may be numpy floats too. Returns the
+    rank as a Python int."""
+    r = check_rank(r)
+    if not _is_number(alpha) or not alpha > 0:
         raise ValueError(f"alpha must be a positive number (peft's default is alpha = r = 8); got alpha={alpha!r}.")
-    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
+    if not _is_number(dropout) or not 0 <= dropout < 1:
         raise ValueError(f"dropout is a probability in [0, 1) (0.0 = no dropout, QLoRA used 0.05-0.1); "
                          f"got dropout={dropout!r}.")
+    return r
+
+
+def lora_scaling(r: int, alpha: float, use_rslora: bool = False) -> float:
+    """What multiplies B @ A: alpha / r, or alpha / sqrt(r) with rank-stabilised LoRA (Kalajdzievski 2023,
+    arXiv 2312.03732), peft's `scaling`. The one place where r, alpha and rsLoRA become behaviour."""
+    return alpha / math.sqrt(r) if use_rslora else alpha / r
 
 
 class LoRALinear(nn.Module):
@@ -56,12 +84,11 @@ class LoRALinear(nn.Module):
         if not isinstance(base, nn.Linear):
             raise TypeError(f"LoRALinear wraps an nn.Linear (a layer with in_features x out_features weights); "
                             f"got {type(base).__name__}.")
-        _check_hyperparameters(r, alpha, dropout)
+        r = check_hyperparameters(r, alpha, dropout)
         self.base_layer = base
         self.in_features, self.out_features = base.in_features, base.out_features
         self.r, self.lora_alpha, self.use_rslora = r, alpha, use_rslora
-        # One place where r, alpha and rsLoRA become behaviour.
-        self.scaling = alpha / math.sqrt(r) if use_rslora else alpha / r
+        self.scaling = lora_scaling(r, alpha, use_rslora)
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         # Adapters live on the base weight's device; fp32 even beside a 16-bit or 4-bit base, as in peft
         # (its default autocast_adapter_dtype=True), so small updates are not rounded away.
@@ -121,28 +148,42 @@ class LoRALinear(nn.Module):
                 f"alpha={self.lora_alpha}, scaling={self.scaling:.4g}, merged={self.merged}")
 
 
-def _matches(name: str, target_modules) -> bool:
-    """peft's rule: a string is a regular expression the full module name must match; a list of names
-    matches a module whose full name is one of them or ends with '.' + one of them."""
+# ------------------------------------------------------------------------------- which modules to adapt
+
+def check_target_modules(target_modules):
+    """`target_modules` as peft takes it: one regular expression string (returned as is), or a non-empty
+    list, tuple or set of module names (returned as a list). Anything else gets a clear error."""
+    if isinstance(target_modules, str):
+        return target_modules
+    if isinstance(target_modules, (list, tuple, set)) and not target_modules:
+        raise ValueError("target_modules is empty: name at least one module, e.g. ['q_proj', 'v_proj'].")
+    if isinstance(target_modules, (list, tuple, set)) and all(isinstance(t, str) and t for t in target_modules):
+        return list(target_modules)
+    raise TypeError(f"target_modules is a list of module names such as ['q_proj', 'v_proj'] (or one regular "
+                    f"expression string); got {target_modules!r}.")
+
+
+def target_matches(name: str, target_modules) -> bool:
+    """peft's rule (`check_target_module_exists`): a string is a regular expression the full module name
+    must match; a list of names matches a module whose full name is one of them or ends with '.' + one of
+    them, so 'q_proj' and 'self_attn.q_proj' both match 'model.layers.0.self_attn.q_proj'."""
     if isinstance(target_modules, str):
         return re.fullmatch(target_modules, name) is not None
     return any(name == t or name.endswith("." + t) for t in target_modules)
 
 
-def _check_targets(target_modules):
-    if isinstance(target_modules, str):
-        return target_modules
-    if isinstance(target_modules, (list, tuple, set)) and target_modules and all(isinstance(t, str) for t in target_modules):
-        return list(target_modules)
-    raise TypeError(f"target_modules is a list of module names such as ['q_proj', 'v_proj'] (or one regular "
-                    f"expression string); got {target_modules!r}.")
+def unmatched_targets(names, target_modules: list[str]) -> list[str]:
+    """The entries of a list of target modules that match none of the module `names` (typos, or layers
+    this model does not have)."""
+    names = [n for n in names if n]
+    return [t for t in target_modules if not any(target_matches(n, [t]) for n in names)]
 
 
 def inject_lora(model: nn.Module, target_modules, r: int = 8, alpha: float = 8, dropout: float = 0.0,
                 use_rslora: bool = False) -> int:
     """Freeze `model` and replace every `nn.Linear` whose name matches `target_modules` by a `LoRALinear`,
     in place. Returns the number of trainable parameters (the adapters' r * (in + out) per layer)."""
-    _check_hyperparameters(r, alpha, dropout)
+    check_hyperparameters(r, alpha, dropout)
     return replace_linears(model, target_modules, lambda m: LoRALinear(m, r, alpha, dropout, use_rslora))
 
 
@@ -152,8 +193,8 @@ def replace_linears(model: nn.Module, target_modules, make_layer, adapted: tuple
     suffixes or one regular expression), freeze every parameter, then swap each matching `nn.Linear`
     for `make_layer(linear)`. Layers of the `adapted` types are refused (inject once). Returns the count
     of trainable parameters."""
-    targets = _check_targets(target_modules)
-    found = [(name, m) for name, m in model.named_modules() if name and _matches(name, targets)]
+    targets = check_target_modules(target_modules)
+    found = [(name, m) for name, m in model.named_modules() if name and target_matches(name, targets)]
     if not found:
         linear = sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, nn.Linear)})
         raise ValueError(f"target_modules={targets!r} matched no module of this {type(model).__name__}. "
@@ -167,8 +208,7 @@ def replace_linears(model: nn.Module, target_modules, make_layer, adapted: tuple
     for p in model.parameters():
         p.requires_grad_(False)
     for name, m in found:
-        parent_name, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent_name) if parent_name else model, child, make_layer(m))
+        model.set_submodule(name, make_layer(m))
     return trainable_parameters(model)
 
 
@@ -197,9 +237,7 @@ def merge_lora(model: nn.Module) -> nn.Module:
     for name, m in wrapped:
         if not m.merged:
             m.merge()
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, m.base_layer)
+        model.set_submodule(name, m.base_layer)
     return model
 
 

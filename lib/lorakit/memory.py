@@ -17,14 +17,26 @@ The reference version of lesson 01. Everything here works from a config alone (n
   FSDP's SHARD_GRAD_OP and FULL_SHARD are accepted by name), with `cpu_offload` moving sharded states to
   the host (lesson 08).
 - `measure(model)`: the bytes a loaded model's tensors really hold, including bitsandbytes' 4-bit
-  quantization constants, which transformers' `get_memory_footprint()` leaves out.
+  quantization constants, which transformers' `get_memory_footprint()` leaves out;
+  `measure_training_step(model, batch)` the same per part of a real training step, and `saved_bytes` /
+  `saved_tensors_meter` what autograd keeps for the backward pass (lesson 04's recomputation, lesson 06).
 """
 
 from __future__ import annotations
 
 import math
-import re
+import operator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
+
+from lorakit import nf4
+from lorakit.lora import check_rank, check_target_modules, target_matches, unmatched_targets
+
+__all__ = ["METHODS", "BYTES", "ATTENTION", "MLP", "FSDP_SHARDING", "CONFIGS", "PUBLISHED", "config", "sizes",
+           "modules", "count_parameters", "quantized_parameters", "packed_parameter_count", "lora_targets",
+           "lora_parameters", "bits_per_param", "quantization_constant_bytes", "activation_bytes",
+           "MemoryEstimate", "sharding_stage", "whole_number", "estimate", "quant_state_tensors", "measure",
+           "saved_tensors_meter", "saved_bytes", "measure_training_step"]
 
 SUPPORTED = ("llama", "mistral", "qwen2")
 METHODS = ("full", "lora", "qlora")
@@ -117,11 +129,20 @@ def config(spec):
                              "(put model_type in the dict)")
         return transformers.CONFIG_MAPPING[kind](**d)
     if isinstance(spec, str):
-        return transformers.AutoConfig.from_pretrained(spec)
+        try:
+            return transformers.AutoConfig.from_pretrained(spec)
+        except OSError as e:
+            raise ValueError(f"{spec!r} is not one of the configs lorakit.memory knows ({', '.join(CONFIGS)}), and no "
+                             f"model folder or hub id of that name could be read ({type(e).__name__}; offline, a "
+                             f"typo, or a gated model). Use one of those names, a dict with model_type, or a "
+                             f"transformers config.") from e
     raise TypeError(f"expected a config, a dict, or one of {sorted(CONFIGS)}; found {type(spec).__name__}")
 
 
-def _sizes(cfg) -> dict:
+def sizes(cfg) -> dict:
+    """The numbers every count here is made of: kind (model_type), h (hidden), i (intermediate), layers,
+    vocab, q and kv (the widths of q_proj's and k/v_proj's outputs: heads x head_dim), tied (lm_head shares
+    the embedding), and which linear layers have biases (qkv_bias, o_bias, mlp_bias)."""
     cfg = config(cfg)
     kind = getattr(cfg, "model_type", None)
     if kind not in SUPPORTED:
@@ -144,7 +165,7 @@ def modules(cfg) -> dict[str, tuple[str, int, int, bool]]:
     """Every module of the model the config describes, by its name in `model.named_modules()`:
     name -> (kind, in_features, out_features, bias). kind is "linear", "embedding", "norm" or "container"
     (for an embedding, in/out are num_embeddings/embedding_dim). No weights are built."""
-    s = _sizes(cfg)
+    s = sizes(cfg)
     h, q, kv, i = s["h"], s["q"], s["kv"], s["i"]
     out = {"": ("container", 0, 0, False), "model": ("container", 0, 0, False),
            "model.embed_tokens": ("embedding", s["vocab"], h, False), "model.layers": ("container", 0, 0, False)}
@@ -184,7 +205,7 @@ def _module_params(kind: str, fan_in: int, fan_out: int, bias: bool) -> int:
 def count_parameters(cfg) -> int:
     """Parameters of the model `cfg` describes, counted the way `model.num_parameters()` does (a tied
     lm_head shares the embedding matrix, so it is counted once)."""
-    tied = _sizes(cfg)["tied"]
+    tied = sizes(cfg)["tied"]
     return sum(_module_params(*m) for name, m in modules(cfg).items() if not (tied and name == "lm_head"))
 
 
@@ -203,35 +224,26 @@ def packed_parameter_count(cfg, r: int = 0, target_modules=None) -> int:
     return n - nq + nq // 2 + (lora_parameters(cfg, r, target_modules) if r else 0)
 
 
-def _check_rank(r) -> None:
-    if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
-        raise ValueError(f"the LoRA rank r must be a positive whole number (peft uses 8 by default); found {r!r}")
-
-
 def lora_targets(cfg, target_modules=None) -> list[str]:
-    """The module names peft would wrap with LoRA for `target_modules`, matched as peft matches them:
-    None -> peft's default for the architecture (q_proj, v_proj); "all-linear" -> every linear layer but
-    the output layer (lm_head); another string -> a regular expression that must match the whole name;
-    a list -> names equal to an entry or ending with "." + entry."""
+    """The module names peft would wrap with LoRA for `target_modules`, matched as peft matches them
+    (`lorakit.lora.target_matches`): None -> peft's default for the architecture (q_proj, v_proj);
+    "all-linear" -> every linear layer but the output layer (lm_head); another string -> a regular
+    expression that must match the whole name; a list -> names equal to an entry or ending with "." + entry
+    ("o_proj" and "self_attn.o_proj" alike)."""
     mods = modules(cfg)
     if target_modules is None:
         target_modules = list(PEFT_DEFAULT_TARGETS)
     if isinstance(target_modules, str) and target_modules.lower() == "all-linear":
         return [n for n, m in mods.items() if m[0] == "linear" and n != "lm_head"]
-    if isinstance(target_modules, str):
-        hits = [n for n in mods if n and re.fullmatch(target_modules, n)]
-        if not hits:
-            raise ValueError(f"target_modules {target_modules!r} matches no module of this "
-                             f"{_sizes(cfg)['kind']} model; its linear layers are named {_linear_names(mods)}")
-    else:
-        targets = list(target_modules)
-        if not targets:
-            raise ValueError("target_modules is empty: name at least one module, e.g. ['q_proj', 'v_proj']")
-        hits = [n for n in mods if n and any(n == t or n.endswith("." + t) for t in targets)]
-        missing = [t for t in targets if not any(n == t or n.endswith("." + t) for n in mods if n)]
-        if missing:
-            raise ValueError(f"target module(s) {missing} not found in this {_sizes(cfg)['kind']} model; "
-                             f"its linear layers are named {_linear_names(mods)} (or use 'all-linear')")
+    targets = check_target_modules(target_modules)
+    hits = [n for n in mods if n and target_matches(n, targets)]
+    if isinstance(targets, str) and not hits:
+        raise ValueError(f"target_modules {targets!r} matches no module of this {sizes(cfg)['kind']} model; "
+                         f"its linear layers are named {_linear_names(mods)}")
+    missing = [] if isinstance(targets, str) else unmatched_targets(mods, targets)
+    if missing:
+        raise ValueError(f"target module(s) {missing} not found in this {sizes(cfg)['kind']} model; "
+                         f"its linear layers are named {_linear_names(mods)} (or use 'all-linear')")
     bad = sorted({n.rsplit(".", 1)[-1] for n in hits if mods[n][0] not in ("linear", "embedding")})
     if bad:
         raise ValueError(f"LoRA can wrap linear and embedding layers only; {bad} are "
@@ -247,7 +259,7 @@ def _linear_names(mods) -> list[str]:
 def lora_parameters(cfg, r: int = 8, target_modules=None) -> int:
     """Trainable parameters LoRA adds: r * (in + out) for every targeted layer (A is r x in, B is out x r;
     an embedding gets A of r x num_embeddings and B of embedding_dim x r)."""
-    _check_rank(r)
+    r = check_rank(r)
     mods = modules(cfg)
     return sum(r * (mods[n][1] + mods[n][2]) for n in lora_targets(cfg, target_modules))
 
@@ -261,10 +273,9 @@ def bits_per_param(dtype: str = "nf4", *, double_quant: bool = False, blocksize:
     scale per 256 of them (4 + 8/64 + 32/(64*256) = 4.127 bits)."""
     if dtype not in BYTES:
         raise ValueError(f"unknown dtype {dtype!r}; known: {', '.join(BYTES)}")
-    bits = BYTES[dtype] * 8
     if dtype == "nf4":
-        bits += 8 / blocksize + 32 / (blocksize * blocksize2) if double_quant else 32 / blocksize
-    return bits
+        return nf4.bits_per_param(blocksize, double_quant, blocksize2)
+    return BYTES[dtype] * 8
 
 
 def quantization_constant_bytes(cfg, *, double_quant: bool = True, blocksize: int = 64,
@@ -291,8 +302,9 @@ def activation_bytes(cfg, batch_size: int = 1, seq_len: int = 512, *, gradient_c
     attention kernel (no seq x seq matrix): per layer about 10 hidden-sized, 4 kv-sized and 4
     intermediate-sized tensors per token in 16 bits; with gradient checkpointing only each layer's input
     plus one layer's worth; plus the logits in fp32 and their gradient."""
-    s = _sizes(cfg)
-    tokens = batch_size * seq_len
+    s = sizes(cfg)
+    tokens = (whole_number(batch_size, "batch_size", 1, "the number of sequences per device")
+              * whole_number(seq_len, "seq_len", 1, "the number of tokens per sequence"))
     per_layer = tokens * (10 * s["h"] + 4 * s["kv"] + 4 * s["i"]) * BYTES[dtype]
     if gradient_checkpointing:
         kept = s["layers"] * tokens * s["h"] * BYTES[dtype] + per_layer
@@ -358,10 +370,19 @@ def sharding_stage(sharding) -> int:
                      f"{', '.join(FSDP_SHARDING)}")
 
 
-def _check_world_size(world_size) -> None:
-    if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
-        raise ValueError(f"world_size is the number of devices (processes) and must be a whole number >= 1; "
-                         f"found {world_size!r}")
+def whole_number(value, name: str, minimum: int = 1, meaning: str = "") -> int:
+    """`value` as a Python int when it is a whole number >= `minimum` (numpy integers too, through
+    `operator.index`); else a ValueError that names it, says what it is (`meaning`) and what was found."""
+    try:
+        if isinstance(value, bool):
+            raise TypeError
+        n = operator.index(value)
+    except TypeError:
+        n = None
+    if n is None or n < minimum:
+        raise ValueError(f"{name}{' is ' + meaning + ' and' if meaning else ''} must be a whole number >= {minimum}; "
+                         f"found {value!r}")
+    return n
 
 
 def _gathered_bytes(cfg, method: str, wb: int) -> int:
@@ -369,12 +390,12 @@ def _gathered_bytes(cfg, method: str, wb: int) -> int:
     root unit (embeddings, final norm, lm_head: gathered for the whole forward and backward) plus two
     decoder layers (the one computing and the next one being prefetched)."""
     mods = modules(cfg)
-    tied = _sizes(cfg)["tied"]
+    tied = sizes(cfg)["tied"]
     layer = {n: m for n, m in mods.items() if n.startswith("model.layers.0.")}
     if method == "qlora":
         linear = sum(m[1] * m[2] for m in layer.values() if m[0] == "linear")
         rest = sum(_module_params(*m) for m in layer.values()) - linear
-        n_layers = _sizes(cfg)["layers"]
+        n_layers = sizes(cfg)["layers"]
         per_layer = int(linear * BYTES["nf4"] + rest * wb) + quantization_constant_bytes(cfg) // n_layers
     else:
         per_layer = sum(_module_params(*m) for m in layer.values()) * wb
@@ -415,7 +436,10 @@ def estimate(cfg, method: str, r: int = 8, target_modules=None, batch_size: int 
         raise ValueError(f"weight_dtype must be fp32, fp16 or bf16 (use method='qlora' for 4-bit); found {weight_dtype!r}")
     if optimizer not in OPTIMIZER_BYTES:
         raise ValueError(f"unknown optimizer {optimizer!r}; known: {', '.join(OPTIMIZER_BYTES)}")
-    _check_world_size(world_size)
+    world_size = whole_number(world_size, "world_size", 1, "the number of devices (processes)")
+    if activations:
+        batch_size = whole_number(batch_size, "batch_size", 1, "the number of sequences per device")
+        seq_len = whole_number(seq_len, "seq_len", 1, "the number of tokens per sequence")
     stage = sharding_stage(sharding)
     fsdp = str(sharding).upper() in FSDP_SHARDING
     if cpu_offload and stage == 0:
@@ -432,7 +456,9 @@ def estimate(cfg, method: str, r: int = 8, target_modules=None, batch_size: int 
                          "shards only floating-point tensors: bitsandbytes packs them as uint8 by default. Load "
                          "with BitsAndBytesConfig(bnb_4bit_quant_storage=torch.bfloat16) and pass quant_storage='bf16' "
                          "(same bytes), or shard less (sharding='zero2' keeps the frozen weights whole)")
-    bare = isinstance(cfg, int) and not isinstance(cfg, bool)
+    bare = not isinstance(cfg, (bool, str, dict)) and hasattr(cfg, "__index__")
+    if bare:
+        cfg = operator.index(cfg)
     if bare:
         if method != "full":
             raise ValueError(f"a bare parameter count has no layers to put LoRA adapters on: pass a config for "
@@ -542,6 +568,43 @@ def _storage_key(t):
     return (t.device.type, t.untyped_storage().data_ptr())
 
 
+@contextmanager
+def saved_tensors_meter(exclude=None):
+    """Count the bytes autograd saves for the backward pass inside the `with` block (each storage once).
+    Tensors `exclude` already holds cost nothing extra and are left out: a module (its parameters and
+    buffers) or an iterable of tensors. Yields a dict whose "bytes" and "tensors" entries grow as tensors
+    are saved (`torch.autograd.graph.saved_tensors_hooks`)."""
+    import torch
+
+    if exclude is None:
+        held_tensors = ()
+    elif hasattr(exclude, "parameters") and hasattr(exclude, "buffers"):
+        held_tensors = (*exclude.parameters(), *exclude.buffers())
+    else:
+        held_tensors = tuple(exclude)
+    held = {_storage_key(t) for t in held_tensors}
+    seen: set = set()
+    meter = {"bytes": 0, "tensors": 0}
+
+    def pack(t):
+        key = _storage_key(t)
+        if key not in held and key not in seen:
+            seen.add(key)
+            meter["bytes"] += t.untyped_storage().nbytes()
+            meter["tensors"] += 1
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        yield meter
+
+
+def saved_bytes(fn, *args, exclude=None) -> int:
+    """Bytes autograd keeps for backward while computing `fn(*args)` (see `saved_tensors_meter`)."""
+    with saved_tensors_meter(exclude) as meter:
+        fn(*args)
+    return meter["bytes"]
+
+
 def measure_training_step(model, batch: dict, optimizer=None, *, autocast_dtype=None) -> dict[str, int]:
     """Bytes one training step of `model` holds, measured part by part on a real forward and backward pass
     over `batch` (a dict of tensors such as input_ids / attention_mask / labels). The keys are those of
@@ -561,13 +624,13 @@ def measure_training_step(model, batch: dict, optimizer=None, *, autocast_dtype=
     import torch
 
     params = list(model.parameters())
-    owned = {}  # storage -> bytes, for everything the model itself holds
+    owned = {}  # storage -> the tensor, for everything the model itself holds
     parts = {"weights": 0, "quantization constants": 0, "adapters": 0}
 
     def own(t, part):
         key = _storage_key(t)
         if key not in owned:
-            owned[key] = _tensor_bytes(t)
+            owned[key] = t
             parts[part] += _tensor_bytes(t)
 
     for p in params:
@@ -577,14 +640,6 @@ def measure_training_step(model, batch: dict, optimizer=None, *, autocast_dtype=
     for b in model.buffers():
         own(b, "weights")
 
-    saved: dict = {}
-
-    def pack(t):
-        key = _storage_key(t)
-        if key not in owned and key not in saved:
-            saved[key] = t.untyped_storage().nbytes()
-        return t
-
     trainable = [p for p in params if p.requires_grad]
     if not trainable:
         raise ValueError("the model has no trainable parameters: add adapters (peft's get_peft_model) first")
@@ -593,7 +648,7 @@ def measure_training_step(model, batch: dict, optimizer=None, *, autocast_dtype=
     device = trainable[0].device
     batch = {k: v.to(device) if hasattr(v, "to") else v for k, v in batch.items()}
     try:
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), \
+        with saved_tensors_meter(exclude=owned.values()) as saved, \
                 torch.autocast(device.type, dtype=autocast_dtype or torch.bfloat16, enabled=autocast_dtype is not None):
             loss = model(**batch).loss
         loss.backward()
@@ -611,7 +666,7 @@ def measure_training_step(model, batch: dict, optimizer=None, *, autocast_dtype=
                 if isinstance(t, torch.Tensor):
                     states.setdefault(_storage_key(t), _tensor_bytes(t))
         parts["optimizer states"] = sum(states.values())
-        parts["activations"] = sum(saved.values())
+        parts["activations"] = saved["bytes"]
     finally:
         for p in trainable:
             p.grad = None

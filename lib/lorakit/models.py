@@ -9,12 +9,17 @@ shipped inside the package in Hugging Face format; on a GPU machine it is any hu
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from lorakit.env import compute_dtype, import_bitsandbytes, pick_device
+
+__all__ = ["TINY", "TINY_PATH", "ALL_LINEAR", "PRESETS", "ModelNotFoundError", "resolve", "Preset",
+           "presets_table", "disable_cpu_inference_repack", "cpu_inference_repack_off", "quantization_config",
+           "load_tokenizer", "load_base"]
 
 TINY = "lorakit/tiny-stories-llama"
 TINY_PATH = Path(__file__).parent / "assets" / "tiny-stories-llama"
@@ -73,21 +78,37 @@ def presets_table(r: int = 16, batch_size: int = 8, seq_len: int = 512) -> str:
 # bitsandbytes on a CPU
 # --------------------------------------------------------------------------------------------------
 
-def disable_cpu_inference_repack(model) -> int:
-    """Switch off bitsandbytes' CPU inference repack on every `Linear4bit` of `model`; returns how many.
+# bitsandbytes 0.50's switch on `Linear4bit` (`Linear4bit.forward`, CPU branch): a 4-bit layer that runs in
+# eval() mode under no_grad on a CPU with AVX512-BF16 repacks its weight for a fused inference kernel. After
+# that, LoRA adapters on top of it silently get no gradients and the loss stays flat.
+CPU_REPACK_FLAG = "support_avx512bf16_for_cpu"
 
-    bitsandbytes 0.50 (`Linear4bit.forward`, CPU branch): a 4-bit layer that runs in eval() mode under no_grad on a CPU
-    with AVX512-BF16 repacks its weight for a fused inference kernel. After that, LoRA adapters on top of
-    it silently get no gradients and the loss stays flat. `load_base` calls this for 4-bit models on CPU,
-    so that "evaluate the base model, then train" works as it does on a GPU.
-    """
-    bnb = import_bitsandbytes()
-    n = 0
-    for module in model.modules():
-        if isinstance(module, bnb.nn.Linear4bit):
-            module.support_avx512bf16_for_cpu = False
-            n += 1
-    return n
+
+def _repack_off(model) -> list:
+    """Switch the repack off on every layer of `model` that has it on; returns those layers."""
+    changed = [m for m in model.modules() if getattr(m, CPU_REPACK_FLAG, False)]
+    for m in changed:
+        setattr(m, CPU_REPACK_FLAG, False)
+    return changed
+
+
+def disable_cpu_inference_repack(model) -> int:
+    """Switch off bitsandbytes' CPU inference repack (see `CPU_REPACK_FLAG`) on every `Linear4bit` of
+    `model`, for good; returns how many layers it switched off. `load_base` calls this for 4-bit models on
+    CPU, so that "evaluate the base model, then train" works as it does on a GPU."""
+    return len(_repack_off(model))
+
+
+@contextlib.contextmanager
+def cpu_inference_repack_off(model):
+    """`disable_cpu_inference_repack` for the `with` block only: the layers it switched off are switched
+    on again afterwards (the evaluation helpers of `lorakit.data` use it, leaving a model as they found it)."""
+    changed = _repack_off(model)
+    try:
+        yield
+    finally:
+        for m in changed:
+            setattr(m, CPU_REPACK_FLAG, True)
 
 
 def quantization_config(quantization, dtype: torch.dtype | None = None):

@@ -11,8 +11,9 @@ The recipe (QLoRA, Dettmers et al. 2023, section 3):
 5. optionally (double quantization) store the fp32 absmax values themselves in 8 bits, in blocks of
    256, after subtracting their mean.
 
-Dequantization looks the codes up again and multiplies by the block's absmax. `QLoRALinear` does that
-on every forward pass, so `dequantize_nf4` is a handful of vectorised torch ops, no Python loops.
+Dequantization looks the codes up again and multiplies by the block's absmax: `dequantize_nf4` says it in
+four lines. `QLoRALinear` does that on every forward pass, so large weights take `_dequantize_chunked`,
+the same arithmetic arranged for speed (the tests prove the two equal bit for bit).
 
 The state dataclass `NF4State` mirrors bitsandbytes' `QuantState` field names (`absmax`, `shape`,
 `dtype`, `blocksize`, `code`, `offset`, and `state2` -> here `absmax2`/`code2`/`blocksize2`).
@@ -31,6 +32,9 @@ __all__ = ["NF4State", "nf4_code", "nf4_midpoints", "dynamic_code", "quantize_nf
 
 BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)  # what bitsandbytes' quantize_4bit accepts
 CPU_CHUNK = 1 << 16  # packed bytes per step of dequantize_nf4 on a CPU (a 512 KiB intermediate)
+# Above this many packed bytes dequantize_nf4 takes the chunked path: below it the short one is as fast
+# (1 CPU thread, bf16: 78 vs 82 us at 4,096 bytes, 104 vs 86 us at 8,192).
+REFERENCE_MAX_BYTES = 4096
 FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 OFFSET = 0.9677083  # the outermost quantile bitsandbytes uses (create_normal_map's default)
 
@@ -190,31 +194,63 @@ def quantize_nf4(W: torch.Tensor, blocksize: int = 64, double_quant: bool = Fals
     return packed, state
 
 
-@lru_cache(maxsize=8)
-def _byte_table(device: str) -> torch.Tensor:
-    # Every byte value 0..255 decoded to its (high, low) pair of NF4 values, the pair stored as one
-    # 8-byte word: one gather per byte instead of two shifts, two masks and two gathers.
-    b = torch.arange(256)
-    pairs = torch.stack([_nf4_code_cpu()[b >> 4], _nf4_code_cpu()[b & 0xF]], dim=1)  # (256, 2) fp32
-    return pairs.contiguous().view(torch.int64).view(-1).to(device)                 # (256,) 8-byte words
+def _check_state(packed: torch.Tensor, state) -> None:
+    if not isinstance(state, NF4State):
+        kind = type(state).__name__
+        hint = (" That is bitsandbytes' own state: undo its quantize_4bit with "
+                "bitsandbytes.functional.dequantize_4bit(packed, quant_state), or quantize with "
+                "lorakit.nf4.quantize_nf4 to get an NF4State." if kind == "QuantState" else "")
+        raise TypeError(f"dequantize_nf4 needs the NF4State that quantize_nf4 returned with the packed bytes; "
+                        f"got {kind}.{hint}")
+    if not isinstance(packed, torch.Tensor) or packed.dtype != torch.uint8:
+        raise ValueError(f"packed NF4 data must be uint8, got "
+                         f"{packed.dtype if isinstance(packed, torch.Tensor) else type(packed).__name__}")
+    if packed.numel() != -(-state.numel // 2):
+        raise ValueError(f"{packed.numel()} packed bytes do not hold the {state.numel} numbers of a weight of shape "
+                         f"{tuple(state.shape)} (two per byte): pass the bytes and the state of the same quantize_nf4 call")
 
 
 def dequantize_nf4(packed: torch.Tensor, state: NF4State, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """Undo `quantize_nf4`: code value times block absmax, in fp32, then cast to `dtype` (default: the
-    original dtype). Equal bit for bit to bitsandbytes' `dequantize_4bit` (which returns 1-D weights
-    as shape (1, n); this returns the original shape)."""
+    """Undo `quantize_nf4`: each number is its code value times its block's absmax, in fp32, then cast to
+    `dtype` (default: the original dtype). The code values are the state's own table (`state.code`).
+    Equal bit for bit to bitsandbytes' `dequantize_4bit` (which returns 1-D weights as shape (1, n); this
+    returns the original shape)."""
+    _check_state(packed, state)
     dtype = dtype or state.dtype
-    if packed.dtype != torch.uint8:
-        raise ValueError(f"packed NF4 data must be uint8, got {packed.dtype}")
+    if packed.numel() > REFERENCE_MAX_BYTES:  # the same numbers, faster for large weights (_dequantize_chunked)
+        return _dequantize_chunked(packed, state, dtype)
+    n, bs = state.numel, state.blocksize
+    index = unpack_nibbles(packed, n)                                              # (n,) 0..15
+    values = _code(state, packed.device)[index]                                    # (n,) fp32 in [-1, 1]
+    absmax = state.absmax_fp32().repeat_interleave(bs)[:n]                        # (n,) each block's absmax
+    return (values * absmax).to(dtype).view(state.shape)
+
+
+def _code(state: NF4State, device) -> torch.Tensor:
+    """The state's code table (16 fp32 values), or the NF4 code for a state built without one."""
+    return (nf4_code(device) if state.code is None else state.code.to(device)).float()
+
+
+def _byte_table(code: torch.Tensor) -> torch.Tensor:
+    # Every byte value 0..255 decoded to its (high, low) pair of code values, the pair stored as one
+    # 8-byte word: one gather per byte instead of two shifts, two masks and two gathers.
+    b = torch.arange(256, device=code.device)
+    pairs = torch.stack([code[b >> 4], code[b & 0xF]], dim=1)                      # (256, 2) fp32
+    return pairs.contiguous().view(torch.int64).view(-1)                           # (256,) 8-byte words
+
+
+def _dequantize_chunked(packed: torch.Tensor, state: NF4State, dtype: torch.dtype) -> torch.Tensor:
+    """`dequantize_nf4` for large weights, bit for bit the same numbers: a byte decodes to its two code values
+    with one lookup, and on a CPU the work goes through chunks of CPU_CHUNK packed bytes (64 KiB) so that the
+    intermediate stays in the L2 cache (memory traffic, not arithmetic, is the cost here); on a GPU, all at
+    once. Smaller chunks cost more in per-call overhead than they save: 16 KiB took 25 ms on 4096x4096 bf16,
+    64 KiB 15 ms."""
     n, bs = state.numel, state.blocksize
     absmax = state.absmax_fp32()                                                   # (n_blocks,) fp32
-    table = _byte_table(str(packed.device))
+    table = _byte_table(_code(state, packed.device))
     flat = packed.reshape(-1)                                                      # (ceil(n/2),)
     n_full = n // bs * bs // 2                                                     # bytes in full blocks
     out = torch.empty(2 * flat.numel(), dtype=dtype, device=packed.device)
-    # On a CPU, go through chunks of 64 KiB of packed bytes so the intermediate stays in the L2 cache
-    # (memory traffic, not arithmetic, is the cost here); on a GPU, all at once. Smaller chunks cost
-    # more in per-call overhead than they save: 16 KiB took 25 ms on 4096x4096 bf16, 64 KiB 15 ms.
     step = CPU_CHUNK if packed.device.type == "cpu" else max(n_full, 1)
     index = torch.empty(min(step, n_full), dtype=torch.int32, device=packed.device)
     buffer = torch.empty(min(step, n_full), dtype=torch.int64, device=packed.device)
@@ -254,16 +290,22 @@ def dynamic_lookup_table(device=None) -> torch.Tensor:
     return _lookup_table_cpu().to(device or "cpu")
 
 
-def quantize_dynamic_8bit(x: torch.Tensor, blocksize: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
-    """Blockwise 8-bit quantization with the dynamic map, as bitsandbytes' `quantize_blockwise` does on
-    CPU (through a 65,536-entry lookup table). Returns (uint8 codes like x, fp32 absmax per block)."""
+def _scaled_blocks(x: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """x flattened, zero-padded to whole blocks and divided by each block's absmax: (n_blocks, blocksize)
+    in [-1, 1], the absmax (n_blocks,), and n. An all-zero block stays zero."""
     x = x.reshape(-1).float()
     n = x.numel()
     n_blocks = -(-n // blocksize)
     padded = torch.nn.functional.pad(x, (0, n_blocks * blocksize - n)).view(n_blocks, blocksize)
     absmax = padded.abs().amax(dim=1)                                              # (n_blocks,)
     inv = torch.where(absmax > 0, 1.0 / absmax, torch.zeros_like(absmax))          # all-zero block -> code 0
-    scaled = (padded * inv.unsqueeze(1)).clamp_(-1, 1)
+    return (padded * inv.unsqueeze(1)).clamp_(-1, 1), absmax, n
+
+
+def quantize_dynamic_8bit(x: torch.Tensor, blocksize: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+    """Blockwise 8-bit quantization with the dynamic map, as bitsandbytes' `quantize_blockwise` does on
+    CPU (through a 65,536-entry lookup table). Returns (uint8 codes like x, fp32 absmax per block)."""
+    scaled, absmax, n = _scaled_blocks(x, blocksize)
     grid_idx = ((scaled + 1.0) * 0.5 * 65535.0 + 0.5).to(torch.int32)              # nearest grid point
     codes = dynamic_lookup_table(x.device)[grid_idx.long()]
     codes[absmax == 0] = 0
@@ -281,12 +323,7 @@ def dequantize_dynamic_8bit(codes: torch.Tensor, absmax: torch.Tensor, code: tor
 
 def exact_dynamic_8bit(x: torch.Tensor, blocksize: int = 256) -> torch.Tensor:
     """The exact nearest dynamic code of each number (no lookup table): for comparison with the CPU path."""
-    x = x.reshape(-1).float()
-    n = x.numel()
-    n_blocks = -(-n // blocksize)
-    padded = torch.nn.functional.pad(x, (0, n_blocks * blocksize - n)).view(n_blocks, blocksize)
-    absmax = padded.abs().amax(dim=1, keepdim=True)
-    scaled = (padded * torch.where(absmax > 0, 1.0 / absmax, torch.zeros_like(absmax))).clamp(-1, 1)
+    scaled, _, n = _scaled_blocks(x, blocksize)
     code = dynamic_code(x.device)
     return torch.bucketize(scaled, (code[:-1] + code[1:]) / 2).to(torch.uint8).view(-1)[:n]
 

@@ -33,6 +33,8 @@ import torch
 
 from lorakit.data import story_corpus
 
+__all__ = ["MODEL_CONFIG", "train_tokenizer", "pack", "lr_at", "evaluate", "samples", "main", "write_card"]
+
 ASSET_DIR = Path(__file__).parent / "assets" / "tiny-stories-llama"
 EOS, PAD = "<|endoftext|>", "<|pad|>"
 

@@ -19,18 +19,15 @@ one peft uses around a bitsandbytes `Linear4bit` (`base_layer`, `lora_A`, `lora_
 
 from __future__ import annotations
 
-from contextlib import contextmanager
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lorakit.lora import LoRALinear, _check_hyperparameters, replace_linears
+from lorakit.lora import LoRALinear, check_hyperparameters, replace_linears
 from lorakit.nf4 import BLOCKSIZES, NF4State, dequantize_nf4, quantize_nf4
 
 __all__ = ["MatMulNF4", "NF4Linear", "QLoRALinear", "QLoRAMergeError", "quantize_and_inject",
-           "merged_linear", "merge_to_16bit", "stored_bits_per_param", "saved_bytes", "saved_tensors_meter",
-           "bitsandbytes_lora", "copy_adapters"]
+           "merged_linear", "merge_to_16bit", "stored_bits_per_param"]
 
 
 class QLoRAMergeError(RuntimeError):
@@ -147,7 +144,7 @@ class QLoRALinear(LoRALinear):
         if isinstance(linear, (LoRALinear, NF4Linear)):
             raise TypeError(f"this layer already is a {type(linear).__name__}: build a QLoRALinear from the "
                             f"plain 16/32-bit nn.Linear, once.")
-        _check_hyperparameters(r, alpha, dropout)
+        check_hyperparameters(r, alpha, dropout)
         base = NF4Linear(linear, blocksize, double_quant, compute_dtype)          # validates the layer
         super().__init__(linear, r, alpha, dropout, use_rslora)                  # adapters, scaling, as in LoRA
         self.base_layer = base                                                   # the 16-bit weight is dropped
@@ -178,18 +175,13 @@ class QLoRALinear(LoRALinear):
 
 # ----------------------------------------------------------------------------------------- the model
 
-def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
-
-
 def quantize_and_inject(model: nn.Module, target_modules, r: int = 8, alpha: float = 8, dropout: float = 0.0,
                         blocksize: int = 64, double_quant: bool = True, compute_dtype: torch.dtype | None = None,
                         use_rslora: bool = False) -> int:
     """Freeze `model` and replace every `nn.Linear` whose name matches `target_modules` (peft's rule: a
     list of name suffixes or one regular expression) by a `QLoRALinear`, in place. Returns the number of
     trainable parameters: the adapters only."""
-    _check_hyperparameters(r, alpha, dropout)
+    check_hyperparameters(r, alpha, dropout)
     return replace_linears(
         model, target_modules,
         lambda m: QLoRALinear(m, r, alpha, dropout, blocksize, double_quant, compute_dtype, use_rslora),
@@ -228,7 +220,7 @@ def merge_to_16bit(model: nn.Module, dtype: torch.dtype = torch.bfloat16) -> nn.
     if not layers:
         raise ValueError("merge_to_16bit found no QLoRA layers in this model: call quantize_and_inject first.")
     for name, m in layers:
-        _replace(model, name, merged_linear(m, dtype))
+        model.set_submodule(name, merged_linear(m, dtype))
     return model
 
 
@@ -240,83 +232,3 @@ def stored_bits_per_param(model: nn.Module) -> float:
         raise ValueError("no NF4 layers in this model: quantize it first (quantize_and_inject).")
     stored = sum(m.weight.numel() * m.weight.element_size() + m.quant_state.nbytes() for m in layers)
     return 8 * stored / sum(m.quant_state.numel for m in layers)
-
-
-# --------------------------------------------------------------------- what autograd keeps for backward
-
-@contextmanager
-def saved_tensors_meter(exclude: nn.Module | None = None):
-    """Count the bytes autograd saves for the backward pass inside the `with` block (each storage once).
-    Tensors `exclude` already holds (its parameters and buffers) cost nothing extra and are left out.
-    Yields a dict whose "bytes" entry grows as tensors are saved."""
-    held = set()
-    if exclude is not None:
-        held = {t.untyped_storage().data_ptr() for t in (*exclude.parameters(), *exclude.buffers())}
-    seen: set = set()
-    meter = {"bytes": 0, "tensors": 0}
-
-    def pack(t):
-        key = t.untyped_storage().data_ptr()
-        if key not in held and key not in seen:
-            seen.add(key)
-            meter["bytes"] += t.untyped_storage().nbytes()
-            meter["tensors"] += 1
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        yield meter
-
-
-def saved_bytes(fn, *args, exclude: nn.Module | None = None) -> int:
-    """Bytes autograd keeps for backward while computing `fn(*args)` (see `saved_tensors_meter`)."""
-    with saved_tensors_meter(exclude) as meter:
-        fn(*args)
-    return meter["bytes"]
-
-
-# ------------------------------------------------------------------- the real thing, for comparison
-
-def bitsandbytes_lora(linear: nn.Linear, r: int = 8, alpha: float = 8, dropout: float = 0.0,
-                      compute_dtype: torch.dtype | None = None, blocksize: int = 64):
-    """The same layer built with the real libraries: bitsandbytes `Linear4bit` (nf4, double quantization
-    = compress_statistics) from `linear`'s weights, wrapped by peft's LoRA layer for 4-bit bases.
-
-    bitsandbytes' CPU inference repack (`Linear4bit.forward` in bitsandbytes 0.50) is switched off so that
-    the adapters keep receiving gradients after an evaluation in eval() mode under no_grad."""
-    import bitsandbytes as bnb
-    from peft import LoraConfig
-    from peft.tuners.lora.bnb import Linear4bit as PeftLinear4bit
-
-    if not isinstance(linear, nn.Linear):
-        raise TypeError(f"bitsandbytes_lora quantizes an nn.Linear; got {type(linear).__name__}")
-    device = linear.weight.device
-    q = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=linear.bias is not None,
-                          compute_dtype=compute_dtype, compress_statistics=True, quant_type="nf4",
-                          quant_storage=torch.uint8, device="meta")
-    q.weight = bnb.nn.Params4bit(linear.weight.detach().to("cpu").clone(), requires_grad=False,
-                                 compress_statistics=True, quant_type="nf4", blocksize=blocksize)
-    if linear.bias is not None:
-        q.bias = nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
-    q = q.to(device)                                                              # quantizes here
-    q.support_avx512bf16_for_cpu = False
-    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout)
-    layer = PeftLinear4bit(q, "default", config, r=r, lora_alpha=alpha)
-    # Adapters in fp32, as get_peft_model leaves them (autocast_adapter_dtype=True) and as LoRALinear keeps
-    # them; built directly, peft would give them the base layer's compute dtype.
-    layer.lora_A.float()
-    layer.lora_B.float()
-    return layer
-
-
-@torch.no_grad()
-def copy_adapters(src: nn.Module, dst: nn.Module) -> None:
-    """Copy lora_A / lora_B weights from one LoRA layer to another, lorakit or peft (peft keeps them in
-    a ModuleDict per adapter name; the active one is used)."""
-    def linear(layer, part):
-        m = getattr(layer, part)
-        if isinstance(m, nn.ModuleDict):
-            m = m[layer.active_adapters[0]]
-        return m
-
-    for part in ("lora_A", "lora_B"):
-        linear(dst, part).weight.copy_(linear(src, part).weight)

@@ -7,11 +7,13 @@ Reading the results (summaries over seeds, verdicts, the committed results) is l
   each vary a few fields of it (a list runs every value; several lists run every combination).
   `load_grid("reduced" | "full" | path)` expands it into `Config`s; a configuration that two studies share
   runs once per seed.
-- `validate(grid)` rejects bad input **before anything runs**, naming the entry: `r` must be a positive whole
-  number, `method` "lora" or "qlora", seeds whole numbers, every target module must exist in the model, every
-  parameter must be one the experiment notebook declares.
+- `validate(grid)` rejects bad input **before anything runs**, naming the entry: `r`, `alpha` and `dropout` as
+  `lorakit.lora` checks them, `method` "lora" or "qlora", seeds whole numbers, every target module must match
+  a linear layer of the model by peft's rule (`lorakit.lora.target_matches`: "o_proj" and "self_attn.o_proj"
+  alike), every parameter must be one the experiment notebook declares.
 - `run_sweep(grid)` executes `experiments/finetune_experiment.ipynb` (lesson 05's recipe, built from
-  lorakit.models / lorakit.data / lorakit.train and peft) per configuration and seed with a progress bar,
+  lorakit.models / lorakit.data / lorakit.train and peft) per configuration and seed with `lorakit.course`'s
+  notebook runner (papermill) and a progress bar,
   records a run that fails as failed (with its error) and goes on, and writes the results table (one row per
   study, configuration and seed) as CSV and JSON.
 
@@ -31,7 +33,7 @@ from __future__ import annotations
 
 import itertools
 import json
-import math
+import operator
 import os
 import re
 import time
@@ -39,7 +41,11 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .course import CourseError
+from .course import CourseError, describe_failure, execute
+
+__all__ = ["EXPERIMENTS", "GRIDS", "FIELDS", "NOTEBOOK_NAMES", "MEMORY_COLUMNS", "COLUMNS", "SweepError",
+           "Config", "Grid", "load_grid", "notebook_parameters", "linear_modules", "linear_module_names",
+           "validate", "run_config", "run_sweep", "default_out", "results_table"]
 
 EXPERIMENTS = Path(__file__).parent / "experiments"
 EXPERIMENT_NOTEBOOK = EXPERIMENTS / "finetune_experiment.ipynb"
@@ -98,8 +104,9 @@ class Config:
 
     @property
     def scaling(self) -> float:
-        """What multiplies B @ A: alpha / r, or alpha / sqrt(r) with rsLoRA."""
-        return self.alpha / (math.sqrt(self.r) if self.use_rslora else self.r)
+        """What multiplies B @ A: alpha / r, or alpha / sqrt(r) with rsLoRA (`lorakit.lora.lora_scaling`)."""
+        from .lora import lora_scaling
+        return lora_scaling(self.r, self.alpha, self.use_rslora)
 
     def notebook_parameters(self) -> dict:
         """The parameters papermill injects into the experiment notebook for this configuration."""
@@ -203,12 +210,20 @@ def load_grid(source="reduced") -> Grid:
 
 
 def _seeds(seeds, label: str) -> tuple:
-    """A grid's seeds: a non-empty list of distinct whole numbers >= 0 (a single number is one seed)."""
-    if isinstance(seeds, int) and not isinstance(seeds, bool):
+    """A grid's seeds: a non-empty list of distinct whole numbers >= 0 (a single number is one seed; numpy
+    integers count as whole numbers)."""
+    def whole(s):
+        try:
+            return None if isinstance(s, bool) else operator.index(s)
+        except TypeError:
+            return None
+
+    if whole(seeds) is not None:
         seeds = [seeds]
     if (not isinstance(seeds, (list, tuple)) or not seeds
-            or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in seeds)):
+            or not all(whole(s) is not None and whole(s) >= 0 for s in seeds)):
         raise SweepError(f"{label}: seeds={seeds!r}: give a list of whole numbers >= 0, e.g. seeds: [0, 1, 2]")
+    seeds = [whole(s) for s in seeds]
     if len(set(seeds)) != len(seeds):
         raise SweepError(f"{label}: seeds={list(seeds)!r} repeats a seed; each seed runs every configuration once")
     return tuple(seeds)
@@ -230,32 +245,25 @@ def _config(raw: dict, where: str) -> Config:
     if unknown:
         raise SweepError(f"{where}: unknown field(s) {unknown}; a configuration has {list(FIELDS)} and "
                          f"UPPER_CASE experiment parameters such as N_TRAIN")
+    from .lora import check_hyperparameters, check_rank, check_target_modules
+
     method = raw["method"]
     if method not in METHODS:
         raise SweepError(f"{where}: method={method!r} is not one of {list(METHODS)}",)
-    r = raw["r"]
-    if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
-        raise SweepError(f"{where}: r={r!r}: the rank must be a positive whole number (1, 2, 4, 8, ...)")
-    alpha = raw["alpha"]
-    if isinstance(alpha, str):  # "2r", "r", "0.5r": a multiple of the rank
-        m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)?\s*\*?\s*r\s*", alpha)
-        if not m:
-            raise SweepError(f"{where}: alpha={alpha!r}: give a number or a multiple of r such as '2r'")
-        alpha = float(m.group(1) or 1) * r
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not alpha > 0:
-        raise SweepError(f"{where}: alpha={alpha!r}: alpha must be a positive number (or a multiple of r like '2r')")
-    targets = raw["target_modules"]
-    if isinstance(targets, str):
-        if targets != "all-linear":
-            targets = [targets]
-    if not isinstance(targets, str):
-        if not isinstance(targets, (list, tuple)) or not targets or not all(isinstance(t, str) and t for t in targets):
-            raise SweepError(f"{where}: target_modules={targets!r}: give a list of module names, e.g. "
-                             f"[q_proj, v_proj], or 'all-linear'")
-        targets = tuple(targets)
-    dropout = raw["dropout"]
-    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
-        raise SweepError(f"{where}: dropout={dropout!r}: a probability from 0 up to (not including) 1")
+    r, alpha, dropout = raw["r"], raw["alpha"], raw["dropout"]
+    try:
+        r = check_rank(r)
+        if isinstance(alpha, str):  # "2r", "r", "0.5r": a multiple of the rank
+            m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)?\s*\*?\s*r\s*", alpha)
+            if not m:
+                raise ValueError(f"alpha={alpha!r}: give a number or a multiple of r such as '2r'")
+            alpha = float(m.group(1) or 1) * r
+        check_hyperparameters(r, alpha, dropout)
+        targets = raw["target_modules"]
+        if targets != "all-linear":  # one name is a list of one (peft would read a string as a regex)
+            targets = tuple(check_target_modules([targets] if isinstance(targets, str) else targets))
+    except (TypeError, ValueError) as e:
+        raise SweepError(f"{where}: {e}") from None
     rslora = raw["use_rslora"]
     if not isinstance(rslora, bool):
         raise SweepError(f"{where}: use_rslora={rslora!r}: true or false")
@@ -285,9 +293,9 @@ def notebook_parameters(notebook: str | os.PathLike = EXPERIMENT_NOTEBOOK) -> di
     return {name: value(p["default"]) for name, p in pm.inspect_notebook(str(notebook)).items()}
 
 
-def linear_module_names(model_id: str) -> list[str]:
-    """The distinct names of the linear layers in `model_id`'s blocks (q_proj, ..., down_proj), read from
-    its config by building the model on the meta device (no weights are loaded)."""
+def linear_modules(model_id: str) -> list[str]:
+    """The full names of the linear layers in `model_id`'s blocks (model.layers.0.self_attn.q_proj, ...; not
+    lm_head), read from its config by building the model on the meta device (no weights are loaded)."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -300,8 +308,12 @@ def linear_module_names(model_id: str) -> list[str]:
                          f"the embedded model is {models.TINY!r}") from None
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(cfg)
-    names = [n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
-    return [n for n in dict.fromkeys(names) if n != "lm_head"]
+    return [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n != "lm_head"]
+
+
+def linear_module_names(model_id: str) -> list[str]:
+    """The distinct short names of the linear layers in `model_id`'s blocks (q_proj, ..., down_proj)."""
+    return list(dict.fromkeys(n.rsplit(".", 1)[-1] for n in linear_modules(model_id)))
 
 
 def validate(grid: Grid, parameters: dict | None = None, notebook=EXPERIMENT_NOTEBOOK) -> None:
@@ -325,14 +337,16 @@ def validate(grid: Grid, parameters: dict | None = None, notebook=EXPERIMENT_NOT
             if name not in declared or name in reserved:
                 raise SweepError(f"{grid.source}: study {study!r}, configuration {cfg.name}: {name!r} is not an "
                                  f"experiment parameter you can set here; choose from {sorted(set(declared) - reserved)}")
+    from .lora import unmatched_targets
+
     linear_of: dict[str, list[str]] = {}
     for study, cfg in grid.entries:
         model_id = dict(cfg.params).get("MODEL_ID", shared.get("MODEL_ID", declared["MODEL_ID"]))
         if model_id not in linear_of:
-            linear_of[model_id] = linear_module_names(model_id)
-        linear = linear_of[model_id]
+            linear_of[model_id] = linear_modules(model_id)
         if not isinstance(cfg.target_modules, str):
-            missing = [t for t in cfg.target_modules if t not in linear]
+            missing = unmatched_targets(linear_of[model_id], list(cfg.target_modules))
+            linear = list(dict.fromkeys(n.rsplit(".", 1)[-1] for n in linear_of[model_id]))
             if missing:
                 raise SweepError(f"{grid.source}: study {study!r}, configuration {cfg.name}: target module(s) "
                                  f"{missing} do not exist in {model_id}; its linear layers are {linear} "
@@ -357,7 +371,9 @@ def run_config(cfg: Config, out_dir: Path, parameters: dict | None = None, noteb
     t0 = time.perf_counter()
     row = {"status": "ok", "error": ""}
     try:
-        _execute(Path(notebook), executed, params, timeout, out_dir)
+        # The kernel's own log is quieted: when the sweep runs inside a notebook (lesson 06), each run's
+        # kernel would otherwise print its start-up warnings there.
+        execute(Path(notebook), executed, params, timeout=timeout, cwd=out_dir, quiet_kernel=True)
         row.update(json.loads(result_json.read_text()))
     except Exception as e:  # a failing configuration is recorded, the sweep goes on
         row["status"], row["error"] = "failed", _describe(e, executed)
@@ -365,24 +381,10 @@ def run_config(cfg: Config, out_dir: Path, parameters: dict | None = None, noteb
     return row
 
 
-def _execute(notebook: Path, output: Path, params: dict, timeout: int, cwd: Path) -> None:
-    """papermill, as `lorakit.course.execute` runs lessons, with the kernel's own log quieted: when the sweep
-    runs inside a notebook (lesson 06), each run's kernel would otherwise print its start-up warnings there."""
-    import papermill as pm
-    # The kernel inherits the caller's environment unchanged (offline in tests and CI; a hub MODEL_ID set
-    # with --set may download elsewhere): nothing here changes os.environ, which worker threads share.
-    pm.execute_notebook(str(notebook), str(output), parameters=params, kernel_name="python3", cwd=str(cwd),
-                        progress_bar=False, execution_timeout=timeout,
-                        extra_arguments=["--IPKernelApp.log_level=CRITICAL"])
-
-
 def _describe(exc: Exception, executed: Path) -> str:
-    from papermill.exceptions import PapermillExecutionError
-    if isinstance(exc, PapermillExecutionError):
-        return f"{exc.ename}: {exc.evalue} (cell {exc.exec_count}; executed copy {executed})"
     if isinstance(exc, FileNotFoundError):
         return f"the experiment notebook wrote no results ({exc.filename})"
-    return f"{type(exc).__name__}: {exc}"
+    return describe_failure(exc, executed)
 
 
 def run_sweep(grid="reduced", out_dir: str | os.PathLike | None = None, *, parameters: dict | None = None,

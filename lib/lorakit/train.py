@@ -20,6 +20,9 @@ from dataclasses import dataclass, field
 import torch
 
 from lorakit.data import collate, tokenize_with_masking
+from lorakit.env import bf16_supported
+
+__all__ = ["FinetuneResult", "tokenize_dataset", "finetune"]
 
 
 @dataclass
@@ -46,7 +49,7 @@ def tokenize_dataset(dataset, tokenizer, max_length: int = 256):
 def _autocast(model, device: torch.device, bf16: bool | None):
     """bf16 autocast when the trainable weights are fp32 and the device computes bf16 well."""
     if bf16 is None:
-        bf16 = device.type == "cpu" or (device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 8)
+        bf16 = bf16_supported(device)
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=bool(bf16) and device.type in ("cpu", "cuda"))
 
 
@@ -121,7 +124,7 @@ def _finetune_trainer(model, tokenizer, data, pad_id, max_steps, learning_rate, 
 
     device = next(model.parameters()).device
     if bf16 is None:
-        bf16 = device.type == "cpu" or (device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 8)
+        bf16 = bf16_supported(device)
     result = FinetuneResult()
 
     class _Losses(TrainerCallback):

@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import os
 
+__all__ = ["LAB_LABELS", "SHARDING_STYLES", "widgets_available", "explore", "lora_shapes", "memory_bars",
+           "plot_study", "sharding_curves"]
+
 
 def widgets_available() -> bool:
     """ipywidgets is installed and we are inside a Jupyter kernel (not plain Python, not papermill with

@@ -112,7 +112,7 @@ def _meta_num_parameters(cfg) -> int:
 def _diagnose(diff: int, cfg) -> str:
     """Name the likely missing piece from the size of the difference."""
     from lorakit import memory
-    s = memory._sizes(cfg)
+    s = memory.sizes(cfg)
     h, v, L = s["h"], s["vocab"], s["layers"]
     guesses = {v * h: "the lm_head (a vocab x hidden matrix, counted separately when the embeddings are NOT tied)",
                -v * h: "the lm_head: with tie_word_embeddings=True it shares the embedding matrix and is counted once",

@@ -4,7 +4,8 @@ Each check builds its own small layers (or a tiny random Llama) from weights and
 tests the learner's code and nothing else in the notebook's state. The probe returns what the learner's
 layers computed (outputs, gradients, packed bytes, counts); the judge compares with the real thing on the same
 weights: bitsandbytes' packed bytes and `Linear4bit` outputs, peft's LoRA layer for 4-bit bases, and
-`lorakit.qlora`, the reference.
+`lorakit.qlora`, the reference. That real thing is built here (`bitsandbytes_lora`, with `copy_adapters` to
+give two layers the same adapters): lesson 04, its tests and the benchmarks compare with it too.
 """
 
 from __future__ import annotations
@@ -17,6 +18,59 @@ from . import CheckFailed, close, expect
 from .judged import data_or_repr, judged
 
 D_IN, D_OUT = 192, 128  # multiples of 64, as bitsandbytes' CPU kernels want (`_convert_weight_packed_for_cpu`)
+
+
+# ------------------------------------------------------------------- the real thing, for comparison
+
+def bitsandbytes_lora(linear: nn.Linear, r: int = 8, alpha: float = 8, dropout: float = 0.0,
+                      compute_dtype: torch.dtype | None = None, blocksize: int = 64):
+    """The same layer built with the real libraries: bitsandbytes `Linear4bit` (nf4, double quantization
+    = compress_statistics) from `linear`'s weights, wrapped by peft's LoRA layer for 4-bit bases.
+
+    bitsandbytes' CPU inference repack is switched off (`lorakit.models.disable_cpu_inference_repack`) so
+    that the adapters keep receiving gradients after an evaluation in eval() mode under no_grad.
+    Lesson 04 compares `lorakit.qlora.QLoRALinear` with it; the checks below judge with it."""
+    from peft import LoraConfig
+    from peft.tuners.lora.bnb import Linear4bit as PeftLinear4bit
+
+    from lorakit.env import import_bitsandbytes
+    from lorakit.models import disable_cpu_inference_repack
+
+    bnb = import_bitsandbytes()
+
+    if not isinstance(linear, nn.Linear):
+        raise TypeError(f"bitsandbytes_lora quantizes an nn.Linear; got {type(linear).__name__}")
+    device = linear.weight.device
+    q = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=linear.bias is not None,
+                          compute_dtype=compute_dtype, compress_statistics=True, quant_type="nf4",
+                          quant_storage=torch.uint8, device="meta")
+    q.weight = bnb.nn.Params4bit(linear.weight.detach().to("cpu").clone(), requires_grad=False,
+                                 compress_statistics=True, quant_type="nf4", blocksize=blocksize)
+    if linear.bias is not None:
+        q.bias = nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
+    q = q.to(device)                                                              # quantizes here
+    disable_cpu_inference_repack(q)
+    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout)
+    layer = PeftLinear4bit(q, "default", config, r=r, lora_alpha=alpha)
+    # Adapters in fp32, as get_peft_model leaves them (autocast_adapter_dtype=True) and as LoRALinear keeps
+    # them; built directly, peft would give them the base layer's compute dtype.
+    layer.lora_A.float()
+    layer.lora_B.float()
+    return layer
+
+
+@torch.no_grad()
+def copy_adapters(src: nn.Module, dst: nn.Module) -> None:
+    """Copy lora_A / lora_B weights from one LoRA layer to another, lorakit or peft (peft keeps them in
+    a ModuleDict per adapter name; the active one is used)."""
+    def linear(layer, part):
+        m = getattr(layer, part)
+        if isinstance(m, nn.ModuleDict):
+            m = m[layer.active_adapters[0]]
+        return m
+
+    for part in ("lora_A", "lora_B"):
+        linear(dst, part).weight.copy_(linear(src, part).weight)
 
 
 def _callable(obj, name: str) -> None:
@@ -179,7 +233,6 @@ class nf4_linear:
         return out
 
     def judge(inputs, a):
-        from lorakit.qlora import bitsandbytes_lora
         expect(a["is_module"], "NF4Linear(linear) should build an nn.Module.")
         expect(not a["copies"], f"NF4Linear keeps a 16/32-bit copy of the weight: {a['copies']}.",
                "store only the packed uint8 bytes (a buffer) and the quantization state; do not keep `linear`.")
@@ -255,7 +308,6 @@ class qlora_linear:
         return out
 
     def judge(inputs, a):
-        from lorakit.qlora import bitsandbytes_lora
         r, alpha = inputs["r"], inputs["alpha"]
         expect(not a["copies"], f"the base layer still holds a 16/32-bit weight: {a['copies']}.",
                "after super().__init__, replace self.base_layer by NF4Linear(linear).")

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from .. import course
 from . import reference_use, report, submission
-from .judge import TestResult, not_run
+from .judge import TestResult
 from .sandbox import Limits, Sandbox
 from .session import Outcome, Session
 
@@ -49,6 +49,7 @@ def grade(lesson: str, submissions: list[str | Path], *, workers: int = 2, db: s
         key = submission.build_key(lesson, db_url, run_dir, root)
         subs = submission.shard(submission.collect(submissions, lesson, run_dir), shard)
         test_ids = [c.grade_id for c in key.tests]
+        cells = [(c.grade_id, c.points) for c in key.tests]
         hidden = frozenset(key.hidden_lines)
         hide = [root, root.parent, out] + [Path(p).resolve() if Path(p).is_dir() else Path(p).resolve().parent for p in submissions]
         hide = [p for p in hide if str(p) not in SYSTEM_DIRS and len(p.parts) > 1]
@@ -61,8 +62,7 @@ def grade(lesson: str, submissions: list[str | Path], *, workers: int = 2, db: s
             try:
                 nb = submission.read_notebook(sub.path)
             except (ValueError, OSError) as e:
-                outcome = Outcome("failed", "invalid notebook", str(e))
-                outcome.tests = {c.grade_id: not_run(c.grade_id, c.points, "invalid notebook") for c in key.tests}
+                outcome = Outcome("failed", "invalid notebook", str(e)).score_the_rest(cells, "invalid notebook")
                 return report.Graded(sub.student, lesson, str(sub.path), outcome, key.max_score, hidden), None
             try:
                 m = submission.merge(nb, key, params)
@@ -73,8 +73,7 @@ def grade(lesson: str, submissions: list[str | Path], *, workers: int = 2, db: s
                 outcome.notes = m.notes
                 outcome.flags = reference_use.flags(nb, key)
             except Exception as e:  # noqa: BLE001 - the batch always completes
-                outcome = Outcome("failed", "grader error", f"{type(e).__name__}: {e}")
-                outcome.tests = {c.grade_id: not_run(c.grade_id, c.points, "grader error") for c in key.tests}
+                outcome = Outcome("failed", "grader error", f"{type(e).__name__}: {e}").score_the_rest(cells, "grader error")
             finally:
                 if not keep_work:
                     shutil.rmtree(run_dir / "sub" / sub.student, ignore_errors=True)

@@ -31,6 +31,15 @@ MAX_OUTPUTS = 200                                  # outputs kept per cell
 OUTPUT_MIMES = ("image/png", "text/html", "text/plain")
 
 
+def close_fds(*fds: int) -> None:
+    """Close the given pipe ends; one that is closed already is passed over."""
+    for fd in fds:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+
+
 class ProtocolError(Exception):
     """A message that breaks the protocol: the conversation cannot go on (the submission fails, saying why)."""
 

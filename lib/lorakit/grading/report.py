@@ -20,8 +20,6 @@ import csv
 import functools
 import html
 import json
-import os
-import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -49,21 +47,20 @@ class Graded:
         return self.outcome.status
 
 
-def _env_with_alembic() -> None:
-    bin_dir = str(Path(sys.executable).parent)
-    if bin_dir not in os.environ.get("PATH", "").split(os.pathsep):
-        os.environ["PATH"] = os.pathsep.join([bin_dir, os.environ.get("PATH", "")])
-
-
 def gradebook(db_url: str):
     """nbgrader's Gradebook at `db_url`, open. Two machines that create a new PostgreSQL gradebook's tables at
     the same moment collide (a unique violation in the catalog); the loser waits and opens it again."""
     from nbgrader.api import Gradebook
     from sqlalchemy.exc import IntegrityError, ProgrammingError
-    _env_with_alembic()
+
+    from lorakit import course
+    from lorakit.env import scoped_environ
     for attempt in range(6):
         try:
-            return Gradebook(db_url)
+            # nbgrader runs the `alembic` command (installed beside this Python, whose folder need not be on
+            # PATH) when it creates a gradebook's tables, with this process's environment: it takes no env.
+            with scoped_environ(PATH=course.tools_env()["PATH"]):
+                return Gradebook(db_url)
         except (IntegrityError, ProgrammingError):
             if attempt == 5:
                 raise

@@ -22,7 +22,7 @@ import signal
 import sys
 
 from ..checks import judged
-from .protocol import Channel
+from .protocol import Channel, close_fds
 
 MAX_CELL_OUTPUT = 64 * 1024          # characters of text kept per cell
 MAX_TOTAL_OUTPUT = 1024 * 1024       # characters kept per submission
@@ -172,11 +172,7 @@ def execute(spec: dict, rfd: int, wfd: int) -> int:
             os.nice(19)  # ...and must not starve the runner (a fork bomb's copies get what CPU it leaves)
         except OSError:
             pass
-        for fd in (rfd, wfd):
-            try:
-                os.close(fd)
-            except OSError:
-                pass
+        close_fds(rfd, wfd)
     os.register_at_fork(after_in_child=_forked)
 
     outputs = Outputs()

@@ -41,6 +41,14 @@ class Outcome:
     def score(self) -> float:
         return float(sum(t.points for t in self.tests.values()))
 
+    def score_the_rest(self, cells, why: str) -> "Outcome":
+        """The zero-score rule, in one place: every test cell of `cells` ((grade_id, points) pairs) that has no
+        result scores nothing, and says why (`judge.not_run`). Returns this outcome."""
+        for gid, points in cells:
+            if gid not in self.tests:
+                self.tests[gid] = judge.not_run(gid, points, why)
+        return self
+
 
 class _Stopped(Exception):
     """The conversation ended early: (reason, detail)."""
@@ -78,17 +86,11 @@ class Session:
             os.close(c2p_w)
             out = self._converse(proc, p2c_w, c2p_r, t0)
         finally:
-            for fd in (p2c_w, c2p_r):
-                try:
-                    os.close(fd)
-                except OSError:
-                    pass
+            protocol.close_fds(p2c_w, c2p_r)
             if proc is not None and proc.poll() is None:
                 self.sandbox.kill(proc)
-        for _, gid in self.tests:  # tests never reached score nothing, and say why
-            if gid not in out.tests:
-                out.tests[gid] = judge.not_run(gid, self.key.cells[gid].points,
-                                               out.reason or "an earlier cell stopped the notebook")
+        out.score_the_rest([(gid, self.key.cells[gid].points) for _, gid in self.tests],
+                           out.reason or "an earlier cell stopped the notebook")
         out.seconds = time.monotonic() - t0
         return out
 
@@ -138,17 +140,14 @@ class Session:
                         raise ProtocolError(f"'done' before test cell(s) {[g for _, g in self.tests[next_test:]]} ran")
                     out.status, out.reason = "graded", ""
                     break
-        except ProtocolError as e:
+        except (ProtocolError, _Stopped, OSError) as e:
             self.sandbox.kill(proc)
-            out.reason, out.detail = "protocol error", f"the grading process sent {e} (at {self.where})"
-            return out
-        except _Stopped as e:
-            self.sandbox.kill(proc)
-            out.reason, out.detail = e.args
-            return out
-        except OSError as e:
-            self.sandbox.kill(proc)
-            out.reason, out.detail = "crashed", f"lost contact with the grading process: {e}"
+            if isinstance(e, ProtocolError):
+                out.reason, out.detail = "protocol error", f"the grading process sent {e} (at {self.where})"
+            elif isinstance(e, _Stopped):
+                out.reason, out.detail = e.args
+            else:
+                out.reason, out.detail = "crashed", f"lost contact with the grading process: {e}"
             return out
         try:
             code = proc.wait(timeout=15)
