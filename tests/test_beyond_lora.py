@@ -147,3 +147,126 @@ def test_finetune_trains_with_a_loraplus_optimizer(use_trainer):
     assert len(lrs) == 2 and lrs[1] == pytest.approx(16 * lrs[0])
     assert len(opt.state) == len(before)                         # the optimizer given took the steps
     assert all(not torch.equal(p, before[n]) for n, p in model.named_parameters() if "lora_A" in n)
+
+
+# ------------------------------------------------------------- section 3: the other starts and LoRA+, measured
+
+def test_inits_grid_compares_the_starts_with_the_default_at_low_rank_with_the_labs_seeds():
+    from lorakit import lab, sweep
+
+    g = sweep.load_grid("inits")
+    sweep.validate(g)
+    assert g.seeds == lab.SEEDS and g.parameters["TASK"] == lab.TASK
+    assert {k: g.parameters[k] for k in ("MAX_STEPS", "N_EVAL")} == \
+        {k: sweep.load_grid("full").parameters[k] for k in ("MAX_STEPS", "N_EVAL")}
+    (default,) = [c for s, c in g.entries if s == "default"]
+    assert default.params == () and sweep.notebook_parameters()["INIT_LORA_WEIGHTS"] is True
+    assert sweep.notebook_parameters()["LORAPLUS_LR_RATIO"] is None        # the default trains with plain AdamW
+    assert default in sweep.load_grid("full").configs                      # the lab ran it too: r=4, alpha=2r
+    assert default.r <= 4 and all((c.r, c.alpha, c.target_modules) == (default.r, default.alpha, default.target_modules)
+                                  for c in g.configs)
+    assert [dict(c.params) for c in g.configs[1:]] == [{"INIT_LORA_WEIGHTS": "gaussian"}, {"INIT_LORA_WEIGHTS": "pissa"},
+                                                     {"INIT_LORA_WEIGHTS": "olora"}, {"LORAPLUS_LR_RATIO": 16}]
+
+
+def test_shipped_inits_results_are_the_grid_with_seeds_and_say_how_they_were_made():
+    from lorakit import lab, sweep
+
+    path = lab.results_path("inits")
+    assert path.parent == sweep.GRIDS["inits"].parent
+    table = lab.read_results(path)
+    g = sweep.load_grid("inits")
+    assert list(zip(table.study, table.name, table.seed)) == [(s, c.name, seed) for s, c in g.entries for seed in g.seeds], \
+        "results_inits.csv no longer matches grid_inits.yml: run `lorakit sweep --grid inits --workers 2 --ship`"
+    assert (table.status == "ok").all(), table[table.status != "ok"][["name", "seed", "error"]]
+    header = lab.provenance(path)
+    assert header[0] == "Results of the grid lib/lorakit/experiments/grid_inits.yml, produced by:"
+    assert header[1].startswith("lorakit sweep --grid inits") and "--ship" in header[1]
+    assert header[2].startswith("15 runs (5 configurations x seeds [0, 1, 2]) in ") and header[2].endswith("0 failed.")
+    assert header[3].startswith("Machine: ") and "peft " in header[3]
+    assert (table.n_eval == 200).all() and (table.steps == 300).all() and table.exact_match.between(0, 1).all()
+    assert table.trainable_params.nunique() == 1    # every start trains the same adapters
+
+
+def test_what_lesson_07_says_about_the_shipped_starts_is_what_they_show():
+    """The prose of section 3 states these verdicts of the shipped results: re-shipping results that say otherwise
+    must fail here until the text is changed."""
+    from lorakit import lab
+
+    table = lab.read_results(lab.results_path("inits"))
+    summary = lab.summarize(table)
+    default, *others = list(summary.name)
+    for name in others:   # every other start beats the default beyond the seed spread, on both metrics
+        assert all(lab.compare(table, name, default, m).winner == name for m in lab.METRICS), name
+    loraplus = summary.name[summary.name.str.contains("LORAPLUS")].iloc[0]
+    assert summary.exact_match_spread.idxmax() == summary.index[summary.name == loraplus][0]
+    low, mid, high = sorted(lab.seed_values(table, loraplus))     # one seed went further than the other two
+    assert high - mid > 2 * (mid - low)
+    pairs = [(a, b) for i, a in enumerate(others) for b in others[i + 1:]]
+    assert all(lab.compare(table, a, b).winner is None for a, b in pairs)          # exact match ranks none of them
+    assert any(lab.compare(table, a, b, "answer_loss").winner for a, b in pairs)   # the loss separates some pairs
+    lab_runs = lab.committed_results()   # the lab's own default at alpha = 16 got further; this default repeats it
+    assert lab.compare(lab_runs, "lora_r4_a16_all-linear", default).winner == "lora_r4_a16_all-linear"
+    assert lab.seed_values(lab_runs, default) == lab.seed_values(table, default)
+    with pytest.raises(ValueError, match="ships"):
+        lab.results_path("reduced")
+
+
+def test_loraplus_ratio_reaches_the_experiment_notebooks_optimizer(tmp_path):
+    """The grid's LORAPLUS_LR_RATIO builds peft's LoRA+ optimizer in the experiment notebook: every lora_B weight
+    learns at ratio x the learning rate, every lora_A weight at the learning rate (one short real run)."""
+    from lorakit import sweep
+
+    cfg = sweep.load_grid({"base": {"r": 2}, "studies": {"loraplus": {"LORAPLUS_LR_RATIO": 16}}}).configs[0]
+    lr = sweep.notebook_parameters()["LEARNING_RATE"]
+    row = sweep.run_config(cfg, tmp_path, {"MAX_STEPS": 1, "N_EVAL": 2, "N_TRAIN": 16, "BATCH_SIZE": 4,
+                                           "DEVICE": "cpu", "THREADS": 1})
+    assert row["status"] == "ok", row["error"]
+    assert row["learning_rates"] == {"lora_A": [pytest.approx(lr)], "lora_B": [pytest.approx(16 * lr)]}
+
+
+def test_lesson_verdicts_on_the_starts_are_the_labs_rule(monkeypatch):
+    """Section 3's cells read the shipped results and ask lorakit.lab.compare (the lab's verdict rule) for every
+    start against the default on both metrics; its table shows exactly those verdicts, and no cell of the lesson
+    carries a rule of its own or types the words of a verdict."""
+    import ast
+
+    import matplotlib
+    import pandas as pd
+
+    from lorakit import lab
+
+    matplotlib.use("Agg")
+    nb = nbformat.read(course.solution_path(LESSON), as_version=4)
+    start = next(i for i, c in enumerate(nb.cells) if c.source.startswith("### Measured on the lab's task"))
+    end = next(i for i, c in enumerate(nb.cells) if i > start and c.source.startswith("## 4."))
+    cells = [c.source for c in nb.cells[start:end] if c.cell_type == "code"]
+    for cell in nb.cells:
+        if cell.cell_type == "code":
+            assert "not distinguishable" not in cell.source.lower()           # the words come from lab
+            defined = {n.name for n in ast.walk(ast.parse(cell.source)) if isinstance(n, ast.FunctionDef)}
+            assert not defined & {"verdict", "compare"}, defined
+
+    calls = []
+    real = lab.compare
+
+    def spy(results, a, b, metric="exact_match"):
+        calls.append((a, b, metric))
+        return real(results, a, b, metric)
+
+    monkeypatch.setattr(lab, "compare", spy)
+    import matplotlib.pyplot as plt
+    ns = {"pd": pd, "plt": plt}
+    for source in cells:
+        exec(compile(source, "<lesson 07 section 3>", "exec"), ns)
+    plt.close("all")
+    table, default = lab.read_results(lab.results_path("inits")), ns["DEFAULT"]
+    others = [n for n in dict.fromkeys(table.name) if n != default]
+    assert {(n, default, m) for n in others for m in lab.METRICS} <= set(calls)
+    verdicts = ns["init_verdicts"]
+    assert len(verdicts) == len(others)
+    for name, (_, row) in zip(others, verdicts.iterrows()):
+        for m in lab.METRICS:
+            c = real(table, name, default, m)
+            want = lab.NOT_DISTINGUISHABLE if c.winner is None else ("better" if c.winner == name else "worse")
+            assert row[lab.LABELS[m]] == want, (name, m)

@@ -299,6 +299,17 @@ def test_ship_writes_the_results_with_their_provenance(tiny_full_grid, tmp_path,
     assert table.equals(lab.read_results(tmp_path / "out" / "results.csv"))
 
 
+def test_ship_writes_lesson_07s_grid_beside_the_full_one(tiny_full_grid, tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sweep.GRIDS, "inits", tiny_full_grid)
+    monkeypatch.setattr(lab, "EXPERIMENTS", tmp_path)
+    assert cli.main(["sweep", "--grid", "inits", "--ship", "--out", str(tmp_path / "out")]) == 0
+    assert lab.provenance(tmp_path / "results_inits.csv")[1] == f"lorakit sweep --grid inits --ship --out {tmp_path / 'out'}"
+    assert not (tmp_path / "shipped.csv").exists()   # the full grid's results are left alone
+    capsys.readouterr()
+    assert cli.main(["sweep", "--grid", str(tiny_full_grid), "--ship"]) == 2   # a grid file of one's own is not shipped
+    assert "--grid inits" in capsys.readouterr().err
+
+
 def test_ship_refuses_incomplete_results(tiny_full_grid, tmp_path, capsys):
     tiny_full_grid.write_text("name: full\nseeds: [0, 1]\nstudies:\n  rank: {r: [2, 3]}\n")  # r=3 fails
     assert cli.main(["sweep", "--full", "--ship", "--out", str(tmp_path / "out")]) == 1

@@ -39,9 +39,11 @@ def _sweep(args) -> int:
     from . import lab, sweep
     if args.workers < 1:
         raise sweep.SweepError(f"--workers {args.workers}: at least 1")
-    if args.ship and not args.full:
-        raise sweep.SweepError("--ship writes the kit's committed full-grid results: use it with --full")
-    grid = sweep.load_grid(args.grid or ("full" if args.full else "reduced"))
+    which = args.grid or ("full" if args.full else "reduced")
+    if args.ship and which not in lab.SHIPPED_GRIDS:
+        raise sweep.SweepError(f"--ship writes the results the kit ships, of the grids {list(lab.SHIPPED_GRIDS)}: "
+                               f"use it with --full or --grid inits")
+    grid = sweep.load_grid(which)
     if args.seeds:
         try:
             seeds = [int(s) for s in args.seeds.split(",")]
@@ -71,7 +73,8 @@ def _sweep(args) -> int:
             print(f"not shipped: {len(failed)} runs failed, and the committed results must be complete",
                   file=sys.stderr)
             return 1
-        path = lab.ship(table, args.command_line, seconds, grid_source=f"lib/lorakit/experiments/{Path(grid.source).name}")
+        path = lab.ship(table, args.command_line, seconds, lab.results_path(which),
+                        grid_source=f"lib/lorakit/experiments/{Path(grid.source).name}")
         print(f"shipped: {path}")
     return 1 if len(failed) else 0
 
@@ -95,7 +98,8 @@ def _add_sweep(sub) -> None:
         description="Run the experiment notebook once per configuration and seed of a grid (default: the reduced "
                     "grid CI uses) and write results.csv / results.json. Bad grids are rejected before any run.")
     which = p.add_mutually_exclusive_group()
-    which.add_argument("--grid", help="a YAML grid file (see lib/lorakit/experiments/grid_full.yml)")
+    which.add_argument("--grid", help="a YAML grid file (see lib/lorakit/experiments/grid_full.yml), or the name of "
+                                      "one the kit ships: inits (lesson 07's initialisations and LoRA+)")
     which.add_argument("--reduced", action="store_true", help="the reduced grid CI runs (the default)")
     which.add_argument("--full", action="store_true", help="the full grid of lesson 06 (long on a CPU)")
     p.add_argument("--out", help="folder for results and executed runs (default build/sweep/<grid name>)")
@@ -108,8 +112,8 @@ def _add_sweep(sub) -> None:
     p.add_argument("--timeout", type=int, default=3600, help="seconds one run may take")
     p.add_argument("--dry-run", action="store_true", help="validate and list the configurations, run nothing")
     p.add_argument("--ship", action="store_true",
-                   help="with --full: write the results into the kit (lib/lorakit/experiments/results_full.csv) "
-                        "with a provenance header, when every run succeeded")
+                   help="with --full or --grid inits: write the results into the kit "
+                        "(lib/lorakit/experiments/results_<grid>.csv) with a provenance header, when every run succeeded")
     p.set_defaults(func=_sweep)
 
 

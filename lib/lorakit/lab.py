@@ -17,7 +17,8 @@ Other lessons reuse the same pieces (lesson 07 compares LoRA initialisations wit
 
 Results files: `lorakit sweep` writes one row per study, configuration and seed (`lorakit.sweep.COLUMNS`).
 `ship` writes the full grid's table into the kit with a provenance header (`lorakit sweep --full --ship`);
-`committed_results()` reads it back. The step-time benchmark (`benchmarks/bench_step_time.py --ship`) writes
+`committed_results()` reads it back. Lesson 07's grid ships the same way beside it (`lorakit sweep --grid inits
+--ship` writes `results_path("inits")`). The step-time benchmark (`benchmarks/bench_step_time.py --ship`) writes
 `step_times.csv` beside it, read by `committed_step_times()`.
 """
 
@@ -46,6 +47,7 @@ METRICS = {"exact_match": True, "answer_loss": False}   # metric -> is higher be
 LABELS = {"exact_match": "held-out exact match", "answer_loss": "held-out answer loss (nats per token)"}
 NOT_DISTINGUISHABLE = "not distinguishable on this task"
 COMMITTED_RESULTS = EXPERIMENTS / "results_full.csv"
+SHIPPED_GRIDS = ("full", "inits")   # the grids whose results ship with the kit (lorakit.sweep.GRIDS names)
 STEP_TIMES = EXPERIMENTS / "step_times.csv"
 # A QLoRA run and its LoRA partner agree on everything but the method.
 PAIR_KEYS = ("r", "alpha", "target_modules", "dropout", "use_rslora", "params")
@@ -88,6 +90,13 @@ def provenance(path: str | os.PathLike | None = None) -> list[str]:
     return out
 
 
+def results_path(grid: str) -> Path:
+    """Where the shipped results of the grid named `grid` live: results_<grid>.csv beside the grid files."""
+    if grid not in SHIPPED_GRIDS:
+        raise ValueError(f"no shipped results for grid {grid!r}: the kit ships {list(SHIPPED_GRIDS)}")
+    return COMMITTED_RESULTS if grid == "full" else EXPERIMENTS / f"results_{grid}.csv"
+
+
 def committed_results():
     """The full grid's results that ship with the kit (`provenance()` says how they were made)."""
     return read_results(COMMITTED_RESULTS)
@@ -113,12 +122,13 @@ def machine() -> str:
 
 def ship(table, command: str, seconds: float, path: str | os.PathLike | None = None,
          grid_source: str = "") -> Path:
-    """Write a full-grid results table into the kit with its provenance header: the command, the wall time,
-    how many runs failed, the machine and the versions. (`lorakit sweep --full --ship` calls this.)"""
+    """Write a grid's results table into the kit with its provenance header: the command, the wall time, how many
+    runs failed, the machine and the versions (default: the full grid's file; `lorakit sweep --full --ship` and
+    `lorakit sweep --grid inits --ship` call this)."""
     runs = len(table.drop_duplicates(["name", "seed"]))
     failed = len(table[table.status != "ok"].drop_duplicates(["name", "seed"]))
     seeds = sorted(set(int(s) for s in table.seed))
-    header = [f"Full-grid results of lesson 06 ({grid_source or 'lib/lorakit/experiments/grid_full.yml'}), produced by:",
+    header = [f"Results of the grid {grid_source or 'lib/lorakit/experiments/grid_full.yml'}, produced by:",
               f"    {command}",
               f"{runs} runs ({table.name.nunique()} configurations x seeds {seeds}) in {seconds:.0f} s, "
               f"{failed} failed.",

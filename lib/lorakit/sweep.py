@@ -49,7 +49,8 @@ __all__ = ["EXPERIMENTS", "GRIDS", "FIELDS", "NOTEBOOK_NAMES", "MEMORY_COLUMNS",
 
 EXPERIMENTS = Path(__file__).parent / "experiments"
 EXPERIMENT_NOTEBOOK = EXPERIMENTS / "finetune_experiment.ipynb"
-GRIDS = {"reduced": EXPERIMENTS / "grid_reduced.yml", "full": EXPERIMENTS / "grid_full.yml"}
+GRIDS = {"reduced": EXPERIMENTS / "grid_reduced.yml", "full": EXPERIMENTS / "grid_full.yml",
+         "inits": EXPERIMENTS / "grid_inits.yml"}   # lesson 07: the other initialisations and LoRA+
 
 METHODS = ("lora", "qlora")
 FIELDS = ("method", "r", "alpha", "target_modules", "dropout", "use_rslora")
@@ -158,7 +159,7 @@ def _num(x):
 
 
 def load_grid(source="reduced") -> Grid:
-    """A grid from "reduced", "full", a YAML file, or a dict with the same keys. Raises SweepError when the
+    """A grid from "reduced", "full", "inits", a YAML file, or a dict with the same keys. Raises SweepError when the
     file is missing or malformed (validation of the values is `validate`)."""
     if isinstance(source, Grid):
         return source
@@ -167,7 +168,7 @@ def load_grid(source="reduced") -> Grid:
     else:
         path = GRIDS.get(str(source), Path(source))
         if not Path(path).is_file():
-            raise SweepError(f"grid {str(source)!r} not found: use 'reduced', 'full' or the path of a YAML grid file")
+            raise SweepError(f"grid {str(source)!r} not found: use one of {list(GRIDS)} or the path of a YAML grid file")
         import yaml
         try:
             spec = yaml.safe_load(Path(path).read_text()) or {}
