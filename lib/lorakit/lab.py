@@ -38,7 +38,7 @@ from .sweep import EXPERIMENTS, FIELDS
 __all__ = ["TASK", "SEEDS", "METRICS", "NOT_DISTINGUISHABLE", "STEP_TIMES", "write_results", "read_results",
            "provenance", "committed_results", "committed_step_times", "machine", "ship", "summarize",
            "seed_values", "verdict", "Comparison", "compare", "pairs", "best_under_budget", "qlora_overhead",
-           "step_time_table"]
+           "step_time_table", "SHIPPED_GRIDS", "results_path"]
 
 TASK = "where_found"       # lorakit.data task: copy the place of the find from the story
 SEEDS = (0, 1, 2)          # the seeds every configuration of the full grid runs with
