@@ -14,11 +14,9 @@ Timing as in bench_lora.py (its `ratio`: calls interleaved one by one, median ov
 
 from __future__ import annotations
 
-import argparse
 import copy
 import os
 import sys
-import time
 import warnings
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -26,7 +24,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
-from bench_lora import _Holder, fwd_bwd, ratio  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
+from bench_lora import _Holder, calls_within, fwd_bwd, layer_arguments, print_table, ratio  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
 from lorakit.dora import DoRALinear  # noqa: E402
 from lorakit.lora import LoRALinear  # noqa: E402
 
@@ -50,18 +48,7 @@ def peft_dora(base: nn.Linear, mine: DoRALinear) -> nn.Module:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--hidden", type=int, nargs="+", default=[512, 1024, 2048, 4096])
-    p.add_argument("--rank", type=int, default=8)
-    p.add_argument("--tokens", type=int, default=256, help="rows of the input (batch x sequence)")
-    p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--budget", type=float, default=3.0, help="seconds per contender and measurement (sets the calls)")
-    args = p.parse_args(argv)
-
-    torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.tokens} tokens, r={args.rank}, "
-          f"median of interleaved calls\n")
+    args = layer_arguments(__doc__.split("\n")[0], argv)
     rows, ok = [], True
     for h in args.hidden:
         base = nn.Linear(h, h, bias=False)
@@ -75,22 +62,14 @@ def main(argv=None) -> int:
         x = torch.randn(args.tokens, h, requires_grad=True)
         torch.testing.assert_close(mine(x), theirs(x))                 # the same computation, or timing means nothing
 
-        t0 = time.perf_counter()
-        fwd_bwd(mine, x)()
-        n = max(5, int(args.budget / max(time.perf_counter() - t0, 1e-6)))
+        n = calls_within(fwd_bwd(mine, x), args.budget)
         r_peft, ms_mine, ms_peft = ratio(fwd_bwd(mine, x), fwd_bwd(theirs, x), n)
         r_lora, ms_dora, ms_lora = ratio(fwd_bwd(copy.deepcopy(mine), x), fwd_bwd(lora, x), n)
         rows.append((h, r_peft, ms_mine, ms_peft, r_lora, ms_dora, ms_lora))
         ok &= r_peft <= PROMISE["fwd_bwd_vs_peft"]
 
-    print(f"| hidden | DoRALinear fwd+bwd / peft DoRA (<= {PROMISE['fwd_bwd_vs_peft']}) | ms: ours, peft "
-          f"| DoRA fwd+bwd / LoRA fwd+bwd (overhead) | ms: DoRA, LoRA |")
-    print("|---:|---:|---:|---:|---:|")
-    for h, r1, a, b, r2, c, d in rows:
-        print(f"| {h} | {r1:.3f} | {a:.2f}, {b:.2f} | {r2:.3f} | {c:.2f}, {d:.2f} |")
-    print("\npromise met" if ok else "\npromise NOT met")
-    return 0 if ok else 1
-
+    return print_table(f"| hidden | DoRALinear fwd+bwd / peft DoRA (<= {PROMISE['fwd_bwd_vs_peft']}) | ms: ours, peft "
+                       f"| DoRA fwd+bwd / LoRA fwd+bwd (overhead) | ms: DoRA, LoRA |", rows, ok)
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -88,8 +88,10 @@ def ratio(a, b, calls: int) -> tuple[float, float, float]:
     return ma / mb, ma * 1e3, mb * 1e3
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def layer_arguments(description: str, argv=None) -> argparse.Namespace:
+    """The layer benchmarks' common options (shapes, rank, threads, time budget), applied: the thread count
+    and seed are set and the run's header printed."""
+    p = argparse.ArgumentParser(description=description)
     p.add_argument("--hidden", type=int, nargs="+", default=[512, 1024, 2048, 4096])
     p.add_argument("--rank", type=int, default=8)
     p.add_argument("--tokens", type=int, default=256, help="rows of the input (batch x sequence)")
@@ -102,6 +104,28 @@ def main(argv=None) -> int:
     torch.manual_seed(0)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.tokens} tokens, r={args.rank}, "
           f"median of interleaved calls\n")
+    return args
+
+
+def calls_within(step, budget: float) -> int:
+    """How many calls of `step` fit in `budget` seconds (one call timed; at least 5)."""
+    t0 = time.perf_counter()
+    step()
+    return max(5, int(budget / max(time.perf_counter() - t0, 1e-6)))
+
+
+def print_table(header: str, rows, ok: bool) -> int:
+    """The ratio table (two ratios per shape, each with its milliseconds) and the verdict; the exit code."""
+    print(header)
+    print("|---:|---:|---:|---:|---:|")
+    for h, r1, a, b, r2, c, d in rows:
+        print(f"| {h} | {r1:.3f} | {a:.2f}, {b:.2f} | {r2:.3f} | {c:.2f}, {d:.2f} |")
+    print("\npromise met" if ok else "\npromise NOT met")
+    return 0 if ok else 1
+
+
+def main(argv=None) -> int:
+    args = layer_arguments(__doc__.split("\n")[0], argv)
     rows, ok = [], True
     for h in args.hidden:
         base = nn.Linear(h, h, bias=False)
@@ -111,9 +135,7 @@ def main(argv=None) -> int:
         x = torch.randn(args.tokens, h, requires_grad=True)  # inside a network the input needs a gradient too
         torch.testing.assert_close(mine(x), theirs(x))      # the same computation, or the timing means nothing
 
-        t0 = time.perf_counter()
-        fwd_bwd(mine, x)()
-        n = max(5, int(args.budget / max(time.perf_counter() - t0, 1e-6)))
+        n = calls_within(fwd_bwd(mine, x), args.budget)
         r1, ms_mine, ms_peft = ratio(fwd_bwd(mine, x), fwd_bwd(theirs, x), n)
 
         merged = LoRALinear(copy.deepcopy(base), r=args.rank, alpha=2 * args.rank)
@@ -124,14 +146,8 @@ def main(argv=None) -> int:
         rows.append((h, r1, ms_mine, ms_peft, r2, ms_merged, ms_plain))
         ok &= r1 <= PROMISE["fwd_bwd_vs_peft"] and r2 <= PROMISE["merged_vs_linear"]
 
-    print(f"| hidden | LoRALinear fwd+bwd / peft (<= {PROMISE['fwd_bwd_vs_peft']}) | ms: ours, peft "
-          f"| merged fwd / nn.Linear (<= {PROMISE['merged_vs_linear']}) | ms: merged, plain |")
-    print("|---:|---:|---:|---:|---:|")
-    for h, r1, a, b, r2, c, d in rows:
-        print(f"| {h} | {r1:.3f} | {a:.2f}, {b:.2f} | {r2:.3f} | {c:.2f}, {d:.2f} |")
-    print("\npromise met" if ok else "\npromise NOT met")
-    return 0 if ok else 1
-
+    return print_table(f"| hidden | LoRALinear fwd+bwd / peft (<= {PROMISE['fwd_bwd_vs_peft']}) | ms: ours, peft "
+                       f"| merged fwd / nn.Linear (<= {PROMISE['merged_vs_linear']}) | ms: merged, plain |", rows, ok)
 
 if __name__ == "__main__":
     sys.exit(main())
