@@ -47,7 +47,7 @@ import pytest
 
 from lorakit import course
 
-pytestmark = pytest.mark.browser
+pytestmark = [pytest.mark.browser, pytest.mark.installed_by("install_chromium")]
 
 ROOT = course.course_root()
 CHROMIUM = os.environ.get("LORAKIT_CHROMIUM", "/usr/bin/chromium")

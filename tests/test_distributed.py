@@ -11,7 +11,6 @@ import os
 import shlex
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -257,9 +256,9 @@ def test_zero_check_catches_a_stage_off_by_one():
 RUN = dict(max_steps=4, global_batch_size=8, n_train=64)
 
 
-def _launch(tmp_path, name, nproc, **kw):
+def _launch(tmp_path, name, nproc, timeout=300, **kw):
     cfg = distributed.RunConfig(out_dir=str(tmp_path / name / "out"), **{**RUN, **kw})
-    return distributed.accelerate_launch(distributed.write_launch_files(tmp_path / name, cfg, nproc), timeout=300)
+    return distributed.accelerate_launch(distributed.write_launch_files(tmp_path / name, cfg, nproc), timeout=timeout)
 
 
 @pytest.fixture(scope="module")
@@ -271,6 +270,7 @@ def runs(tmp_path_factory):
             "mean": _launch(tmp, "mean", 2, loss="mean_per_rank")}
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_two_processes_step_like_one_process_on_the_combined_batch(runs):
     one, ddp = runs["one"], runs["ddp"]
@@ -292,6 +292,7 @@ def _difference(a, b) -> float:
     return max((wa[k] - wb[k]).abs().max().item() for k in wa)
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_the_mean_per_rank_does_not_step_like_one_process(runs):
     """The course tasks mixed: answers of 2 and 4 tokens, so the slices hold different numbers of them."""
@@ -299,6 +300,7 @@ def test_the_mean_per_rank_does_not_step_like_one_process(runs):
     assert any(abs(a - b) > 1e-4 * abs(b) for a, b in zip(runs["mean"].losses, runs["one"].losses))
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_only_rank_0_writes_the_adapter(runs):
     for run in (runs["ddp"], runs["fsdp"]):
@@ -307,6 +309,7 @@ def test_only_rank_0_writes_the_adapter(runs):
                                                                     "adapter_model.safetensors"]
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_fsdp2_shards_the_model_and_steps_like_one_process(runs):
     one, fsdp = runs["one"], runs["fsdp"]
@@ -318,14 +321,16 @@ def test_fsdp2_shards_the_model_and_steps_like_one_process(runs):
     assert _difference(one, runs["mean"]) > 10 * _difference(one, fsdp)
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_a_crashed_worker_ends_the_run_with_its_rank_and_error(tmp_path):
-    t0 = time.monotonic()
+    """The surviving rank is stopped rather than left waiting for its peer: its collectives would wait 600 s
+    (timeout_s), and a launch still running after 120 s is killed with another error than the crash's."""
     with pytest.raises(distributed.DistributedRunError, match=r"rank 1 failed: RuntimeError: rank 1 was told to crash"):
-        _launch(tmp_path, "crash", 2, crash_rank=1, max_steps=3, timeout_s=60)
-    assert time.monotonic() - t0 < 240, "the surviving rank should be stopped, not wait for its peer"
+        _launch(tmp_path, "crash", 2, timeout=120, crash_rank=1, max_steps=3, timeout_s=600)
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_a_launch_that_overruns_its_timeout_is_stopped(tmp_path):
     cfg = distributed.RunConfig(out_dir=str(tmp_path / "slow" / "out"), **{**RUN, "max_steps": 10_000})
@@ -334,6 +339,7 @@ def test_a_launch_that_overruns_its_timeout_is_stopped(tmp_path):
         distributed.accelerate_launch(files, timeout=20)
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_the_written_script_runs_under_torchrun_too(tmp_path):
     """The script's docstring offers `torchrun --nproc_per_node 2 train_lora.py config.json`: it works."""
@@ -365,6 +371,7 @@ except distributed.DistributedRunError as e:
 """
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("crash", [None, 0])
 def test_notebook_launcher_runs_two_processes_and_reports_a_crash(tmp_path, crash):
@@ -379,6 +386,7 @@ def test_notebook_launcher_runs_two_processes_and_reports_a_crash(tmp_path, cras
         assert "ERROR=rank 0 failed: RuntimeError: rank 0 was told to crash" in res.stdout, res.stdout[-2000:]
 
 
+@pytest.mark.slow
 def test_notebook_launcher_refuses_after_bitsandbytes_is_imported(tmp_path):
     code = ("import bitsandbytes\nfrom lorakit import distributed\n"
             f"distributed.notebook_launch(distributed.RunConfig(out_dir={str(tmp_path)!r}), 2)")
@@ -496,6 +504,7 @@ def test_multi_node_launch_without_its_settings_says_which(tmp_path):
     assert res.returncode != 0 and "set NNODES" in res.stderr
 
 
+@pytest.mark.hardware
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message a machine without CUDA gets")
 def test_the_gpu_script_stops_at_once_without_cuda():
     res = subprocess.run([sys.executable, str(FILES["script"]), "--fsdp_config", str(FILES["accelerate_config"])],

@@ -6,6 +6,7 @@ import torch
 from lorakit import cli, env
 
 
+@pytest.mark.hardware
 def test_auto_device_is_cpu_without_gpu():
     if torch.cuda.is_available():
         pytest.skip("this test is about a machine without a GPU")

@@ -118,8 +118,8 @@ def test_targets_reference_is_the_longest_prefix_that_fits():
 @pytest.fixture(scope="module")
 def tokenizer_and_data():
     from lorakit import data
-    if not models.TINY_PATH.is_dir():
-        pytest.skip("the embedded model is not built yet (python -m lorakit.pretrain)")
+    assert models.TINY_PATH.is_dir(), (f"the embedded model ships with the kit, but {models.TINY_PATH} is missing: "
+                                       "reinstall lorakit, or rebuild it with python -m lorakit.pretrain")
     return models.load_tokenizer(models.TINY), data.load_task("who_found")
 
 
@@ -272,6 +272,7 @@ def _has_avx512_bf16() -> bool:
         return False
 
 
+@pytest.mark.hardware
 @pytest.mark.skipif(not _has_avx512_bf16(), reason="bitsandbytes' CPU repack (trap 1) needs AVX512-BF16")
 def test_adapters_check_catches_the_real_trap(small_llama_dir):
     model = four_bit_lora(small_llama_dir, disable_repack=False)

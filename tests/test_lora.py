@@ -4,6 +4,8 @@ import copy
 import math
 import warnings
 
+import numpy as np
+import peft
 import pytest
 import torch
 from torch import nn
@@ -11,7 +13,6 @@ from torch import nn
 from lorakit import lora, memory
 from lorakit.lora import LoRALinear, inject_lora, lora_state_dict, merge_lora
 
-peft = pytest.importorskip("peft")
 ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -191,7 +192,6 @@ def test_inject_keeps_the_output_at_init():
 
 
 def test_numpy_integers_are_ranks():
-    np = pytest.importorskip("numpy")
     layer = LoRALinear(nn.Linear(16, 8), r=np.int64(4), alpha=np.float32(8.0), dropout=np.float64(0.0))
     assert type(layer.r) is int and layer.r == 4 and layer.lora_A.weight.shape == (4, 16) and layer.scaling == 2.0
     with pytest.raises(ValueError, match="r=0"):

@@ -3,6 +3,7 @@ memory estimates add up, and measure() counts what a loaded 4-bit model really h
 
 import logging
 
+import numpy as np
 import pytest
 import torch
 
@@ -99,7 +100,6 @@ def test_bad_rank_says_so(r):
 
 
 def test_whole_numbers_may_be_numpy_integers():
-    np = pytest.importorskip("numpy")
     assert memory.lora_parameters("llama-2-7b", np.int64(8)) == memory.lora_parameters("llama-2-7b", 8) == 4_194_304
     a = memory.estimate("llama-2-7b", "qlora", r=np.int32(8), batch_size=np.int64(2), seq_len=np.int64(256),
                         world_size=np.int64(2), sharding="zero2")

@@ -163,6 +163,7 @@ def test_adapters_get_gradients_after_an_eval():
     assert missing == 0, f"{missing} of {len(grads)} LoRA layers got no gradient after an evaluation"
 
 
+@pytest.mark.hardware
 def test_the_trap_is_real_without_the_protection():
     """Shows the test above can fail: with bitsandbytes' default, the eval repack kills the gradients."""
     from bitsandbytes.functional import has_avx512bf16

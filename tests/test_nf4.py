@@ -8,7 +8,7 @@ import pytest
 import torch
 
 logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
-bnbF = pytest.importorskip("bitsandbytes.functional")
+import bitsandbytes.functional as bnbF  # noqa: E402
 
 from lorakit import nf4  # noqa: E402
 from lorakit.checks import CheckFailed  # noqa: E402

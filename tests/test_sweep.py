@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from lorakit import cli, course, lab, memory, models, sweep
@@ -122,7 +123,6 @@ def test_target_modules_are_matched_as_peft_and_lorakit_match_them():
 
 
 def test_numpy_integers_are_whole_numbers():
-    np = pytest.importorskip("numpy")
     g = sweep.load_grid({**grid(rank={"r": [np.int64(4)]}), "seeds": [np.int64(0), np.int32(1)]})
     assert [(c.r, s) for c, s in g.runs] == [(4, 0), (4, 1)]
     assert type(g.configs[0].r) is int and all(type(s) is int for s in g.seeds)
