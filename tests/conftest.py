@@ -7,6 +7,8 @@
 - `--slow-after SECONDS` (`make test` and `make test-fast` pass it): a test whose setup and run take longer
   than that without the `slow`, `notebooks` or `browser` mark fails, saying which mark to add, so that a new
   or renamed long test cannot slip into `make test-fast`. Slow tests carry their mark where they are defined.
+- Each solution notebook is executed once per session with the CI parameters (`solution_runs`): the browser
+  test's JupyterLab run is the run tests/test_notebooks.py reads; a lesson not run there runs with papermill.
 """
 
 import os
@@ -69,6 +71,29 @@ def pytest_runtest_makereport(item, call):
             report.longrepr = (f"this test took {seconds:.1f} s (setup {getattr(item, '_setup_seconds', 0.0):.1f} s) "
                                f"without a long-test mark; `make test-fast` runs tests that take at most "
                                f"{limit:g} s: mark it @pytest.mark.slow where it is defined (or make it faster)")
+
+
+class SolutionRuns:
+    """Executed solution notebooks (`lorakit.course.RunResult`), one execution per lesson and session, shared
+    by the tests that read them; `how` says what ran each one."""
+
+    def __init__(self, folder: Path):
+        self.folder, self.results, self.how = folder, {}, {}
+
+    def put(self, result, how: str) -> None:
+        self.results[result.lesson], self.how[result.lesson] = result, how
+
+    def get(self, lesson: str):
+        if lesson not in self.results:
+            from lorakit import course
+            [result] = course.run_lessons([lesson], str(ROOT / "grading" / "ci_params.yml"), self.folder, echo=None)
+            self.put(result, "papermill (lorakit.course.run_lessons)")
+        return self.results[lesson]
+
+
+@pytest.fixture(scope="session")
+def solution_runs(tmp_path_factory) -> SolutionRuns:
+    return SolutionRuns(tmp_path_factory.mktemp("solution-runs"))
 
 
 @pytest.hookimpl(hookwrapper=True)

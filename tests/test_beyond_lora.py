@@ -212,6 +212,7 @@ def test_what_lesson_07_says_about_the_shipped_starts_is_what_they_show():
         lab.results_path("reduced")
 
 
+@pytest.mark.slow
 def test_loraplus_ratio_reaches_the_experiment_notebooks_optimizer(tmp_path):
     """The grid's LORAPLUS_LR_RATIO builds peft's LoRA+ optimizer in the experiment notebook: every lora_B weight
     learns at ratio x the learning rate, every lora_A weight at the learning rate (one short real run)."""

@@ -51,6 +51,7 @@ def tiny_course(tmp_path, monkeypatch):
     return tmp_path
 
 
+@pytest.mark.slow
 def test_failing_notebook_names_lesson_and_cell(tiny_course, capsys):
     assert cli.main(["run", "98"]) == 1
     out = capsys.readouterr().out
@@ -65,6 +66,7 @@ def test_parameters_are_injected(tiny_course, tmp_path):
     assert r.status == "ok" and r.graded == [("ex98_one_test", True, "")]
 
 
+@pytest.mark.slow
 def test_generated_student_version_stubs_the_solution(tiny_course):
     [path] = course.generate_lessons(["98"])
     text = path.read_text()

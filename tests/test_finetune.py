@@ -177,6 +177,7 @@ def test_exact_match_checks():
         check.before_eval(0.0, ["Mia", "Ben"], rows)
 
 
+@pytest.mark.slow
 def test_improvement_is_measured_by_the_judge_not_reported(small_llama_dir, monkeypatch):
     """An adapter that learned nothing (B = 0) fails however good the scores the notebook reports; the judge
     loads the base model, puts the adapter on it and asks its own questions."""

@@ -454,6 +454,7 @@ sys.exit(1 if attempts else 0)
 """
 
 
+@pytest.mark.slow
 def test_embedded_model_loads_without_the_hub_and_without_offline_set():
     environ = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE")}
     res = subprocess.run([sys.executable, "-c", BLOCKED], capture_output=True, text=True, timeout=300, env=environ)

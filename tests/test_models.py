@@ -156,6 +156,7 @@ def _lora_b_grads_after_eval(model):
     return [p.grad for n, p in model.named_parameters() if "lora_B" in n]
 
 
+@pytest.mark.slow
 def test_adapters_get_gradients_after_an_eval():
     grads = _lora_b_grads_after_eval(_qlora(support_repack=False))
     assert len(grads) == 7 * 4
