@@ -417,6 +417,7 @@ def _env_notebook(tmp_path) -> Path:
     return path
 
 
+@pytest.mark.slow  # starts notebook kernels (the first one ~5 s)
 @pytest.mark.parametrize("offline", [None, "1"])
 def test_kernels_inherit_the_callers_environment_and_nothing_sets_it(offline, tmp_path, monkeypatch):
     """lorakit run / sweep no longer set HF_HUB_OFFLINE process-wide: a kernel sees what its caller has
