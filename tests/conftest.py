@@ -65,12 +65,12 @@ def pytest_runtest_makereport(item, call):
     limit = item.config.getoption("slow_after")
     if report.when == "call" and report.passed and limit is not None \
             and not any(item.get_closest_marker(m) for m in LONG_MARKS):
-        seconds = getattr(item, "_setup_seconds", 0.0) + call.duration
-        if seconds > limit:
+        setup = getattr(item, "_setup_seconds", 0.0)
+        if setup + call.duration > limit:
             report.outcome = "failed"
-            report.longrepr = (f"this test took {seconds:.1f} s (setup {getattr(item, '_setup_seconds', 0.0):.1f} s) "
-                               f"without a long-test mark; `make test-fast` runs tests that take at most "
-                               f"{limit:g} s: mark it @pytest.mark.slow where it is defined (or make it faster)")
+            report.longrepr = (f"this test took {setup + call.duration:.1f} s (setup {setup:.1f} s) without a long-test "
+                               f"mark, and `make test-fast` runs every unmarked test, which may take at most {limit:g} s: "
+                               f"mark it @pytest.mark.slow where it is defined (or make it faster)")
 
 
 class SolutionRuns:
