@@ -47,8 +47,10 @@ def yours_or_kit(yours, kit, exercise: str):
     if kit is None:
         instead = "gives None until it is"
     else:
-        name = getattr(kit, "__qualname__", "")
-        instead = "uses " + (f"`{kit.__module__}.{name}`" if name and "<" not in name else "the kit's reference") + " instead"
+        name, module = getattr(kit, "__qualname__", ""), getattr(kit, "__module__", "__main__")
+        if name and "<" not in name:  # a named function: lorakit's, or one defined in the notebook
+            name = name if module == "__main__" else f"{module}.{name}"
+        instead = "uses " + (f"`{name}`" if name and "<" not in name else "the kit's reference") + " instead"
     noted = []
 
     def call(*args, **kwargs):
