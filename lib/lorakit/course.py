@@ -27,7 +27,8 @@ __all__ = ["REPOSITORY", "BRANCH", "BADGE_IMAGE", "KERNEL", "CourseError", "cour
            "solution_path", "lesson_path", "markdown", "code", "parameters", "exercise", "test", "notebook",
            "colab_url", "colab_badge", "colab_requirement", "colab_install_commands", "setup_source", "stamp",
            "tools_env", "run_nbgrader", "generate_assignment", "generate_lessons", "write_clean", "load_params",
-           "params_for", "RunResult", "execute", "graded_cells", "stopped_cells", "run_lessons", "describe_failure", "table"]
+           "params_for", "RunResult", "execute", "graded_cells", "stopped_cells", "run_lessons", "describe_failure",
+           "table"]
 
 REPOSITORY = "https://github.com/lorakit/lorakit"  # the one place the course's public URL is configured
 BRANCH = "main"

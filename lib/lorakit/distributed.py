@@ -517,11 +517,10 @@ def check_fsdp_qlora(accelerate_config: dict, quant_storage, torch_dtype, *, mix
     resets = trainer and version == 1  # Trainer sets FSDP's param_dtype to the storage dtype
     if cast_to and cast_to != storage and not resets:
         who = "under FSDP2 Trainer does not stop it" if trainer else "without transformers' Trainer nothing stops it"
-        raise ValueError(f"mixed precision {mixed} makes FSDP cast every parameter to {cast_to} before it computes, the 4-bit "
-                         f"weights packed as {storage} too, and that turns their bytes into other weights ({who}). Store "
-                         f"the 4-bit weights as {cast_to} and load the model in it, or set mixed precision 'no' and "
-                         f"autocast yourself" + (", or train with Trainer under fsdp_version: 1" if version != 1 or not trainer
-                                                 else ""))
+        raise ValueError(f"mixed precision {mixed} makes FSDP cast every parameter to {cast_to} before it computes, "
+                         f"the 4-bit weights packed as {storage} too, and that turns their bytes into other weights "
+                         f"({who}). Store the 4-bit weights as {cast_to} and load the model in it, set mixed precision "
+                         f"'no' and autocast yourself, or train with Trainer under fsdp_version: 1")
     how = ("FSDP keeps them as they are" if not cast_to or cast_to == storage
            else f"Trainer keeps FSDP from casting them, autocast computes in {cast_to}")
     return (f"FSDP {strategy} over {accelerate_config.get('num_processes')} processes, 4-bit weights stored as "

@@ -25,9 +25,9 @@ import warnings
 import torch
 from torch import nn
 
-__all__ = ["break_even_rank", "LoRALinear", "inject_lora", "replace_linears", "lora_state_dict", "merge_lora", "trainable_parameters",
-           "concat_lora", "concat_adapters", "check_hyperparameters", "check_rank", "lora_scaling",
-           "check_target_modules", "target_matches", "unmatched_targets"]
+__all__ = ["break_even_rank", "LoRALinear", "inject_lora", "replace_linears", "lora_state_dict", "merge_lora",
+           "trainable_parameters", "concat_lora", "concat_adapters", "check_hyperparameters", "check_rank",
+           "lora_scaling", "check_target_modules", "target_matches", "unmatched_targets"]
 
 
 def check_rank(r) -> int:

@@ -26,9 +26,9 @@ from functools import lru_cache
 
 import torch
 
-__all__ = ["absmax_int8", "absmax_int8_dequantize", "NF4State", "nf4_code", "nf4_midpoints", "dynamic_code", "quantize_nf4", "dequantize_nf4",
-           "pack_nibbles", "unpack_nibbles", "quantize_dynamic_8bit", "dequantize_dynamic_8bit",
-           "bits_per_param", "dynamic_lookup_table", "exact_dynamic_8bit", "BLOCKSIZES"]
+__all__ = ["absmax_int8", "absmax_int8_dequantize", "NF4State", "nf4_code", "nf4_midpoints", "dynamic_code",
+           "quantize_nf4", "dequantize_nf4", "pack_nibbles", "unpack_nibbles", "quantize_dynamic_8bit",
+           "dequantize_dynamic_8bit", "bits_per_param", "dynamic_lookup_table", "exact_dynamic_8bit", "BLOCKSIZES"]
 
 BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)  # what bitsandbytes' quantize_4bit accepts
 CPU_CHUNK = 1 << 16  # packed bytes per step of dequantize_nf4 on a CPU (a 512 KiB intermediate)

@@ -418,6 +418,7 @@ def _reference_step(model, batch, optimizer) -> float:
 class training_step:
     """A few steps on one batch: the loss of each step, only the adapters move, gradients are cleared."""
     answer = {"losses": [object], "leftover": [str], "moved": [str], "adapters": dict}
+    reference = ("lorakit.train.training_step",)
 
     def draw(rng):
         inputs = _model_inputs(rng, ["q_proj", "v_proj", "k_proj", "o_proj"])
