@@ -4,9 +4,10 @@
   marked `gpu` or `hardware` (it needs a machine CI is not). A test of a real component that could not be
   installed (Chromium, PostgreSQL: marked `installed_by("install_chromium")`) then fails with the last lines
   of its install log. On a contributor's machine the same tests skip and say why.
-- `--slow-after SECONDS` (`make test` and `make test-fast` pass it): a test whose setup and run take longer
-  than that without the `slow`, `notebooks` or `browser` mark fails, saying which mark to add, so that a new
-  or renamed long test cannot slip into `make test-fast`. Slow tests carry their mark where they are defined.
+- `--slow-after SECONDS` (`make test-fast` passes it): a test whose setup and run take longer than that
+  without the `slow`, `notebooks` or `browser` mark fails, saying which mark to add, so that a new or renamed
+  long test cannot slip into `make test-fast`. CI's `make test` does not pass it: a wall-clock limit on a
+  loaded or slower machine would fail work that is right. Slow tests carry their mark where they are defined.
 - Each solution notebook is executed once per session with the CI parameters (`solution_runs`): the browser
   test's JupyterLab run is the run tests/test_notebooks.py reads; a lesson not run there runs with papermill.
 """

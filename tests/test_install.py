@@ -498,7 +498,7 @@ def test_offline_only_for_tests_and_quiet_progress_bars_in_logs(tmp_path):
     assert "TQDM_MININTERVAL=30" in _make("test", venv)
     fast = _make("test-fast", venv)
     assert 'ARGS=-m pytest -m not notebooks and not browser and not slow --slow-after=' in fast
-    assert "--slow-after=" in _make("test", venv), "a long test without its mark fails in CI too"
+    assert "--slow-after" not in _make("test", venv), "CI must not fail on a wall-clock time (noisy machines)"
     assert "TQDM_MININTERVAL=5" in _make("test", venv, TQDM_MININTERVAL="5"), "a user's own setting wins"
 
 
