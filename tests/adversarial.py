@@ -81,6 +81,16 @@ CORRECT = {
 }
 
 
+# Everything a page can be made to run or load by HTML, as learners could put it in a markdown cell or an output.
+HOSTILE_HTML = ("<script>alert('script')</script><img src=x onerror=\"alert('onerror')\">"
+                "<a href=\"javascript:alert('js-link')\">a link</a><div onclick=\"alert('onclick')\">click me</div>"
+                "<svg onload=\"alert('svg')\"><script>alert('svg-script')</script></svg>"
+                "<iframe src=\"https://example.org/\"></iframe><style>.flagged{display:none}</style>"
+                "<div style=\"position:fixed;top:0;left:0;width:100%;height:100%;background:white\">cover</div>"
+                "<form action=\"https://example.org/\"><input name=q></form><object data=\"x.swf\"></object>"
+                "<b>bold stays</b>")
+
+
 def _wrong():
     nb = student_notebook("00_setup", minimal=True)
     for gid, src in WRONG.items():
@@ -239,6 +249,21 @@ for _ in range(20_000):
     sys.stdout.write(chunk)
     sys.stderr.write(chunk)
 """)), Expected(2))
+
+    # Learner HTML in the feedback page: a markdown cell and display outputs that would run script when the
+    # page is opened, hide the grader's "flagged" lines, or fake a PNG that breaks out of its <img> tag. The
+    # reference import makes it flagged, so the test can see that the flag line is still on the page.
+    nb = ok()
+    _replace(nb, "ex00_bytes_per_param", "# ex00_bytes_per_param\nfrom lorakit.memory import BYTES as bytes_per_param")
+    nb.cells.insert(0, nbformat.v4.new_markdown_cell(HOSTILE_HTML + "\n\n[click](javascript:alert('md-link'))"))
+    nb.cells.insert(1, _code(f"""
+from IPython.display import HTML, SVG, display
+display(HTML({HOSTILE_HTML!r}))
+display({{"image/png": '"><script>alert("png")</script>', "text/plain": "a fake plot"}}, raw=True)
+import base64
+display({{"image/png": base64.b64encode(b"\\x89PNG not really").decode()}}, raw=True)
+"""))
+    subs["html_injection"] = (nb, Expected(2, flagged=True))
 
     subs["invalid_json"] = (b'{"cells": [ this is not json', Expected(0, "failed", "invalid notebook"))
     subs.update(_against_the_protocol(ok, _wrong))

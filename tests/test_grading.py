@@ -13,6 +13,7 @@ import shutil
 import socket
 import sqlite3
 import zipfile
+from html.parser import HTMLParser
 from pathlib import Path
 
 import nbformat
@@ -130,6 +131,108 @@ def test_a_thread_reading_frames_finds_no_hidden_test(batch):
 def html_escape(text):
     import html
     return html.escape(text)
+
+
+class _Live(HTMLParser):
+    """What in a page could run, load or restyle: tags, event handlers, URLs, styles (text stays text)."""
+
+    def __init__(self):
+        super().__init__()
+        self.tags, self.handlers, self.urls, self.styles, self.scripts, self._in = [], [], [], [], [], None
+
+    def handle_starttag(self, tag, attrs):
+        self.tags.append(tag)
+        self._in = tag
+        for k, v in attrs:
+            if k.startswith("on"):
+                self.handlers.append((tag, k, v))
+            elif k in ("href", "src", "action", "data", "xlink:href", "formaction"):
+                self.urls.append((tag, k, v or ""))
+            elif k == "style":
+                self.styles.append(v or "")
+
+    def handle_data(self, data):
+        if self._in in ("script", "style"):
+            self.scripts.append(data)
+
+    def handle_endtag(self, tag):
+        self._in = None
+
+
+def live(page: str) -> _Live:
+    parser = _Live()
+    parser.feed(page[page.index("<body"):])   # the exporter's own <head> (its CSS and MathJax loader) is not the learner's
+    return parser
+
+
+def assert_inert(page: str):
+    found = live(page)
+    assert not found.handlers, found.handlers
+    assert not [u for u in found.urls if u[2].strip().lower().startswith(("javascript:", "data:text", "x.swf"))], found.urls
+    assert not [u for u in found.urls if u[0] in ("img",) and not u[2].startswith("data:image/")], found.urls
+    assert not {"iframe", "object", "embed", "form", "input", "svg", "style", "base", "meta", "link"} & set(found.tags), found.tags
+    assert not [t for t in found.scripts if "alert" in t], found.scripts
+    assert not [st for st in found.styles if "fixed" in st or "display" in st], found.styles
+
+
+def test_feedback_pages_are_inert(batch):
+    """Learner HTML from a markdown cell and from display outputs (scripts, event handlers, javascript: links,
+    SVG, iframes, styles that would cover the page, a fake PNG that breaks out of its tag) reaches the feedback
+    page as inert text; the grader's flag line stays, and harmless formatting stays formatting."""
+    page = (batch["out"] / "feedback" / "html_injection.html").read_text()
+    assert "alert" in page, "the hostile HTML did not reach the page at all: the attack did not run"
+    assert_inert(page)
+    assert "flagged for the instructor" in page and "<b>bold stays</b>" in page
+    for name in batch["subs"]:
+        assert_inert((batch["out"] / "feedback" / f"{name}.html").read_text())
+
+
+@pytest.mark.parametrize("where", ["markdown", "display_data", "stream"])
+@pytest.mark.parametrize("hostile", [
+    "<script>alert(1)</script>", "<img src=x onerror=alert(1)>", "<div onmouseover=alert(1)>x</div>",
+    "<a href='javascript:alert(1)'>x</a>", "<a href=' JaVaScRiPt:alert(1)'>x</a>", "[x](javascript:alert(1))",
+    "<svg><script>alert(1)</script></svg>", "<svg onload=alert(1)></svg>", "<math><mi xlink:href='javascript:alert(1)'>x</mi></math>",
+    "<iframe src='https://example.org'></iframe>", "<iframe srcdoc='<script>alert(1)</script>'></iframe>",
+    "<object data='x.swf'></object>", "<embed src='x.swf'>", "<form action='https://example.org'><input></form>",
+    "<style>.x{display:none}</style>", "<div style='position:fixed;top:0'>x</div>", "<meta http-equiv=refresh content='0;url=https://example.org'>",
+    "<base href='https://example.org/'>", "<img src='https://example.org/track.png'>", "<a href='data:text/html,<script>alert(1)</script>'>x</a>",
+])
+def test_learner_html_is_sanitised_in_every_place_it_can_stand(hostile, where):
+    from lorakit.grading import report
+    nb = nbformat.v4.new_notebook()
+    if where == "markdown":
+        nb.cells = [nbformat.v4.new_markdown_cell(hostile)]
+    else:
+        cell = nbformat.v4.new_code_cell("x = 1")
+        cell.outputs = [nbformat.v4.new_output("display_data", data={"text/html": hostile, "text/plain": "x"})
+                        if where == "display_data" else nbformat.v4.new_output("stream", name="stdout", text=hostile)]
+        nb.cells = [cell]
+    assert_inert(report.feedback_html(nb))
+
+
+def test_plots_still_show_in_feedback():
+    import base64
+    import io
+
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from lorakit.grading import protocol, report
+    fig, ax = plt.subplots(figsize=(2, 2))
+    ax.plot([0, 1], [1, 0])
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    png = base64.b64encode(buf.getvalue()).decode()
+    [out] = protocol.outputs([{"output_type": "display_data", "data": {"image/png": png}}])
+    cell = nbformat.v4.new_code_cell("plt.plot(...)")
+    cell.outputs = [nbformat.from_dict(out)]
+    nb = nbformat.v4.new_notebook()
+    nb.cells = [cell]
+    page = report.feedback_html(nb)
+    assert f"data:image/png;base64,{png}" in page
+    # a "PNG" that is not base64 would be spliced into the <img> tag: the grader drops it on arrival
+    assert protocol.outputs([{"output_type": "display_data", "data": {"image/png": '"><script>alert(1)</script>'}}]) == []
 
 
 def test_results_json_is_gradescope_shaped(batch):
