@@ -9,6 +9,7 @@ merging, shards, zips, reports, flags), the exit status of `lorakit grade`, and 
 import csv
 import hashlib
 import json
+import os
 import shutil
 import socket
 import sqlite3
@@ -233,6 +234,61 @@ def test_plots_still_show_in_feedback():
     assert f"data:image/png;base64,{png}" in page
     # a "PNG" that is not base64 would be spliced into the <img> tag: the grader drops it on arrival
     assert protocol.outputs([{"output_type": "display_data", "data": {"image/png": '"><script>alert(1)</script>'}}]) == []
+
+
+def _per_submission_limits_or_skip():
+    """cgroups and a tmpfs job folder need root, unshare and a writable cgroup hierarchy. CI runs as root on a
+    machine that has them, so there a missing mechanism is a failure; elsewhere (a laptop) the test is skipped."""
+    p = detect()
+    if p.cgroup and p.disk:
+        return
+    why = f"no limits per submission here: {'; '.join(p.off())}"
+    if os.environ.get("CI"):
+        pytest.fail(why)
+    pytest.skip(why)
+
+
+@pytest.fixture(scope="module")
+def over_budget(tmp_path_factory):
+    from lorakit import grading
+    _per_submission_limits_or_skip()
+    tmp = tmp_path_factory.mktemp("budget")
+    subs = adversarial.over_budget(memory_mb=1024, disk_mb=64)
+    adversarial.write(subs, tmp / "in")
+    lines = []
+    results = grading.grade(LESSON, [tmp / "in"], workers=2, db=f"sqlite:///{tmp / 'gb.db'}", out=tmp / "out",
+                            timeout=120, cell_timeout=30, limits=grading.Limits(memory_mb=1024, disk_mb=64),
+                            echo=lines.append)
+    return {"subs": subs, "results": {g.student: g for g in results}, "db": tmp / "gb.db", "log": lines}
+
+
+def test_budgets_hold_for_the_whole_submission(over_budget):
+    """Children that each stay under every per-process limit but together exceed the submission's memory or
+    disk budget fail that submission with the reason; the other submissions and the gradebook are untouched."""
+    for name, (_, expected) in over_budget["subs"].items():
+        g = over_budget["results"][name]
+        assert (g.score, g.status, g.outcome.reason) == (expected.score, expected.status, expected.reason), \
+            f"{name}: {g.outcome}"
+    assert "memory" in over_budget["results"]["children_memory"].outcome.detail
+    assert "job folder" in over_budget["results"]["children_disk"].outcome.detail
+    scores = gradebook.read_gradebook(f"sqlite:///{over_budget['db']}", LESSON)
+    assert scores == {name: g.score for name, g in over_budget["results"].items()}
+    log = "\n".join(over_budget["log"])
+    assert log.count("limits per submission (cgroup") == 1 and "job folder 64 MB (tmpfs)" in log
+
+
+def test_every_process_of_a_submission_is_niced(over_budget):
+    outputs = over_budget["results"]["subprocess_nice"].outcome.outputs
+    text = " ".join(o.get("text", "") for outs in outputs.values() for o in outs)
+    assert "niceness of a subprocess child: 10 of the runner: 10" in text, text
+
+
+def test_no_cgroup_is_said_once_and_the_per_process_limits_stay():
+    p = Protections(namespaces=True, separate_user=True, rlimits=True, cgroup="", cgroup_why="the grader is not root")
+    from lorakit.grading.sandbox import Limits
+    line = p.describe(Limits())
+    assert "limits per process: address space 4096 MB" in line
+    assert "limits per submission (the grader is not root): memory and processes are limited per process only" in line
 
 
 def test_results_json_is_gradescope_shaped(batch):
@@ -472,7 +528,7 @@ def test_a_reply_that_is_not_data_fails_its_check_with_the_reason():
     ("import gc\nbytes_per_param = [o for o in gc.get_objects()]", "gc.get_objects"),
     ("import lorakit.checks.setup as s\ns.expect = print", "changes lorakit's own code (lorakit.checks.setup.expect)"),
     ("from lorakit.grading.session import Session", "the grader's own code (lorakit.grading)"),
-    ("%time bytes_per_param = {}", None),
+    ("%time bytes_per_param = {}", "does not read (%time)"),
 ])
 def test_flags_read_the_learners_own_code(key, answer, flagged):
     import copy
@@ -480,7 +536,8 @@ def test_flags_read_the_learners_own_code(key, answer, flagged):
     nb = adversarial.student_notebook(LESSON, minimal=True)
     nb.cells.insert(0, course.code("from lorakit import memory as mem"))
     key = copy.deepcopy(key)
-    key.instructor.add(nb.cells[0].source.strip())   # as if the lesson itself had this cell
+    key.instructor.add(nb.cells[0].source.strip())   # as if the lesson itself had this cell, first
+    key.instructor_order.insert(0, nb.cells[0].source.strip())
     for c in nb.cells:
         if submission.cell_id(c) == "ex00_bytes_per_param":
             c.source = f"# ex00_bytes_per_param\n{answer}"
@@ -489,7 +546,8 @@ def test_flags_read_the_learners_own_code(key, answer, flagged):
         assert flags == []
     else:
         assert any(flagged in f for f in flags), flags
-        assert all(f.startswith("ex00_bytes_per_param:") for f in flags), flags
+        # the exercise's own cell, and weights_gb, which is built on that bytes_per_param
+        assert all(f.startswith(("ex00_bytes_per_param:", "ex00_weights_gb:")) for f in flags), flags
 
 
 @pytest.mark.parametrize("lesson", course.lessons())
@@ -513,6 +571,121 @@ def test_a_reference_used_in_an_exercise_of_its_own_is_flagged():
             c.source = "# ex03_nf4_code\ndef nf4_values():\n    return ref.nf4_code()"
     assert reference_use.flags(nb, key) == ["ex03_nf4_code: uses lorakit's reference lorakit.nf4.nf4_code, the answer of "
                                             "an exercise"]
+
+
+def _lesson_key(lesson):
+    return submission.key_from_notebook(lesson, nbformat.read(course.lesson_path(lesson), as_version=4))
+
+
+def _with_cells(lesson, replace=None, before=None):
+    """The lesson solved, with exercise cells replaced ({grade_id: source}) and cells inserted before one."""
+    nb = adversarial.student_notebook(lesson)
+    for c in nb.cells:
+        gid = submission.cell_id(c)
+        if replace and gid in replace:
+            c.source = replace[gid]
+    for gid, sources in (before or {}).items():
+        i = next(k for k, c in enumerate(nb.cells) if submission.cell_id(c) == gid)
+        nb.cells[i:i] = [course.code(src) for src in sources]
+    return nb
+
+
+@pytest.mark.parametrize("lesson, replace, before, expected", [
+    # the reference imported by an exercise that declares none, used by a later one through the bound name
+    ("03_nf4", {"ex03_describe": "# ex03_describe\nfrom lorakit.nf4 import quantize_nf4 as qq\n"
+                                "def describe(dtype):\n    return {}",
+                "ex03_quantize_nf4": "# ex03_quantize_nf4\ndef quantize_nf4(w, blocksize=64):\n    return qq(w, blocksize)"},
+     None, "ex03_quantize_nf4: uses lorakit's reference lorakit.nf4.quantize_nf4"),
+    # bound to the probed name right where it was imported, in another exercise's cell
+    ("03_nf4", {"ex03_describe": "# ex03_describe\nfrom lorakit.nf4 import quantize_nf4\ndef describe(dtype):\n    return {}",
+                "ex03_quantize_nf4": "# ex03_quantize_nf4\npass"},
+     None, "ex03_describe: uses lorakit's reference lorakit.nf4.quantize_nf4"),
+    # a re-export: lesson 04's module hands out lesson 02's layer
+    ("02_lora", {"ex02_lora_linear": "# ex02_lora_linear\nfrom lorakit.qlora import LoRALinear"}, None,
+     "uses lorakit's reference lorakit.lora.LoRALinear"),
+    ("03_nf4", {"ex03_quantize_nf4": "# ex03_quantize_nf4\nimport lorakit.loftq as l\nquantize_nf4 = l.quantize_nf4"}, None,
+     "uses lorakit's reference lorakit.nf4.quantize_nf4"),
+    # a learner's helper that reaches the reference, in a cell of its own, used by the exercise
+    ("02_lora", {"ex02_lora_linear": "# ex02_lora_linear\nclass LoRALinear(Base):\n    pass"},
+     {"ex02_lora_linear": ["from lorakit import lora\nBase = lora.LoRALinear"]},
+     "uses lorakit's reference lorakit.lora.LoRALinear"),
+    # the library the judge compares with: bitsandbytes answers lesson 03's quantization (an oracle)
+    ("03_nf4", {"ex03_quantize_nf4": "# ex03_quantize_nf4\nimport bitsandbytes.functional as F\n"
+                                     "def quantize_nf4(w, blocksize=64):\n    return F.quantize_4bit(w, blocksize=blocksize, quant_type='nf4')"},
+     None, "the library's reference bitsandbytes.functional.quantize_4bit"),
+    ("03_nf4", {"ex03_quantize_nf4": "# ex03_quantize_nf4\ndef quantize_nf4(w, blocksize=64):\n"
+                                     "    return bnbF.quantize_4bit(w, blocksize=blocksize, quant_type='nf4')"},
+     None, "the library's reference bitsandbytes.functional.quantize_4bit"),   # bnbF: the lesson's own import
+    # a helper of the check module itself
+    ("03_nf4", {"ex03_nf4_code": "# ex03_nf4_code\nfrom lorakit.checks import nf4 as c\ndef nf4_values():\n    return c._weights"},
+     None, "uses the checks' own code (lorakit.checks.nf4._weights)"),
+])
+def test_lesson_02_and_03_bypasses_are_flagged(lesson, replace, before, expected):
+    from lorakit.grading import reference_use
+    flags = reference_use.flags(_with_cells(lesson, replace, before), _lesson_key(lesson))
+    assert any(expected in f for f in flags), flags
+
+
+def test_copied_reference_code_is_flagged_with_its_similarity():
+    """The reference's source with every name renamed and the docstring dropped is flagged with its similarity;
+    the course's own answer to the same exercise is not (benchmarks/bench_similarity.py measures all of them)."""
+    import inspect
+    import sys
+    from lorakit import nf4
+    from lorakit.grading import reference_use
+    sys.path.insert(0, str(course.course_root() / "benchmarks"))
+    from bench_similarity import variants
+    copy = variants(inspect.getsource(nf4.quantize_nf4), "quantize_nf4")["restated"]
+    flags = reference_use.flags(_with_cells("03_nf4", {"ex03_quantize_nf4": "# ex03_quantize_nf4\n" + copy}), _lesson_key("03_nf4"))
+    assert any("quantize_nf4 is close to lorakit's reference lorakit.nf4.quantize_nf4 (similarity" in f for f in flags), flags
+    assert reference_use.flags(adversarial.student_notebook("03_nf4"), _lesson_key("03_nf4")) == []
+
+
+def test_what_is_withheld_per_lesson():
+    """Lesson 04's own answers are withheld while it is graded; lesson 02's, which 04 builds on, stay; what a
+    lesson's own cells use stays and is flagged instead; checks keep their probes and lose judge and draw."""
+    from lorakit.grading import withheld
+    plans = {}
+    for lesson in ("00_setup", "02_lora", "04_qlora_from_scratch", "08_distributed"):
+        plans[lesson] = withheld.plan(_lesson_key(lesson), nbformat.read(course.solution_path(lesson), as_version=4),
+                                      earlier=withheld.earlier_answers(lesson))
+    assert set(plans["00_setup"].blocked) == {"lorakit.memory.BYTES"}
+    p4 = plans["04_qlora_from_scratch"]
+    assert {"lorakit.qlora.MatMulNF4", "lorakit.qlora.NF4Linear", "lorakit.qlora.QLoRALinear",
+            "lorakit.qlora.quantize_and_inject"} <= set(p4.blocked)
+    assert "lorakit.lora.replace_linears" not in p4.blocked and "lorakit.lora.LoRALinear" not in p4.blocked
+    assert "lorakit.lora.LoRALinear" in plans["02_lora"].flagged          # the lesson's own cells use it
+    assert "lorakit.checks.distributed._zero_reference" in plans["08_distributed"].helpers
+    assert ("lorakit.checks.setup", "weights_gb", "judge") in plans["00_setup"].methods
+
+
+def test_the_sandboxs_kit_has_no_answer_to_import_or_read(tmp_path):
+    """The view of the kit built for lesson 00: BYTES is a stand-in that refuses every use, whichever way it is
+    reached (import, re-export, file), the rest of memory works, and a check still probes."""
+    import subprocess
+    import sys
+    from lorakit.grading import withheld
+    plan = withheld.plan(_lesson_key("00_setup"), nbformat.read(course.solution_path("00_setup"), as_version=4))
+    view = withheld.build(plan, tmp_path)
+    assert "BYTES = _withheld.Withheld" in (view / "memory.py").read_text()
+    assert "4," not in (view / "memory.py").read_text().split("BYTES = ")[1].split("\n")[0]
+    probe = """
+import lorakit, lorakit.memory as m
+assert lorakit.__file__.startswith(sys.argv[1]), lorakit.__file__
+try:
+    m.BYTES["fp32"]
+    print("REACHED")
+except Exception as e:
+    print(type(e).__name__)
+print(m.count_parameters("llama-2-7b"))
+from lorakit.checks import setup
+print(setup.weights_gb.probe({"cases": [[10, "fp32"]]}, lambda n, d: n * 4 / 1e9))
+"""
+    out = subprocess.run([sys.executable, "-c", "import sys; sys.path.insert(0, sys.argv[1])\n" + probe, str(tmp_path)],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    lines = out.stdout.split("\n")
+    assert lines[0] == "AnswerWithheld" and lines[1] == "6738415616" and "sizes" in lines[2], out.stdout
 
 
 def test_a_lesson_with_tensors_is_graded_end_to_end(tmp_path):
