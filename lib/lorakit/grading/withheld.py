@@ -72,7 +72,7 @@ class Plan:
     lesson: str
     blocked: dict = field(default_factory=dict)    # "lorakit.nf4.quantize_dynamic_8bit" -> the exercise it answers
     flagged: dict = field(default_factory=dict)    # declared answers the lesson itself needs: left in, flagged
-    helpers: list = field(default_factory=list)    # check-module objects withheld ("lorakit.checks.nf4._lookup")
+    helpers: list = field(default_factory=list)    # check-module objects withheld ("lorakit.checks.<topic>.<name>")
     methods: list = field(default_factory=list)    # (check module, class, method) withheld: draw and judge
 
     def describe(self) -> str:
