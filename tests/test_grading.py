@@ -283,6 +283,41 @@ def test_every_process_of_a_submission_is_niced(over_budget):
     assert "niceness of a subprocess child: 10 of the runner: 10" in text, text
 
 
+@pytest.mark.parametrize("version", ["v2", "v1"])
+def test_a_submissions_cgroup_gets_its_limits_and_reports_oom_kills(tmp_path, version):
+    """The files a group is made of, on a stand-in hierarchy (this machine mounts only v1 controllers, so v2 is
+    exercised here, against the kernel's documented file names): limits in, oom kills out."""
+    from lorakit.grading import cgroup
+    bases = {c: tmp_path / (c if version == "v1" else "unified") for c in cgroup.CONTROLLERS}
+    for b in bases.values():
+        b.mkdir(exist_ok=True)
+    g = cgroup.Group(cgroup.Hierarchy(version, bases), "lorakit-test", memory_mb=1024, processes=64, cpus=1)
+    read = lambda c, f: (bases[c] / "lorakit-test" / f).read_text()  # noqa: E731
+    if version == "v2":
+        assert (read("memory", "memory.max"), read("pids", "pids.max"), read("cpu", "cpu.max")) == \
+            (str(2**30), "64", "100000 100000")
+        assert read("memory", "memory.oom.group") == "1" and read("memory", "memory.swap.max") == "0"
+        (bases["memory"] / "lorakit-test" / "memory.events").write_text("low 0\nhigh 0\nmax 3\noom 1\noom_kill 2\n")
+    else:
+        assert (read("memory", "memory.limit_in_bytes"), read("pids", "pids.max"), read("cpu", "cpu.cfs_quota_us")) == \
+            (str(2**30), "64", "100000")
+        (bases["memory"] / "lorakit-test" / "memory.oom_control").write_text("oom_kill_disable 0\nunder_oom 0\noom_kill 2\n")
+    assert g.oom_kills() == 2
+    assert sorted(g.procs) == sorted({str(bases[c] / "lorakit-test" / "cgroup.procs") for c in cgroup.CONTROLLERS})
+
+
+def test_cgroup_v2_is_used_only_where_its_controllers_can_be_delegated(tmp_path):
+    from lorakit.grading import cgroup
+    base = tmp_path / "unified"
+    base.mkdir()
+    (base / "cgroup.controllers").write_text("hugetlb\n")           # what this machine's cgroup2 mount offers
+    (base / "cgroup.subtree_control").write_text("")
+    assert cgroup._v2([(str(base), "cgroup2", set())], {"": "/"}) is None
+    (base / "cgroup.controllers").write_text("cpuset cpu io memory pids\n")
+    found = cgroup._v2([(str(base), "cgroup2", set())], {"": "/"})
+    assert found is not None and found.version == "v2" and set(found.bases) == set(cgroup.CONTROLLERS)
+
+
 def test_no_cgroup_is_said_once_and_the_per_process_limits_stay():
     p = Protections(namespaces=True, separate_user=True, rlimits=True, cgroup="", cgroup_why="the grader is not root")
     from lorakit.grading.sandbox import Limits
