@@ -8,13 +8,14 @@ code the exercise hands out, found in the reference's) of
 - renamed: the reference's source with every name it defines renamed, docstrings and comments dropped;
 - reordered: renamed, with the operands of + and * swapped and a docstring of its own;
 - padded: renamed, with a no-op statement after every statement;
-- restated: reordered, with `x = x` after every other assignment (statements that do something, in form).
+- restated: reordered, with `x = x` after every other assignment (statements that do something, in form);
+- edited: reordered, with `x = x if True else x` after every other assignment (not undone by the normal form).
 
     python benchmarks/bench_similarity.py
 
 Prints one row per exercise and reference, the distributions (honest vs the copies) and whether the
 threshold (reference_use.SIMILAR) keeps its promise: no honest answer at or above it, every renamed,
-reordered or padded copy at or above it. Exits 1 when not.
+reordered, padded or restated copy at or above it (edited copies are measured, not promised). Exits 1 when not.
 """
 
 from __future__ import annotations
@@ -87,7 +88,11 @@ class _Pad(ast.NodeTransformer):
 
 
 class _Restate(ast.NodeTransformer):
-    """After every other assignment to a plain name, a statement that does nothing but is not empty (`x = x`)."""
+    """After every other assignment to a plain name, a statement that does nothing but is not empty (`x = x`;
+    `edited`: `x = x if True else x`, which no normal form of the flagger's undoes)."""
+
+    def __init__(self, edited: bool = False):
+        self.edited = edited
 
     def generic_visit(self, node):
         super().generic_visit(node)
@@ -101,7 +106,10 @@ class _Restate(ast.NodeTransformer):
                         n += 1
                         if n % 2:
                             name = st.targets[0].id
-                            out.append(ast.Assign([ast.Name(name, ast.Store())], ast.Name(name, ast.Load())))
+                            value = ast.Name(name, ast.Load())
+                            if self.edited:
+                                value = ast.IfExp(ast.Constant(True), ast.Name(name, ast.Load()), ast.Name(name, ast.Load()))
+                            out.append(ast.Assign([ast.Name(name, ast.Store())], value))
                 setattr(node, field, out)
         return node
 
@@ -116,6 +124,7 @@ def variants(source: str, name: str) -> dict[str, str]:
     out["reordered"] = ast.unparse(ast.fix_missing_locations(swapped))
     out["padded"] = ast.unparse(ast.fix_missing_locations(_Pad().visit(ast.parse(out["renamed"]))))
     out["restated"] = ast.unparse(ast.fix_missing_locations(_Restate().visit(ast.parse(out["reordered"]))))
+    out["edited"] = ast.unparse(ast.fix_missing_locations(_Restate(edited=True).visit(ast.parse(out["reordered"]))))
     return out
 
 
@@ -145,22 +154,22 @@ def rows():
 
 def main() -> int:
     table = list(rows())
-    kinds = ["honest", "renamed", "reordered", "padded", "restated"]
+    kinds = ["honest", "renamed", "reordered", "padded", "restated", "edited"]
     print(f"{'exercise':<28} {'reference':<36} " + " ".join(f"{k:>9}" for k in kinds))
     for lesson, gid, ref, s in table:
         print(f"{gid:<28} {ref.removeprefix('lorakit.'):<36} " + " ".join(f"{s[k]:9.2f}" for k in kinds))
     honest = [s["honest"] for *_, s in table]
     copies = [s[k] for *_, s in table for k in kinds[1:]]
-    mechanical = [s[k] for *_, s in table for k in ("renamed", "reordered", "padded")]
-    restated = [s["restated"] for *_, s in table]
+    mechanical = [s[k] for *_, s in table for k in ("renamed", "reordered", "padded", "restated")]
+    edited = [s["edited"] for *_, s in table]
     t = reference_use.SIMILAR
     print(f"\n{len(table)} exercise/reference pairs. honest: min {min(honest):.2f} median {statistics.median(honest):.2f} "
           f"max {max(honest):.2f}; reworded copies: min {min(copies):.2f} median {statistics.median(copies):.2f} "
           f"max {max(copies):.2f}; threshold {t:.2f}")
-    print(f"honest answers flagged: {sum(h >= t for h in honest)}/{len(honest)}; renamed, reordered or padded copies "
-          f"missed: {sum(c < t for c in mechanical)}/{len(mechanical)}; restated copies missed: "
-          f"{sum(c < t for c in restated)}/{len(restated)} (not promised: a copy edited statement by statement "
-          "is on its way to being the learner's own)")
+    print(f"honest answers flagged: {sum(h >= t for h in honest)}/{len(honest)}; renamed, reordered, padded or "
+          f"restated copies missed: {sum(c < t for c in mechanical)}/{len(mechanical)}; edited copies missed: "
+          f"{sum(c < t for c in edited)}/{len(edited)} (not promised: fingerprints measure what is left of the "
+          "reference, and an edit to every other statement leaves less of it; withholding is what holds there)")
     # the promise: no honest answer is flagged and no mechanically reworded copy gets through
     ok = max(honest) < t <= min(mechanical)
     print("promise met" if ok else "PROMISE NOT MET")

@@ -661,6 +661,23 @@ def test_lesson_02_and_03_bypasses_are_flagged(lesson, replace, before, expected
     assert any(expected in f for f in flags), flags
 
 
+def test_declared_answers_name_real_checks_and_real_objects():
+    """ORACLES and KIT_ANSWERS are keyed by check names and name importable objects: a renamed check or a moved
+    function must not leave a declaration that silently covers nothing."""
+    import importlib
+    from lorakit.checks import judged
+    from lorakit.grading import reference_use
+    for check, names in {**reference_use.ORACLES, **reference_use.KIT_ANSWERS}.items():
+        judged.find(check)
+        for name in names:
+            module, _, attr = name.rpartition(".")
+            try:
+                obj = importlib.import_module(name)
+            except ImportError:
+                obj = getattr(importlib.import_module(module), attr, None)
+            assert obj is not None, f"{check}: {name} does not exist"
+
+
 def test_copied_reference_code_is_flagged_with_its_similarity():
     """The reference's source with every name renamed and the docstring dropped is flagged with its similarity;
     the course's own answer to the same exercise is not (benchmarks/bench_similarity.py measures all of them)."""

@@ -246,8 +246,8 @@ def earlier_answers(lesson: str, root: Path | None = None) -> set[str]:
 def plan(key, solution, package: Path | None = None, earlier: set[str] = frozenset()) -> Plan:
     """What to withhold while `key`'s lesson is graded (see the module docstring). `solution`: the instructor's
     notebook of the lesson; `earlier`: answers of earlier lessons (`earlier_answers`), which stay."""
-    from ..checks import judged
     import lorakit
+    from . import reference_use
     package = Path(package or Path(lorakit.__file__).parent)
     kit = read_kit(package)
     checks, answers = set(), {}
@@ -261,8 +261,9 @@ def plan(key, solution, package: Path | None = None, earlier: set[str] = frozens
         elif kc.kind == "test":
             for call in kc.calls:
                 checks.add(call.check)
-                for r in judged.find(call.check).reference:
-                    answers.setdefault(r, exercise or gid)
+                for r in reference_use.declared(call.check):
+                    if r.startswith("lorakit."):
+                        answers.setdefault(r, exercise or gid)
     check_modules = {c.rpartition(".")[0] for c in checks}
 
     needed: set[tuple[str, str]] = set()
