@@ -123,8 +123,10 @@ def test_feedback_never_shows_hidden_tests(batch):
 def test_a_thread_reading_frames_finds_no_hidden_test(batch):
     """The spy thread saw the grader's requests (so it really looked) and nothing more: no test source."""
     html = (batch["out"] / "feedback" / "frame_reader.html").read_text()
-    seen = "'op': 'probe'"
-    assert "SPY" in html and (seen in html or html_escape(seen) in html), "the spy thread found nothing: the attack did not run"
+    # which requests it catches depends on scheduling (the submission has one CPU): any of them shows it looked
+    seen = [f"'op': '{op}'" for op in ("probe", "bind", "next")]
+    assert "SPY" in html and any(s in html or html_escape(s) in html for s in seen), \
+        "the spy thread found nothing: the attack did not run"
     for secret in ('seed="grading"', "BEGIN HIDDEN TESTS"):   # what only the hidden parts hold
         assert secret not in html and html_escape(secret) not in html
 
