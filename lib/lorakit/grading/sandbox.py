@@ -18,8 +18,8 @@ namespaces (no kit beyond the kernel is needed):
   starts them). Going over the memory or the disk budget fails the submission with the reason.
 
 Not root, or no `unshare`: the same code runs with what is available (user namespaces, else rlimits only),
-and `Protections.describe()` says which protections are off (the grade log says it once per run). This module is also the sandbox's entry
-point: `python -m lorakit.grading.sandbox SPEC RFD WFD` sets the sandbox up (as PID 1 of the namespace),
+and `Protections.describe()` says which protections are off (the grade log says it once per run). This
+module is also the sandbox's entry point: `python -m lorakit.grading.sandbox SPEC RFD WFD` sets the sandbox up (as PID 1 of the namespace),
 forks the runner (sandboxed.py) with lowered privileges, reaps everything, and exits with the runner's
 status. What runs in here never decides a grade: verdicts are the grader's (judge.py), on data.
 """
@@ -167,6 +167,7 @@ class Sandbox:
         self.kit = Path(kit).resolve() if kit is not None and self.protections.namespaces and enabled else None
         self._slots: dict[int, int] = {}
         self._groups: dict[int, object] = {}     # runner pid -> its cgroup.Group
+        self._spawned = 0
         self._lock = threading.Lock()
 
     def _slot(self) -> int:
@@ -208,7 +209,7 @@ class Sandbox:
         if self.enabled and self.protections.cgroup:
             from . import cgroup
             with self._lock:
-                self._spawned = getattr(self, "_spawned", 0) + 1
+                self._spawned += 1
                 name = f"lorakit-{os.getpid()}-{self._spawned}"
             group = cgroup.Group(cgroup.available(), name, memory_mb=self.limits.memory_mb,
                                  processes=self.limits.processes, cpus=self.limits.threads)
