@@ -19,9 +19,10 @@ namespaces (no kit beyond the kernel is needed):
 
 Not root, or no `unshare`: the same code runs with what is available (user namespaces, else rlimits only),
 and `Protections.describe()` says which protections are off (the grade log says it once per run). This
-module is also the sandbox's entry point: `python -m lorakit.grading.sandbox SPEC RFD WFD` sets the sandbox up (as PID 1 of the namespace),
-forks the runner (sandboxed.py) with lowered privileges, reaps everything, and exits with the runner's
-status. What runs in here never decides a grade: verdicts are the grader's (judge.py), on data.
+module is also the sandbox's entry point: `python -m lorakit.grading.sandbox SPEC RFD WFD` sets the sandbox
+up (as PID 1 of the namespace), forks the runner (sandboxed.py) with lowered privileges, reaps everything,
+and exits with the runner's status. What runs in here never decides a grade: verdicts are the grader's
+(judge.py), on data.
 """
 
 from __future__ import annotations
