@@ -34,7 +34,6 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 from dataclasses import asdict, dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -431,6 +430,8 @@ def main(argv: list[str]) -> int:
     # PID 1 of the namespace: reap every orphan until the runner is gone, and stop the whole submission when
     # its job folder is full (it is a tmpfs of the disk budget; kill(-1) reaches only this namespace's processes)
     watch = bool(box["disk_mb"]) and os.getpid() == 1
+    if watch:  # woken at once when a child ends (blocked here only: the runner was forked with the default mask)
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGCHLD})
     while True:
         try:
             p, status = os.waitpid(-1, os.WNOHANG if watch else 0)
@@ -442,7 +443,7 @@ def main(argv: list[str]) -> int:
             if result != EXIT_DISK and _full(box["jobdir"]):
                 result = EXIT_DISK
                 os.kill(-1, signal.SIGKILL)
-            time.sleep(0.05)
+            signal.sigtimedwait({signal.SIGCHLD}, 0.1)
             continue
         if p == pid and result != EXIT_DISK:
             code = os.waitstatus_to_exitcode(status)
