@@ -3,7 +3,8 @@
 On Linux, as root, each submission runs under `unshare` in fresh network, mount, PID, IPC and UTS
 namespaces (no kit beyond the kernel is needed):
 
-- no network: the new network namespace has no interfaces up;
+- no network: the new network namespace has only its own loopback up (processes of one submission can
+  meet on 127.0.0.1; nothing outside the namespace is reachable);
 - a private view of the filesystem: tmpfs is mounted over the course folder and its parent, /tmp, /home,
   /root, /run, the submissions and the output folders; only the Python installation, the kit's library
   (read-only) and this submission's job folder (writable) are bound back in. The instructor's solutions,
@@ -346,6 +347,21 @@ def _private_filesystem(box: dict) -> None:
             os.chown(tmp, uid, uid)
 
 
+def _loopback_up() -> None:
+    """The namespace's own loopback, up: a lesson that runs several processes (lesson 08's data-parallel step)
+    meets them on 127.0.0.1. It is this namespace's loopback, not the machine's: nothing outside is reachable."""
+    import fcntl
+    import socket
+    import struct
+    SIOCGIFFLAGS, SIOCSIFFLAGS, IFF_UP = 0x8913, 0x8914, 0x1
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            flags = struct.unpack("16sH", fcntl.ioctl(s, SIOCGIFFLAGS, struct.pack("16sH", b"lo", 0)))[1]
+            fcntl.ioctl(s, SIOCSIFFLAGS, struct.pack("16sH", b"lo", flags | IFF_UP))
+    except OSError:
+        pass   # without it, only lessons that talk over localhost fail, and say so
+
+
 def _join_group(box: dict) -> None:
     """Join the submission's cgroup (made by the grader) and lower the priority: everything the runner starts,
     however it starts it, inherits both; a process of another user cannot leave the group or raise its
@@ -402,6 +418,7 @@ def main(argv: list[str]) -> int:
     _join_group(box)
     if box["namespaces"]:
         _private_filesystem(box)
+        _loopback_up()
     os.chdir(box["jobdir"])  # never keep a working directory from before the mounts
     pid = os.fork()
     if pid == 0:
