@@ -9,7 +9,8 @@ import torch
 from lorakit import course
 from lorakit.checks import CheckFailed
 from lorakit.checks import beyond_lora as check
-from lorakit.checks.judged import aliases, calls, find
+from lorakit.checks.judged import find
+from lorakit.grading.testcells import aliases, calls
 from lorakit.loftq import loftq_iteration, low_rank
 from lorakit.lora import concat_lora
 from lorakit.nf4 import dequantize_nf4, quantize_nf4
