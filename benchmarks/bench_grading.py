@@ -78,7 +78,9 @@ def main() -> int:
         failed = sum(g.status != "graded" for g in results)
         prot = grading.detect()
         print(f"lesson {LESSON}, {args.n} submissions ({'exercise cells only' if args.minimal else 'whole notebooks'}), "
-              f"{os.cpu_count()} CPUs; sandbox: {'on' if prot.namespaces else 'partial: ' + ', '.join(prot.off())}")
+              f"{os.cpu_count()} CPUs; sandbox: {'on' if prot.namespaces else 'partial: ' + ', '.join(prot.off())}; "
+              f"limits per submission: {'cgroup ' + prot.cgroup if prot.cgroup else 'off (' + prot.cgroup_why + ')'}"
+              f"{', job folder tmpfs' if prot.disk else ''}; answers withheld: {'yes' if prot.namespaces else 'no'}")
         print(f"{'grader':<40} {'seconds':>8} {'subs/min':>9}")
         print(f"{'stock nbgrader autograde (sequential)':<40} {stock:8.1f} {60 * args.n / stock:9.1f}")
         print(f"{f'lorakit grade ({args.workers} workers, sandbox on)':<40} {ours:8.1f} {60 * args.n / ours:9.1f}")

@@ -81,6 +81,16 @@ CORRECT = {
 }
 
 
+# Everything a page can be made to run or load by HTML, as learners could put it in a markdown cell or an output.
+HOSTILE_HTML = ("<script>alert('script')</script><img src=x onerror=\"alert('onerror')\">"
+                "<a href=\"javascript:alert('js-link')\">a link</a><div onclick=\"alert('onclick')\">click me</div>"
+                "<svg onload=\"alert('svg')\"><script>alert('svg-script')</script></svg>"
+                "<iframe src=\"https://example.org/\"></iframe><style>.flagged{display:none}</style>"
+                "<div style=\"position:fixed;top:0;left:0;width:100%;height:100%;background:white\">cover</div>"
+                "<form action=\"https://example.org/\"><input name=q></form><object data=\"x.swf\"></object>"
+                "<b>bold stays</b>")
+
+
 def _wrong():
     nb = student_notebook("00_setup", minimal=True)
     for gid, src in WRONG.items():
@@ -149,7 +159,7 @@ class NoAsserts(ast.NodeTransformer):
     def visit_Assert(self, node):
         return ast.Pass()
 ip.ast_transformers.append(NoAsserts())
-""")), Expected(0))
+""")), Expected(0, flagged=True))
 
     nb = _wrong()
     _insert_before(nb, "ex00_weights_gb_test", _code("""
@@ -240,9 +250,61 @@ for _ in range(20_000):
     sys.stderr.write(chunk)
 """)), Expected(2))
 
+    # Learner HTML in the feedback page: a markdown cell and display outputs that would run script when the
+    # page is opened, hide the grader's "flagged" lines, or fake a PNG that breaks out of its <img> tag. The
+    # look through the process (gc) makes it flagged, so the test can see that the flag line is still on the page.
+    nb = ok()
+    nb.cells.insert(0, nbformat.v4.new_markdown_cell(HOSTILE_HTML + "\n\n[click](javascript:alert('md-link'))"))
+    nb.cells.insert(1, _code(f"""
+from IPython.display import HTML, SVG, display
+display(HTML({HOSTILE_HTML!r}))
+import gc
+print(len(gc.get_objects()) > 0)
+display({{"image/png": '"><script>alert("png")</script>', "text/plain": "a fake plot"}}, raw=True)
+import base64
+display({{"image/png": base64.b64encode(b"\\x89PNG not really").decode()}}, raw=True)
+"""))
+    subs["html_injection"] = (nb, Expected(2, flagged=True))
+
     subs["invalid_json"] = (b'{"cells": [ this is not json', Expected(0, "failed", "invalid notebook"))
     subs.update(_against_the_protocol(ok, _wrong))
     return subs
+
+
+def over_budget(memory_mb: int, disk_mb: int) -> dict[str, tuple]:
+    """Submissions of lesson 00 that stay under every per-process limit but go over the budget of the whole
+    submission (graded with Limits(memory_mb=memory_mb, disk_mb=disk_mb)): children that together hold more
+    memory than the budget, children that together write more than the job folder holds, and one that
+    reports the niceness of a `subprocess` child (every process of a submission runs niced)."""
+    L = "00_setup"
+    ok = lambda: student_notebook(L, minimal=True)  # noqa: E731
+    child = int(memory_mb * 0.6)
+    memory = f"""
+import subprocess, sys
+hold = "b = bytearray({child} * 2**20); b[::4096] = b'x' * len(b[::4096]); import time; time.sleep(4)"
+kids = [subprocess.Popen([sys.executable, "-c", hold]) for _ in range(2)]
+print("children exited with", [k.wait() for k in kids])
+"""
+    part = int(disk_mb * 0.4)
+    disk = f"""
+import subprocess, sys
+write = "import sys; open(f'part{{sys.argv[1]}}.bin', 'wb').write(b'x' * {part} * 2**20)"
+kids = [subprocess.Popen([sys.executable, "-c", write, str(i)]) for i in range(3)]
+print("children exited with", [k.wait() for k in kids])
+import time; time.sleep(2)   # the grader notices a full job folder within a moment: the next test never runs
+"""
+    nice = """
+import os, subprocess, sys
+print("niceness of a subprocess child:", subprocess.run([sys.executable, "-c", "import os; print(os.nice(0))"],
+      capture_output=True, text=True).stdout.strip(), "of the runner:", os.nice(0))
+"""
+    return {
+        "correct": (ok(), Expected(2)),
+        # the kernel stops one child; the notebook goes on and is judged, but the submission is marked failed
+        "children_memory": (_insert_before(ok(), "ex00_weights_gb", _code(memory)), Expected(2, "failed", "resource limit")),
+        "children_disk": (_insert_before(ok(), "ex00_weights_gb", _code(disk)), Expected(1, "failed", "resource limit")),
+        "subprocess_nice": (_insert_before(ok(), "ex00_weights_gb", _code(nice)), Expected(2)),
+    }
 
 
 # What a learner who has read the grader can do from inside the sandboxed process: find the channel to the
@@ -388,12 +450,71 @@ class LiarDict(dict):
 bytes_per_param = LiarDict(fp32=Liar(8), fp16=Liar(8), bf16=Liar(8), int8=Liar(8), nf4=Liar(8))""")
     _replace(nb, "ex00_weights_gb", "# ex00_weights_gb\ndef weights_gb(n_params, dtype):\n    return Liar(-1)")
     subs["lying_answers"] = (nb, Expected(0))
-    # lorakit's own reference answers the exercises: graded, and flagged for the instructor.
+    # lorakit's own reference answers the exercises: withheld from the sandbox while lesson 00 is graded (the
+    # stub raises), and flagged for the instructor.
     nb = ok()
     _replace(nb, "ex00_bytes_per_param", "# ex00_bytes_per_param\nfrom lorakit.memory import BYTES as bytes_per_param")
     _replace(nb, "ex00_weights_gb", "# ex00_weights_gb\nfrom lorakit import memory\ndef weights_gb(n_params, dtype):\n"
                                     "    return n_params * memory.BYTES[dtype] / 1e9")
-    subs["reference_import"] = (nb, Expected(2, flagged=True))
+    subs["reference_import"] = (nb, Expected(0, flagged=True))
+    subs.update(_around_the_flagger(ok))
+    return subs
+
+
+# Every way a reader of the flagger found to take lesson 00's answer (lorakit.memory.BYTES) without a flag.
+# Each one scores nothing (the answer is withheld from the sandbox) and is flagged (the flagger fails closed).
+BYPASSES = {
+    # imported by a cell that is no exercise, used by the exercise through the name it bound
+    "import_elsewhere": ["import lorakit.memory as facts", "# ex00_bytes_per_param\nbytes_per_param = dict(facts.BYTES)"],
+    # a cell whose first line repeats a test cell's id: run as the learner's own code by merge
+    "repeated_test_id": ["# ex00_weights_gb_test\nfrom lorakit.memory import BYTES as bytes_per_param"],
+    # names resolve in execution order: `kit` is lorakit.memory where it is used, math only later
+    "rebound_later": ["import lorakit.memory as kit", "# ex00_bytes_per_param\nbytes_per_param = kit.BYTES",
+                      "import math as kit"],
+    "getattr_literal": ["# ex00_bytes_per_param\nimport lorakit.memory\nbytes_per_param = getattr(lorakit.memory, 'BYTES')"],
+    "getattr_computed": ["# ex00_bytes_per_param\nimport lorakit.memory\nbytes_per_param = getattr(lorakit.memory, 'BY' + 'TES')"],
+    "vars": ["# ex00_bytes_per_param\nimport lorakit.memory\nbytes_per_param = vars(lorakit.memory)['BY' + 'TES']"],
+    "sys_modules": ["# ex00_bytes_per_param\nimport sys, lorakit.memory\nbytes_per_param = sys.modules['lorakit.memory'].BYTES"],
+    "importlib_util": ["# ex00_bytes_per_param\nimport importlib.util as u\n"
+                       "spec = u.find_spec('lorakit.memory')\nm = u.module_from_spec(spec)\nspec.loader.exec_module(m)\n"
+                       "bytes_per_param = m.BYTES"],
+    "cell_magic": ["%%capture\nfrom lorakit.memory import BYTES as bytes_per_param"],
+    "line_magic": ["# ex00_bytes_per_param\n%time from lorakit.memory import BYTES as bytes_per_param"],
+    "run_cell": ["# ex00_bytes_per_param\nget_ipython().run_cell('from lorakit.memory import BYTES as bytes_per_param')"],
+    # a cell that is not Python, run through an input transformer registered by an earlier cell
+    "unparseable": ["ip = get_ipython()\nip.input_transformers_cleanup.append(lambda lines: [l.replace('@@', "
+                    "'from lorakit.memory import BYTES as bytes_per_param') for l in lines])",
+                    "# ex00_bytes_per_param\n@@ this is no Python"],
+    # the check module's own helpers, and the source file of the reference read and run
+    "check_helper": ["# ex00_bytes_per_param\nfrom lorakit.checks import setup\nbytes_per_param = dict(setup.BITS)"],
+    "source_file": ["# ex00_bytes_per_param\nimport lorakit, pathlib\n"
+                    "text = (pathlib.Path(lorakit.__file__).parent / 'memory.py').read_text()\n"
+                    "start = text.index('BYTES = ')\nbytes_per_param = eval(text[start + 8:text.index('}', start) + 1])"],
+}
+
+
+def _around_the_flagger(ok) -> dict[str, tuple]:
+    subs = {}
+    for name, cells in BYPASSES.items():
+        nb, after = ok(), False
+        for src in cells:          # cells before the exercise's go before it, cells after it at the end
+            if src.startswith("# ex00_bytes_per_param\n"):
+                _replace(nb, "ex00_bytes_per_param", src)
+                after = True
+            elif after:
+                nb.cells.append(_code(src))
+            else:
+                _insert_before(nb, "ex00_bytes_per_param", _code(src))
+        if not any(src.startswith("# ex00_bytes_per_param\n") for src in cells):
+            _replace(nb, "ex00_bytes_per_param", "# ex00_bytes_per_param\npass  # answered above")
+        subs[f"flagger_{name}"] = (nb, Expected(0, flagged=True))
+    # a cell of the lesson's own, moved to where it does the learner's work
+    release = nbformat.read(course.lesson_path("00_setup"), as_version=4)
+    moved = next(c.source for c in release.cells if c.cell_type == "code" and "from lorakit import memory" in c.source)
+    nb = ok()
+    _insert_before(nb, "ex00_bytes_per_param", _code(moved))
+    _replace(nb, "ex00_bytes_per_param", "# ex00_bytes_per_param\nbytes_per_param = dict(memory.BYTES)")
+    subs["flagger_moved_instructor_cell"] = (nb, Expected(0, flagged=True))
     return subs
 
 

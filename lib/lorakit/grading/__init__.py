@@ -17,8 +17,12 @@ How a class is graded (each step in its own module):
    draws each check's inputs (hidden calls from a secret seed) and judges the replies. Between the two only
    data crosses, in the wire format of lorakit.checks.wire, which both sides import. No test-cell source
    ever enters the sandbox. Every submission ends as `graded` or `failed` with a reason.
-3. reference_use.py flags a submission whose own code uses lorakit's reference for an exercise (graded,
-   flagged for the instructor); gradebook.py records the grades in nbgrader's gradebook; report.py writes
+   Limits hold per submission (cgroup.py: memory, processes and CPU for the whole process tree; the job
+   folder a size-capped tmpfs), and the graded lesson's answers are not in the sandbox's view of the kit
+   (withheld.py: stubs mounted over the package).
+3. reference_use.py flags a submission whose own code uses lorakit's reference (or a library a check compares
+   with) for an exercise, copies it, or does what the flagger cannot read (graded, flagged for the
+   instructor); gradebook.py records the grades in nbgrader's gradebook; report.py writes
    grades.csv, feedback HTML (each check's name and message, the learner's outputs, never a hidden line) and
    results.json.
 """

@@ -11,9 +11,9 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 
 from .. import course
-from . import gradebook, reference_use, report, submission
+from . import gradebook, reference_use, report, submission, withheld
 from .judge import TestResult
-from .sandbox import Limits, Sandbox
+from .sandbox import Limits, Sandbox, detect
 from .session import Outcome, Session
 
 SYSTEM_DIRS = {"/", "/usr", "/lib", "/lib64", "/bin", "/sbin", "/etc", "/proc", "/sys", "/dev", "/opt", "/var"}
@@ -53,8 +53,16 @@ def grade(lesson: str, submissions: list[str | Path], *, workers: int = 2, db: s
         hidden = frozenset(key.hidden_lines)
         hide = [root, root.parent, out] + [Path(p).resolve() if Path(p).is_dir() else Path(p).resolve().parent for p in submissions]
         hide = [p for p in hide if str(p) not in SYSTEM_DIRS and len(p.parts) > 1]
-        box = Sandbox(limits or Limits(), enabled=sandbox, hide=hide, timeout=timeout)
+        kit = None
+        if sandbox and detect().namespaces:   # the graded lesson's answers withheld from the sandbox's view of the kit
+            import nbformat
+            plan = withheld.plan(key, nbformat.read(course.solution_path(lesson, root), as_version=4),
+                                 earlier=withheld.earlier_answers(lesson, root))
+            kit = withheld.build(plan, run_dir / "kit")
+        box = Sandbox(limits or Limits(), enabled=sandbox, hide=hide, timeout=timeout, kit=kit)
         echo(box.protections.describe(box.limits) if sandbox else "sandbox: off (--no-sandbox)")
+        echo(plan.describe() if kit else "answers withheld: none (no private filesystem for the sandbox); "
+                                         "reference use is flagged only")
         echo(f"grading {len(subs)} submission(s) of {lesson} with {workers} worker(s); gradebook {db_url}")
 
         def one(sub: submission.Submission) -> tuple[report.Graded, object]:

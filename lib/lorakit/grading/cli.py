@@ -9,7 +9,8 @@ def _grade(args) -> int:
     params = None
     if args.params:
         params = course.params_for(course.select([args.lesson])[0], course.load_params(args.params))
-    limits = Limits(memory_mb=args.memory, processes=args.processes, file_size_mb=args.file_size, threads=args.threads)
+    limits = Limits(memory_mb=args.memory, processes=args.processes, file_size_mb=args.file_size, threads=args.threads,
+                    disk_mb=args.disk)
     results = grade(args.lesson, args.submissions, workers=args.workers, db=args.db, timeout=args.timeout,
                     cell_timeout=args.cell_timeout, out=args.out, shard=args.shard, limits=limits, params=params,
                     sandbox=not args.no_sandbox, keep_work=args.keep_work)
@@ -45,10 +46,13 @@ def add_commands(sub) -> None:
     p.add_argument("--out", help="folder for grades.csv, feedback/ and results/ (default grading/work/grades/LESSON)")
     p.add_argument("--shard", help="i/n: grade only the i-th of n deterministic slices (one per machine)")
     p.add_argument("--params", help="parameters file (e.g. grading/ci_params.yml) injected after the parameters cell")
-    p.add_argument("--memory", type=int, default=4096, help="MB of address space per submission (default 4096)")
+    p.add_argument("--memory", type=int, default=4096,
+                   help="MB of memory per submission, all its processes together where a cgroup is available, "
+                        "else per process (default 4096)")
     p.add_argument("--processes", type=int, default=256, help="processes+threads per submission (default 256)")
     p.add_argument("--file-size", type=int, default=64, help="largest file a submission may write, MB (default 64)")
-    p.add_argument("--threads", type=int, default=1, help="OMP threads per submission (default 1)")
+    p.add_argument("--disk", type=int, default=512, help="MB a submission may write in all (its job folder, default 512)")
+    p.add_argument("--threads", type=int, default=1, help="OMP threads, and CPUs with a cgroup, per submission (default 1)")
     p.add_argument("--no-sandbox", action="store_true", help="run without namespaces, uid and limits (trusted code only)")
     p.add_argument("--keep-work", action="store_true", help="keep the job folders under grading/work/jobs")
     p.set_defaults(func=_grade)

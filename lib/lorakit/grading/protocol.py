@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 
 from ..checks import wire
 
@@ -29,6 +30,7 @@ MAX_MESSAGE = wire.MAX_DATA_BYTES + 4 * 2**20   # bytes of one line: a reply plu
 MAX_OUTPUT_TEXT = 64 * 1024                        # characters of one output's text kept by the grader
 MAX_OUTPUTS = 200                                  # outputs kept per cell
 OUTPUT_MIMES = ("image/png", "text/html", "text/plain")
+_BASE64 = re.compile(r"[A-Za-z0-9+/=\s]*")
 
 
 def close_fds(*fds: int) -> None:
@@ -161,7 +163,8 @@ def outputs(raw) -> list[dict]:
             out.append({"output_type": "stream", "name": o["name"], "text": o["text"][:MAX_OUTPUT_TEXT]})
         elif kind == "display_data" and isinstance(o.get("data"), dict):
             data = {m: v for m, v in o["data"].items() if m in OUTPUT_MIMES and isinstance(v, str)}
-            data = {m: v if m == "image/png" else v[:MAX_OUTPUT_TEXT] for m, v in data.items()}
+            data = {m: v if m == "image/png" else v[:MAX_OUTPUT_TEXT] for m, v in data.items()
+                    if m != "image/png" or _BASE64.fullmatch(v)}   # a "PNG" is spliced into an <img> tag
             if data:
                 out.append({"output_type": "display_data", "data": data, "metadata": {}})
         elif kind == "error":

@@ -4,7 +4,9 @@
 - grades.csv has one row per submission with a `status` (graded / failed) and a `reason`, so a timeout is
   never mistaken for a real zero.
 - Feedback HTML shows the learner their notebook with their own outputs and, under every test cell, each
-  check's name and the judge's message. Hidden tests are never in it: only the visible part of a test cell
+  check's name and the judge's message. Everything in it that came from the submission is inert: markdown
+  and HTML pass through an HTML sanitiser (`clean_html`), so a page opened by the instructor, even from a
+  Jupyter server, runs none of the learner's script and shows the grader's lines as written. Hidden tests are never in it: only the visible part of a test cell
   is rendered, the sandbox never had the hidden part, and every text that came from the sandbox or a judge
   is cleaned of any line of a hidden part before it is written (`redact`).
 - A flagged submission (reference_use.py) is graded as usual; the flags are listed in grades.csv, at the top
@@ -129,11 +131,41 @@ def feedback_notebook(g: Graded, merged: nbformat.NotebookNode | None) -> nbform
     return nb
 
 
+# What learner HTML may keep in a feedback page: Ammonia's default tags (text, lists, tables, headings, images)
+# with no scripts, styles, classes, ids, event handlers, forms, iframes, SVG or MathML; links only to the web.
+IMAGE_PREFIXES = ("data:image/png;base64,", "data:image/jpeg;base64,", "data:image/gif;base64,")
+LINK_SCHEMES = ("http://", "https://", "mailto:")
+
+
+def _allowed_url(tag: str, attribute: str, value: str) -> str | None:
+    v = value.strip().lower()
+    if tag == "img" and attribute == "src":
+        return value if v.startswith(IMAGE_PREFIXES) else None   # an image from elsewhere would tell who looked
+    if attribute in ("href", "cite", "src"):
+        return value if v.startswith(LINK_SCHEMES) else None
+    return value
+
+
+def clean_html(text) -> str:
+    """HTML from a submission (markdown cells once rendered, `text/html` outputs) made inert with nh3, the
+    maintained binding of the Ammonia sanitiser: nothing that runs (scripts, event handlers, `javascript:`
+    links), nothing that loads (iframes, objects, images from other sites: only embedded PNG/JPEG/GIF) and
+    nothing that restyles the page (style, class and id attributes, <style>), so learner content cannot hide
+    or cover the lines the grader writes. nbconvert calls it where its own `sanitize_html` option would call
+    bleach's stricter and unmaintained cleaner."""
+    import nh3
+    text = text.decode() if isinstance(text, bytes) else str(text)
+    return nh3.clean(text, url_schemes={"http", "https", "mailto", "data"}, attribute_filter=_allowed_url,
+                     url_relative="deny", strip_comments=True)
+
+
 @functools.lru_cache(maxsize=1)
 def _html_exporter():
-    """One exporter for the batch: a new one compiles its Jinja templates again (about 0.15 s a notebook)."""
+    """One exporter for the batch (a new one compiles its Jinja templates again, about 0.15 s a notebook), with
+    nbconvert's own `sanitize_html`: markdown and HTML outputs go through `clean_html`, JavaScript outputs and
+    widget state are left out. PNG plots are rendered by the template itself and still show."""
     from nbconvert import HTMLExporter
-    return HTMLExporter(template_name="classic")
+    return HTMLExporter(template_name="classic", sanitize_html=True, filters={"clean_html": clean_html})
 
 
 def feedback_html(nb: nbformat.NotebookNode) -> str:

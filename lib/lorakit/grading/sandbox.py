@@ -3,7 +3,8 @@
 On Linux, as root, each submission runs under `unshare` in fresh network, mount, PID, IPC and UTS
 namespaces (no kit beyond the kernel is needed):
 
-- no network: the new network namespace has no interfaces up;
+- no network: the new network namespace has only its own loopback up (processes of one submission can
+  meet on 127.0.0.1; nothing outside the namespace is reachable);
 - a private view of the filesystem: tmpfs is mounted over the course folder and its parent, /tmp, /home,
   /root, /run, the submissions and the output folders; only the Python installation, the kit's library
   (read-only) and this submission's job folder (writable) are bound back in. The instructor's solutions,
@@ -11,13 +12,18 @@ namespaces (no kit beyond the kernel is needed):
 - a PID namespace: the learner cannot see or signal the grader, and every process the submission started
   dies with it;
 - a separate user id per worker (61000 + slot), `no_new_privs`, and rlimits on address space, processes,
-  file size, open files and CPU time.
+  file size, open files and CPU time;
+- limits per submission, not per process: the whole tree of the submission's processes in one cgroup
+  (memory, processes, CPU: cgroup.py), the job folder a tmpfs of `Limits.disk_mb` (its pages count as the
+  submission's memory too), and every process of the tree niced (the runner and all it starts, however it
+  starts them). Going over the memory or the disk budget fails the submission with the reason.
 
 Not root, or no `unshare`: the same code runs with what is available (user namespaces, else rlimits only),
-and `Protections.describe()` says which protections are off. This module is also the sandbox's entry
-point: `python -m lorakit.grading.sandbox SPEC RFD WFD` sets the sandbox up (as PID 1 of the namespace),
-forks the runner (sandboxed.py) with lowered privileges, reaps everything, and exits with the runner's
-status. What runs in here never decides a grade: verdicts are the grader's (judge.py), on data.
+and `Protections.describe()` says which protections are off (the grade log says it once per run). This
+module is also the sandbox's entry point: `python -m lorakit.grading.sandbox SPEC RFD WFD` sets the sandbox
+up (as PID 1 of the namespace), forks the runner (sandboxed.py) with lowered privileges, reaps everything,
+and exits with the runner's status. What runs in here never decides a grade: verdicts are the grader's
+(judge.py), on data.
 """
 
 from __future__ import annotations
@@ -36,6 +42,9 @@ from pathlib import Path
 UID_BASE = 61000
 EXIT_MEMORY = 75        # the runner itself ran out of memory
 EXIT_INTERNAL = 70      # the runner failed (a grader bug, or learner code broke the runner)
+EXIT_DISK = 73          # PID 1 stopped the submission: its job folder was full
+NICE = 10               # the niceness of every process of a submission (fork()ed copies: 19)
+DISK_SLACK = 64 * 1024  # bytes left free in the job folder's tmpfs that count as "full"
 
 
 @dataclass
@@ -45,7 +54,9 @@ class Limits:
     file_size_mb: int = 64         # largest file the submission may write (RLIMIT_FSIZE)
     open_files: int = 1024
     cpu_seconds: int = 0           # 0: the submission timeout plus a margin
-    threads: int = 1               # OMP/MKL threads per submission (workers run side by side)
+    threads: int = 1               # OMP/MKL threads per submission (workers run side by side); with a cgroup,
+                                   # also the CPUs the whole submission may use at once
+    disk_mb: int = 512             # the job folder (a tmpfs) holds at most this much
 
 
 @dataclass
@@ -54,6 +65,12 @@ class Protections:
     user_namespace: bool = False   # the namespaces live in a user namespace (not root)
     separate_user: bool = False    # each worker runs as its own uid
     rlimits: bool = False
+    cgroup: str = ""               # "v2" or "v1": memory, processes and CPU limited per submission
+    cgroup_why: str = ""           # why there is none
+
+    @property
+    def disk(self) -> bool:
+        return self.namespaces    # the job folder is a size-capped tmpfs inside the mount namespace
 
     @property
     def network(self) -> bool:
@@ -75,6 +92,11 @@ class Protections:
             out.append("separate user id")
         if not self.rlimits:
             out.append("resource limits")
+        if not self.cgroup:
+            out.append(f"limits per submission ({self.cgroup_why or 'no cgroup'}): memory and processes are "
+                       "limited per process only")
+        if not self.disk:
+            out.append("disk budget per submission (only the size of each file is limited)")
         return out
 
     def describe(self, limits: Limits | None = None) -> str:
@@ -84,7 +106,13 @@ class Protections:
         if self.separate_user:
             on.append("separate user per worker")
         if self.rlimits and limits:
-            on.append(f"limits: memory {limits.memory_mb} MB, {limits.processes} processes, files {limits.file_size_mb} MB")
+            on.append(f"limits per process: address space {limits.memory_mb} MB, files {limits.file_size_mb} MB")
+        if self.cgroup and limits:
+            on.append(f"limits per submission (cgroup {self.cgroup}): memory {limits.memory_mb} MB, "
+                      f"{limits.processes} processes, {limits.threads} CPU(s)")
+        if self.disk and limits:
+            on.append(f"job folder {limits.disk_mb} MB (tmpfs)")
+        on.append(f"nice {NICE}")
         line = "sandbox: " + ("; ".join(on) if on else "none")
         off = self.off()
         if off:
@@ -101,6 +129,7 @@ def detect() -> Protections:
     p = Protections()
     if os.name != "posix" or not sys.platform.startswith("linux"):
         p.rlimits = os.name == "posix"
+        p.cgroup_why = "not Linux"
         return p
     p.rlimits = True
     exe = shutil.which("unshare")
@@ -116,6 +145,9 @@ def detect() -> Protections:
         p.namespaces = p.separate_user = True
     elif probe(["--user", "--map-root-user"]):
         p.namespaces = p.user_namespace = True
+    from . import cgroup
+    found = cgroup.available()
+    p.cgroup, p.cgroup_why = found.version, found.why
     return p
 
 
@@ -124,14 +156,19 @@ class Sandbox:
     (what `lorakit check` does on a learner's own machine)."""
 
     def __init__(self, limits: Limits | None = None, *, enabled: bool = True, hide: list[Path] | None = None,
-                 keep: list[Path] | None = None, timeout: float = 600):
+                 keep: list[Path] | None = None, timeout: float = 600, kit: Path | None = None):
         self.limits = limits or Limits()
         self.protections = detect() if enabled else Protections(rlimits=os.name == "posix")
         self.enabled = enabled
         self.timeout = timeout
         self.hide = [Path(p).resolve() for p in (hide or [])]
         self.keep = [Path(p).resolve() for p in (keep or [])]
+        # the kit as the sandbox sees it (withheld.build: the graded lesson's answers stubbed), mounted over the
+        # installed package; None: the package as installed
+        self.kit = Path(kit).resolve() if kit is not None and self.protections.namespaces and enabled else None
         self._slots: dict[int, int] = {}
+        self._groups: dict[int, object] = {}     # runner pid -> its cgroup.Group
+        self._spawned = 0
         self._lock = threading.Lock()
 
     def _slot(self) -> int:
@@ -160,13 +197,24 @@ class Sandbox:
             "LORAKIT_STATIC": "1", "PYTHONHASHSEED": "0",
         }
         return {"namespaces": self.protections.namespaces, "uid": uid, "limits": limits, "env": env,
-                "rlimits": self.protections.rlimits and self.enabled,
+                "rlimits": self.protections.rlimits and self.enabled, "nice": NICE if self.enabled else 0,
+                "disk_mb": self.limits.disk_mb if self.protections.disk and self.enabled else 0, "cgroup_procs": [],
                 "hide": sorted(map(str, hide)), "keep_ro": sorted(map(str, keep)), "keep_rw": [str(jobdir)],
+                "kit": [str(self.kit), str(Path(lorakit.__file__).resolve().parent)] if self.kit else None,
                 "jobdir": str(jobdir)}
 
     def spawn(self, spec: dict, jobdir: Path, rfd: int, wfd: int) -> subprocess.Popen:
         jobdir = Path(jobdir).resolve()
         spec = dict(spec, sandbox=self._box(jobdir))
+        group = None
+        if self.enabled and self.protections.cgroup:
+            from . import cgroup
+            with self._lock:
+                self._spawned += 1
+                name = f"lorakit-{os.getpid()}-{self._spawned}"
+            group = cgroup.Group(cgroup.available(), name, memory_mb=self.limits.memory_mb,
+                                 processes=self.limits.processes, cpus=self.limits.threads)
+            spec["sandbox"]["cgroup_procs"] = group.procs
         spec_path = jobdir / "spec.json"
         spec_path.write_text(json.dumps(spec))
         uid = spec["sandbox"]["uid"]
@@ -181,11 +229,36 @@ class Sandbox:
             cmd = [shutil.which("unshare"), *extra, *UNSHARE, *cmd]
         log = open(jobdir / "runner.log", "wb")
         try:
-            return subprocess.Popen(cmd, pass_fds=(rfd, wfd), stdin=subprocess.DEVNULL, stdout=log,
+            proc = subprocess.Popen(cmd, pass_fds=(rfd, wfd), stdin=subprocess.DEVNULL, stdout=log,
                                     stderr=subprocess.STDOUT, start_new_session=True, cwd=str(jobdir),
                                     env=dict(spec["sandbox"]["env"]))
+        except BaseException:
+            if group is not None:
+                group.remove()
+            raise
         finally:
             log.close()
+        if group is not None:
+            with self._lock:
+                self._groups[proc.pid] = group
+        return proc
+
+    def finish(self, proc: subprocess.Popen, code: int | None) -> tuple[str, str] | None:
+        """After the runner ended (`code`, its exit status): (reason, detail) when the submission went over a
+        budget of the whole submission (the job folder filled, a process of the tree killed for memory), else
+        None. Removes the submission's cgroup."""
+        with self._lock:
+            group = self._groups.pop(proc.pid, None)
+        oom = 0
+        if group is not None:
+            oom = group.oom_kills()
+            group.remove()
+        if code == EXIT_DISK:
+            return "resource limit", f"the submission filled its job folder ({self.limits.disk_mb} MB)"
+        if oom:
+            return "resource limit", (f"the submission's processes together used more than {self.limits.memory_mb} MB "
+                                      f"of memory (the kernel stopped {oom} of them)")
+        return None
 
     @staticmethod
     def kill(proc: subprocess.Popen) -> None:
@@ -198,12 +271,13 @@ class Sandbox:
         except subprocess.TimeoutExpired:
             pass
 
-    @staticmethod
-    def explain_exit(code: int | None, where: str) -> tuple[str, str]:
+    def explain_exit(self, code: int | None, where: str) -> tuple[str, str]:
         """(reason, detail) for a runner that ended without finishing the notebook."""
         if code is None:
             return "crashed", f"the grading process did not exit (at {where})"
         sig = -code if code < 0 else (code - 128 if code > 128 else 0)
+        if code == EXIT_DISK:
+            return "resource limit", f"the submission filled its job folder ({self.limits.disk_mb} MB) (at {where})"
         if code == EXIT_MEMORY or sig == signal.SIGKILL:
             return "resource limit", f"the submission ran out of memory (at {where})"
         if sig == signal.SIGXCPU:
@@ -251,6 +325,9 @@ def _private_filesystem(box: dict) -> None:
     for path, ro in keeps:
         if any(path == h or path.is_relative_to(h) for h in hide) and path.is_dir():
             fds.append((path, ro, os.open(path, os.O_PATH | os.O_DIRECTORY)))
+    if box.get("kit"):  # the kit without the graded lesson's answers, over the installed package (mounted last)
+        view, package = box["kit"]
+        fds.append((Path(package), True, os.open(view, os.O_PATH | os.O_DIRECTORY)))
     for h in hide:
         _mount(libc, "tmpfs", h, "tmpfs", MS_NOSUID | MS_NODEV, "mode=755,size=64m")
     for path, ro, fd in sorted(fds, key=lambda t: len(t[0].parts)):
@@ -260,6 +337,45 @@ def _private_filesystem(box: dict) -> None:
             _mount(libc, None, path, None, MS_REMOUNT | MS_BIND | MS_RDONLY | MS_NOSUID | MS_NODEV)
         os.close(fd)
     # the job folder (writable) shows nothing of its neighbours: its parents are fresh tmpfs directories
+    if box["disk_mb"]:  # ...and it is a tmpfs of its own, as large as the disk budget
+        uid = box["uid"]
+        owner = f",uid={uid},gid={uid}" if uid is not None else ""
+        _mount(libc, "tmpfs", box["jobdir"], "tmpfs", MS_NOSUID | MS_NODEV, f"mode=700,size={box['disk_mb']}m{owner}")
+        tmp = Path(box["jobdir"]) / "tmp"
+        tmp.mkdir(mode=0o700)
+        if uid is not None:
+            os.chown(tmp, uid, uid)
+
+
+def _loopback_up() -> None:
+    """The namespace's own loopback, up: a lesson that runs several processes (lesson 08's data-parallel step)
+    meets them on 127.0.0.1. It is this namespace's loopback, not the machine's: nothing outside is reachable."""
+    import fcntl
+    import socket
+    import struct
+    SIOCGIFFLAGS, SIOCSIFFLAGS, IFF_UP = 0x8913, 0x8914, 0x1
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            flags = struct.unpack("16sH", fcntl.ioctl(s, SIOCGIFFLAGS, struct.pack("16sH", b"lo", 0)))[1]
+            fcntl.ioctl(s, SIOCSIFFLAGS, struct.pack("16sH", b"lo", flags | IFF_UP))
+    except OSError:
+        pass   # without it, only lessons that talk over localhost fail, and say so
+
+
+def _join_group(box: dict) -> None:
+    """Join the submission's cgroup (made by the grader) and lower the priority: everything the runner starts,
+    however it starts it, inherits both; a process of another user cannot leave the group or raise its
+    priority again."""
+    for procs in box["cgroup_procs"]:
+        with open(procs, "w") as f:
+            f.write("0")
+    if box["nice"]:
+        os.nice(box["nice"])
+
+
+def _full(jobdir: str) -> bool:
+    st = os.statvfs(jobdir)
+    return st.f_bavail * st.f_frsize <= DISK_SLACK
 
 
 def _lower_privileges(box: dict) -> None:
@@ -299,8 +415,10 @@ def main(argv: list[str]) -> int:
     with open(spec_path) as f:
         spec = json.load(f)
     box = spec["sandbox"]
+    _join_group(box)
     if box["namespaces"]:
         _private_filesystem(box)
+        _loopback_up()
     os.chdir(box["jobdir"])  # never keep a working directory from before the mounts
     pid = os.fork()
     if pid == 0:
@@ -326,16 +444,27 @@ def main(argv: list[str]) -> int:
     os.close(rfd)
     os.close(wfd)
     result = EXIT_INTERNAL
-    while True:  # PID 1 of the namespace: reap every orphan until the runner is gone
+    # PID 1 of the namespace: reap every orphan until the runner is gone, and stop the whole submission when
+    # its job folder is full (it is a tmpfs of the disk budget; kill(-1) reaches only this namespace's processes)
+    watch = bool(box["disk_mb"]) and os.getpid() == 1
+    if watch:  # woken at once when a child ends (blocked here only: the runner was forked with the default mask)
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGCHLD})
+    while True:
         try:
-            p, status = os.wait()
+            p, status = os.waitpid(-1, os.WNOHANG if watch else 0)
         except ChildProcessError:
             break
         except InterruptedError:
             continue
-        if p == pid:
+        if p == 0:
+            if result != EXIT_DISK and _full(box["jobdir"]):
+                result = EXIT_DISK
+                os.kill(-1, signal.SIGKILL)
+            signal.sigtimedwait({signal.SIGCHLD}, 0.1)
+            continue
+        if p == pid and result != EXIT_DISK:
             code = os.waitstatus_to_exitcode(status)
-            result = code if code >= 0 else 128 - code
+            result = EXIT_DISK if watch and _full(box["jobdir"]) else code if code >= 0 else 128 - code
             break
     return result
 

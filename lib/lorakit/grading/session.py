@@ -89,6 +89,9 @@ class Session:
             protocol.close_fds(p2c_w, c2p_r)
             if proc is not None and proc.poll() is None:
                 self.sandbox.kill(proc)
+            over = self.sandbox.finish(proc, proc.returncode) if proc is not None else None
+        if over and out.reason != "resource limit":   # a budget of the whole submission: it fails, saying which
+            out.status, (out.reason, out.detail) = "failed", over
         out.score_the_rest([(gid, self.key.cells[gid].points) for _, gid in self.tests],
                            out.reason or "an earlier cell stopped the notebook")
         out.seconds = time.monotonic() - t0

@@ -64,6 +64,8 @@ class Key:
     order: list                          # grade_id (or None) of every cell of the lesson, in order
     cells: dict[str, KeyCell]            # grade_id -> key cell
     instructor: set = field(default_factory=set)   # sources of the lesson's code cells as released
+    # the release's code cells in order: an ungraded cell as its stripped source, a graded one as ANCHOR + id
+    instructor_order: list = field(default_factory=list)
 
     @property
     def tests(self) -> list[KeyCell]:
@@ -108,6 +110,14 @@ def read_calls(lesson: str, cells: list[tuple[str | None, str]], key_cells: dict
             known.update(testcells.aliases(source))
         except SyntaxError:
             pass
+
+
+ANCHOR = "\x00"   # marks a graded cell's id in Key.instructor_order (no cell source starts with it)
+
+
+def release_order(code, cells) -> list[str]:
+    """Key.instructor_order from (grade_id, source) of the release's code cells."""
+    return [ANCHOR + gid if gid in cells else src.strip() for gid, src in code]
 
 
 def visible_source(src: str) -> str:
@@ -205,7 +215,7 @@ def _key_from_gradebook(lesson: str, db_url: str, solution) -> Key | None:
     code = [(cell_id(c), c.source) for c in solution.cells if c.cell_type == "code"]
     read_calls(lesson, code, cells)
     instructor = {src.strip() for gid, src in code if gid not in cells} | {c.source.strip() for c in cells.values()}
-    return Key(lesson, order, cells, instructor)
+    return Key(lesson, order, cells, instructor, release_order(code, cells))
 
 
 def key_from_notebook(lesson: str, nb: nbformat.NotebookNode) -> Key:
@@ -219,7 +229,8 @@ def key_from_notebook(lesson: str, nb: nbformat.NotebookNode) -> Key:
                                  float(cell.metadata["nbgrader"].get("points", 0)), cell.cell_type)
     code = [(cell_id(c), c.source) for c in nb.cells if c.cell_type == "code"]
     read_calls(lesson, code, cells)
-    return Key(lesson, [cell_id(c) for c in nb.cells], cells, {src.strip() for _, src in code})
+    return Key(lesson, [cell_id(c) for c in nb.cells], cells, {src.strip() for _, src in code},
+               release_order(code, cells))
 
 
 # ----------------------------------------------------------------------------------------- submissions
