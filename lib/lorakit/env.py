@@ -13,13 +13,14 @@ import os
 import platform
 import shutil
 import threading
+import time
 from dataclasses import dataclass
 
 import torch
 
 from lorakit import install
 
-__all__ = ["INSTRUCTOR_TOOLS", "pick_device", "cpu_capabilities", "avx512_bf16", "cpu_bf16", "bf16_supported",
+__all__ = ["INSTRUCTOR_TOOLS", "pick_device", "cpu_capabilities", "avx512_bf16", "cpu_bf16", "bf16_matmul_times", "bf16_supported",
            "compute_dtype", "check_dtype", "versions",
            "tested_versions", "differs", "print_versions", "scoped_environ", "import_bitsandbytes", "four_bit_works",
            "memory_available", "Line", "version_lines", "check", "report"]
@@ -113,6 +114,29 @@ def cpu_bf16() -> tuple[bool, str]:
     if not _onednn_bf16():
         return False, f"this CPU has {' and '.join(units)} but torch's oneDNN does not use it: {emulated}"
     return True, f"native bf16: this CPU's {' and '.join(units)}, through oneDNN"
+
+
+def bf16_matmul_times(repeats: int = 9, m: int = 512, k: int = 256, n: int = 256) -> dict[str, list[float]]:
+    """What bf16 costs on this CPU: seconds of one (m x k) @ (k x n) matmul, forward and backward, in float32
+    and under bf16 autocast, `repeats` times each, alternating (after a warm-up of each) so that a busy machine
+    disturbs both alike. {"float32": [...], "bfloat16": [...]}."""
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(m, k, generator=g, requires_grad=True)
+    b = torch.randn(k, n, generator=g, requires_grad=True)
+
+    def step(bf16: bool) -> float:
+        t0 = time.perf_counter()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            y = a @ b
+        y.float().sum().backward()
+        return time.perf_counter() - t0
+
+    step(False), step(True)
+    times: dict[str, list[float]] = {"float32": [], "bfloat16": []}
+    for _ in range(repeats):
+        times["float32"].append(step(False))
+        times["bfloat16"].append(step(True))
+    return times
 
 
 def bf16_supported(device: str | torch.device = "auto") -> bool:
