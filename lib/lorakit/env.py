@@ -20,7 +20,7 @@ import torch
 
 from lorakit import install
 
-__all__ = ["INSTRUCTOR_TOOLS", "pick_device", "cpu_capabilities", "avx512_bf16", "cpu_bf16", "bf16_matmul_times", "bf16_supported",
+__all__ = ["INSTRUCTOR_TOOLS", "pick_device", "cpu_capabilities", "avx512_bf16", "cpu_bf16", "cpu_class", "bf16_matmul_times", "bf16_supported",
            "compute_dtype", "check_dtype", "versions",
            "tested_versions", "differs", "print_versions", "scoped_environ", "import_bitsandbytes", "four_bit_works",
            "memory_available", "Line", "version_lines", "check", "report"]
@@ -114,6 +114,17 @@ def cpu_bf16() -> tuple[bool, str]:
     if not _onednn_bf16():
         return False, f"this CPU has {' and '.join(units)} but torch's oneDNN does not use it: {emulated}"
     return True, f"native bf16: this CPU's {' and '.join(units)}, through oneDNN"
+
+
+def cpu_class() -> str:
+    """One line naming the class of this CPU for a speed figure: its name and cores, the instruction set torch's
+    kernels use (AVX512, AVX2...), and whether bf16 is native. Speed figures differ several times between
+    classes, so each one the kit prints or ships says which class it comes from."""
+    caps = cpu_capabilities()
+    name = caps.get("cpu_name") or platform.processor() or platform.machine()
+    kernels = torch.backends.cpu.get_cpu_capability() if hasattr(torch.backends, "cpu") else "?"
+    native, _ = cpu_bf16()
+    return f"{name}, {os.cpu_count()} cores, {kernels} kernels, {'native' if native else 'no native'} bf16"
 
 
 def bf16_matmul_times(repeats: int = 9, m: int = 512, k: int = 256, n: int = 256) -> dict[str, list[float]]:
