@@ -71,9 +71,10 @@ def check_avx2(cpu: dict) -> None:
 
 
 def has_bar(cell) -> bool:
-    """The cell showed a progress bar: a tqdm widget, or tqdm's text bar on stderr."""
+    """The cell showed a progress bar: a tqdm widget, transformers' notebook bar (an HTML <progress>), or tqdm's
+    text bar on stderr."""
     for o in cell.get("outputs", []):
-        if WIDGET in o.get("data", {}):
+        if WIDGET in o.get("data", {}) or "<progress" in str(o.get("data", {}).get("text/html", "")):
             return True
         if o.get("output_type") == "stream" and BAR.search(o.get("text", "")):
             return True

@@ -22,8 +22,11 @@ def test_a_progress_bar_is_a_tqdm_widget_or_text_bar():
     widget = {"output_type": "display_data", "metadata": {},
               "data": {bench.WIDGET: {"model_id": "x", "version_major": 2, "version_minor": 0}, "text/plain": "..."}}
     text_bar = {"output_type": "stream", "name": "stderr", "text": "fine-tuning:  45%|####5     | 9/20 [00:02<00:03]"}
+    trainer = {"output_type": "display_data", "metadata": {},  # transformers' NotebookProgressCallback
+               "data": {"text/html": "<div><progress value='10' max='100'></progress> [10/100 00:03]</div>",
+                        "text/plain": "<IPython.core.display.HTML object>"}}
     plain = {"output_type": "stream", "name": "stdout", "text": "exact match 45% after 20 steps | done"}
-    assert bench.has_bar(_cell(widget)) and bench.has_bar(_cell(plain, text_bar))
+    assert bench.has_bar(_cell(widget)) and bench.has_bar(_cell(plain, text_bar)) and bench.has_bar(_cell(trainer))
     assert not bench.has_bar(_cell(plain)) and not bench.has_bar(_cell())
 
 
