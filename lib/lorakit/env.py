@@ -97,16 +97,16 @@ def cpu_bf16() -> tuple[bool, str]:
     (Skylake to Ice Lake), where bf16 took about 3.5x float32's time."""
     caps = cpu_capabilities()
     arch = str(caps.get("architecture", "")).lower() or platform.machine().lower()
-    emulated = "bf16 would be emulated (several times slower than float32), so lorakit computes in float32"
+    emulated = "bf16 would be emulated, several times slower than float32, so lorakit computes in float32"
     if arch in ("arm64", "aarch64") or arch.startswith("arm"):
         if not caps.get("bf16"):
-            return False, f"this ARM CPU has no bf16 extension (Apple M1, older cores): {emulated}"
+            return False, f"this ARM CPU has no bf16 extension, as Apple's M1 and older cores: {emulated}"
         if not _onednn_bf16():
             return False, f"this ARM CPU has the bf16 extension but torch's oneDNN does not use it: {emulated}"
         return True, "native bf16: this ARM CPU's bf16 extension, through oneDNN"
     units = [name for key, name in (("amx_bf16", "AMX-BF16"), ("avx512_bf16", "AVX512-BF16")) if caps.get(key)]
     if not units:
-        return False, f"this CPU has no bf16 units (no AVX512-BF16, no AMX): {emulated}"
+        return False, f"this CPU has no bf16 units, neither AVX512-BF16 nor AMX: {emulated}"
     cap = (os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA") or "").strip().upper()
     if cap and cap not in _ONEDNN_BF16_ISAS:
         return False, f"this CPU has {' and '.join(units)} but ONEDNN_MAX_CPU_ISA={cap} keeps oneDNN below them: {emulated}"
