@@ -121,7 +121,9 @@ def table(runs: list[dict]) -> str:
     """One Markdown table for the runs given (each run: parameters, CPU, dtype, lessons)."""
     lines = ["| lesson | params | CPU | dtype | seconds | slowest cells |", "|---|---|---|---|---:|---|"]
     for run in runs:
-        cpu = f"{run['cpu']} ({run['probe']['capability']}, bf16 {run['probe']['bf16_over_fp32']:.1f}x fp32)"
+        ratios = run.get("bf16_over_fp32") or [run["probe"]["bf16_over_fp32"]]
+        spread = f"{min(ratios):.1f}" + (f"-{max(ratios):.1f}" if len(ratios) > 1 else "")
+        cpu = f"{run['cpu']} ({run['probe']['capability']}, bf16 {spread}x fp32)"
         for row in run["lessons"]:
             state = "" if row["status"] == "ok" else " FAILED"
             lines.append(f"| {row['lesson']} | {run['params']} | {cpu} | {run['probe']['compute_dtype']} "
@@ -137,8 +139,9 @@ def merge(runs) -> list[dict]:
     merged: dict[tuple, dict] = {}
     for run in runs:
         key = (run["params"], run["cpu"])
-        into = merged.setdefault(key, {**run, "lessons": []})
+        into = merged.setdefault(key, {**run, "lessons": [], "bf16_over_fp32": []})
         into["lessons"] += run["lessons"]
+        into["bf16_over_fp32"].append(run["probe"]["bf16_over_fp32"])  # each run's probe: its spread
     order = {name: i for i, name in enumerate(course.lessons())}
     for run in merged.values():
         run["lessons"].sort(key=lambda row: order.get(row["lesson"], len(order)))
