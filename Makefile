@@ -19,6 +19,9 @@ export TQDM_MININTERVAL ?= $(if $(shell test -t 2 && echo tty),0.1,30)
 # the hub model a learner asks for, so it is set for the test commands only, not exported.
 OFFLINE := HF_HUB_OFFLINE=1
 FAST := not notebooks and not browser and not slow
+# A test that takes longer than this (setup and run) without the slow, notebooks or browser mark fails
+# (tests/conftest.py): `make test-fast` stays the quick loop it promises (under 2 minutes on 2 cores).
+SLOW_AFTER ?= 5
 
 .PHONY: lab test test-fast course lessons grade bench env lock install clean
 
@@ -37,11 +40,11 @@ lab: $(VENV)/.installed-lab
 		--ServerApp.open_browser=False $(ALLOW_ROOT)
 
 test: $(VENV)/.installed-dev
-	$(OFFLINE) $(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(OFFLINE) $(BIN)/python -m pytest --slow-after=$(SLOW_AFTER) $(PYTEST_ARGS)
 
 # Everything but the notebook runs, the browser and the long grading cases: the contributor's quick loop.
 test-fast: $(VENV)/.installed-dev
-	$(OFFLINE) $(BIN)/python -m pytest -m "$(FAST)" $(PYTEST_ARGS)
+	$(OFFLINE) $(BIN)/python -m pytest -m "$(FAST)" --slow-after=$(SLOW_AFTER) $(PYTEST_ARGS)
 
 course: $(VENV)/.installed-dev
 	$(BIN)/lorakit run --params grading/ci_params.yml
