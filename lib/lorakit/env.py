@@ -21,8 +21,9 @@ import torch
 from lorakit import install
 
 __all__ = ["INSTRUCTOR_TOOLS", "pick_device", "cpu_capabilities", "avx512_bf16", "cpu_bf16", "cpu_class",
-           "bf16_matmul_times", "bf16_supported", "compute_dtype", "check_dtype", "versions", "tested_versions", "differs", "print_versions", "scoped_environ", "import_bitsandbytes", "four_bit_works",
-           "memory_available", "Line", "version_lines", "check", "report"]
+           "bf16_matmul_times", "bf16_supported", "compute_dtype", "check_dtype", "versions", "tested_versions",
+           "differs", "print_versions", "scoped_environ", "import_bitsandbytes", "four_bit_works", "memory_available",
+           "Line", "version_lines", "check", "report"]
 
 # What the lessons run on (the learner's install), then what only instructors install (lorakit[instructor]).
 STACK = ("torch", "transformers", "peft", "bitsandbytes", "datasets", "accelerate",
