@@ -6,11 +6,15 @@
    weight, / the 4.127-bit limit of NF4 + double quantization: <= 1.05.
 
     python benchmarks/bench_qlora.py              # exits 1 when a promise is not met
-    python benchmarks/bench_qlora.py --reps 20 --threads 2
+    python benchmarks/bench_qlora.py --reps 20 --threads 2 --dtype bfloat16
 
 Also printed, because it explains the speed ratio: dequantization alone (lorakit.nf4 in plain torch vs
 bitsandbytes' C++ kernel). Timings alternate between the two contenders and keep the best of each (CPU
 time with one thread), so a busy machine disturbs both alike.
+
+Both compute in `lorakit.env.compute_dtype("cpu")`, what the lessons use: bf16 on a CPU with bf16 units,
+float32 on others (emulated bf16 made this benchmark run for more than 10 minutes on a 2-core AVX2 CPU).
+The first line names the CPU's class: the ratios differ between classes.
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
-from lorakit import nf4, qlora  # noqa: E402
+from lorakit import env, nf4, qlora  # noqa: E402
 from lorakit.checks import qlora as compare  # noqa: E402
 from lorakit.memory import quant_state_tensors  # noqa: E402
 
@@ -51,17 +55,17 @@ def _median_pair(fa, fb, reps: int) -> tuple[float, float]:
     return min(ta), min(tb)  # the least disturbed run: timeit's advice for a busy machine
 
 
-def speed(reps: int, rank: int) -> list[dict]:
+def speed(reps: int, rank: int, dtype: torch.dtype) -> list[dict]:
     import bitsandbytes.functional as BF
 
     rows = []
     for d_in, d_out, tokens in SHAPES:
         torch.manual_seed(0)
         lin = nn.Linear(d_in, d_out, bias=False)
-        ours = qlora.QLoRALinear.from_linear(lin, rank, 2 * rank, compute_dtype=torch.bfloat16)
-        theirs = compare.bitsandbytes_lora(lin, rank, 2 * rank, compute_dtype=torch.bfloat16)
+        ours = qlora.QLoRALinear.from_linear(lin, rank, 2 * rank, compute_dtype=dtype)
+        theirs = compare.bitsandbytes_lora(lin, rank, 2 * rank, compute_dtype=dtype)
         compare.copy_adapters(ours, theirs)
-        x = torch.randn(tokens, d_in, dtype=torch.bfloat16, requires_grad=True)
+        x = torch.randn(tokens, d_in, dtype=dtype, requires_grad=True)
 
         def step(layer):
             def run():
@@ -71,8 +75,8 @@ def speed(reps: int, rank: int) -> list[dict]:
         t_ours, t_bnb = _median_pair(step(ours), step(theirs), reps)
         base = ours.base_layer
         packed_b, state_b = theirs.base_layer.weight.data, theirs.base_layer.weight.quant_state
-        d_ours, d_bnb = _median_pair(lambda: nf4.dequantize_nf4(base.weight, base.quant_state, torch.bfloat16),
-                                     lambda: BF.dequantize_4bit(packed_b, state_b).to(torch.bfloat16), reps)
+        d_ours, d_bnb = _median_pair(lambda: nf4.dequantize_nf4(base.weight, base.quant_state, dtype),
+                                     lambda: BF.dequantize_4bit(packed_b, state_b).to(dtype), reps)
         rows.append({"shape": f"{d_out}x{d_in}, {tokens} tok", "ours_ms": t_ours * 1e3, "bnb_ms": t_bnb * 1e3,
                      "ratio": t_ours / t_bnb, "deq_ratio": d_ours / d_bnb})
     return rows
@@ -107,6 +111,8 @@ def main(argv=None) -> int:
     p.add_argument("--reps", type=int, default=9)
     p.add_argument("--rank", type=int, default=16)
     p.add_argument("--threads", type=int, default=1, help="torch threads (1: steadier on a shared machine)")
+    p.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default="auto",
+                   help="compute dtype (auto: lorakit.env.compute_dtype, bf16 only where native)")
     args = p.parse_args(argv)
     global CLOCK
     if args.threads:
@@ -116,10 +122,12 @@ def main(argv=None) -> int:
         # do not inflate (wall-clock time does, by several times on 2 shared cores).
         CLOCK = time.process_time
 
-    rows = speed(args.reps, args.rank)
+    dtype = env.compute_dtype("cpu") if args.dtype == "auto" else getattr(torch, args.dtype)
+    print(f"CPU: {env.cpu_class()}", flush=True)
+    rows = speed(args.reps, args.rank, dtype)
     clock = "CPU time" if CLOCK is time.process_time else "wall time"
-    print(f"forward+backward, bf16 compute, LoRA r={args.rank}, {torch.get_num_threads()} thread(s), "
-          f"best {clock} of {args.reps}")
+    print(f"forward+backward, {str(dtype).removeprefix('torch.')} compute, LoRA r={args.rank}, "
+          f"{torch.get_num_threads()} thread(s), best {clock} of {args.reps}")
     print(f"{'shape (out x in, tokens)':<26}{'lorakit ms':>11}{'bnb+peft ms':>12}{'ratio':>8}{'dequant ratio':>15}")
     for r in rows:
         print(f"{r['shape']:<26}{r['ours_ms']:>11.2f}{r['bnb_ms']:>12.2f}{r['ratio']:>8.2f}{r['deq_ratio']:>15.2f}")

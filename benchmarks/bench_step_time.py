@@ -3,9 +3,10 @@
 Lesson 06 quotes this benchmark instead of timing its sweep's runs (each run is timed once, next to other
 jobs, so its step times are noise at the level of the QLoRA overhead). For each width a Llama of that hidden
 size (2 layers, intermediate about 8/3 of the hidden size, random weights: speed does not depend on what the
-weights hold) is loaded twice through `lorakit.models.load_base`: in bf16 (LoRA) and in NF4 with double
-quantization (QLoRA, prepared as lesson 05 prepares it). Both get the same adapters (r=16 on every linear layer
-of the blocks) and train on the same batch. Steps (forward, backward, AdamW step, bf16 autocast) alternate
+weights hold) is loaded twice through `lorakit.models.load_base`: in the compute dtype (LoRA) and in NF4 with
+double quantization (QLoRA, prepared as lesson 05 prepares it). Both get the same adapters (r=16 on every linear
+layer of the blocks) and train on the same batch. The compute dtype is the lessons' (`lorakit.env.compute_dtype`):
+bf16, with bf16 autocast, on a CPU with bf16 units, float32 on others. Steps (forward, backward, AdamW step) alternate
 between the two, so a machine that slows down slows both; after warm-up steps each method is timed `--repeats`
 times. A step is timed in CPU seconds of this process with one torch thread (as each run of the lab's sweep
 trains), which other jobs on a shared machine disturb far less than wall-clock time; `--clock wall --threads 0`
@@ -34,7 +35,7 @@ logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
 
 import torch  # noqa: E402
 
-from lorakit import lab  # noqa: E402
+from lorakit import env, lab  # noqa: E402
 from lorakit.models import ALL_LINEAR, load_base  # noqa: E402
 
 WIDTHS = (256, 512, 1024, 2048)
@@ -63,7 +64,7 @@ def trainer(path: str, method: str, rank: int, batch: dict):
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
     if method == "lora":
-        model, _ = load_base(path, device="cpu", dtype=torch.bfloat16)
+        model, _ = load_base(path, device="cpu", dtype=env.compute_dtype("cpu"))
     else:
         model, _ = load_base(path, quantization="nf4", device="cpu")
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
@@ -74,7 +75,7 @@ def trainer(path: str, method: str, rank: int, batch: dict):
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
 
     def step():
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=env.bf16_supported("cpu")):
             loss = model(**batch).loss
         loss.backward()
         opt.step()
@@ -136,9 +137,10 @@ def main(argv=None) -> int:
     import transformers
     transformers.utils.logging.disable_progress_bar()  # loading and saving bars would drown the table
     t0 = time.perf_counter()
+    compute = "bf16 autocast" if env.bf16_supported("cpu") else "float32"
     print(f"LoRA vs QLoRA step time: r={args.rank} on all linear layers, batch {args.batch_size} x {args.seq_len} "
-          f"tokens, {args.repeats} repeats after {args.warmup} warm-up steps, {torch.get_num_threads()} threads, "
-          f"{args.clock} clock\n")
+          f"tokens, {compute}, {args.repeats} repeats after {args.warmup} warm-up steps, {torch.get_num_threads()} "
+          f"threads, {args.clock} clock; CPU: {env.cpu_class()}\n")
     clock = time.process_time if args.clock == "cpu" else time.perf_counter
     rows = measure(widths, args.repeats, args.warmup, args.rank, args.batch_size, args.seq_len, clock)
     seconds = time.perf_counter() - t0
@@ -150,7 +152,7 @@ def main(argv=None) -> int:
         path = lab.write_results(_frame(rows), lab.STEP_TIMES, [
             "LoRA vs QLoRA step time, produced by:", f"    {command.strip()}",
             f"2-layer Llamas of each width, r={args.rank} on all linear layers, batch {args.batch_size} x "
-            f"{args.seq_len} tokens, bf16 autocast, {args.repeats} repeats after {args.warmup} warm-up steps, "
+            f"{args.seq_len} tokens, {compute}, {args.repeats} repeats after {args.warmup} warm-up steps, "
             f"{torch.get_num_threads()} torch threads, {args.clock} clock, {seconds:.0f} s in all.",
             f"Machine: {lab.machine()}."])
         print(f"wrote {path}")

@@ -73,12 +73,21 @@ def test_avx2_only_cpu_computes_in_float32():
     import sys
     probe = ("import torch; from lorakit import env, cli; "
              "print(torch.backends.cpu.get_cpu_capability(), torch.ops.mkldnn._is_mkldnn_bf16_supported(), "
-             "env.compute_dtype('cpu'), env.bf16_supported('cpu')); cli.main(['env', '--device', 'cpu'])")
+             "env.compute_dtype('cpu'), env.bf16_supported('cpu')); print(env.cpu_class()); "
+             "cli.main(['env', '--device', 'cpu'])")
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True, timeout=300,
                          env={**os.environ, "ONEDNN_MAX_CPU_ISA": "AVX2", "ATEN_CPU_CAPABILITY": "avx2"}).stdout
     assert out.splitlines()[0] == "AVX2 False torch.float32 False"
+    assert out.splitlines()[1].endswith("AVX2 kernels, no native bf16")
     line = next(l for l in out.splitlines() if "compute dtype" in l)
     assert "float32" in line and "emulated" in line, line
+
+
+def test_bf16_matmul_times_alternates_both_dtypes_and_leaves_the_global_rng_alone():
+    state = torch.random.get_rng_state()
+    times = env.bf16_matmul_times(repeats=3, m=64, k=32, n=32)
+    assert sorted(times) == ["bfloat16", "float32"] and all(len(t) == 3 and min(t) > 0 for t in times.values())
+    assert torch.equal(torch.random.get_rng_state(), state)
 
 
 def test_one_avx512_bf16_detector_agrees_with_bitsandbytes():

@@ -13,16 +13,17 @@ import os
 import platform
 import shutil
 import threading
+import time
 from dataclasses import dataclass
 
 import torch
 
 from lorakit import install
 
-__all__ = ["INSTRUCTOR_TOOLS", "pick_device", "cpu_capabilities", "avx512_bf16", "cpu_bf16", "bf16_supported",
-           "compute_dtype", "check_dtype", "versions",
-           "tested_versions", "differs", "print_versions", "scoped_environ", "import_bitsandbytes", "four_bit_works",
-           "memory_available", "Line", "version_lines", "check", "report"]
+__all__ = ["INSTRUCTOR_TOOLS", "pick_device", "cpu_capabilities", "avx512_bf16", "cpu_bf16", "cpu_class",
+           "bf16_matmul_times", "bf16_supported", "compute_dtype", "check_dtype", "versions", "tested_versions",
+           "differs", "print_versions", "scoped_environ", "import_bitsandbytes", "four_bit_works", "memory_available",
+           "Line", "version_lines", "check", "report"]
 
 # What the lessons run on (the learner's install), then what only instructors install (lorakit[instructor]).
 STACK = ("torch", "transformers", "peft", "bitsandbytes", "datasets", "accelerate",
@@ -97,22 +98,56 @@ def cpu_bf16() -> tuple[bool, str]:
     (Skylake to Ice Lake), where bf16 took about 3.5x float32's time."""
     caps = cpu_capabilities()
     arch = str(caps.get("architecture", "")).lower() or platform.machine().lower()
-    emulated = "bf16 would be emulated (several times slower than float32), so lorakit computes in float32"
+    emulated = "bf16 would be emulated, several times slower than float32, so lorakit computes in float32"
     if arch in ("arm64", "aarch64") or arch.startswith("arm"):
         if not caps.get("bf16"):
-            return False, f"this ARM CPU has no bf16 extension (Apple M1, older cores): {emulated}"
+            return False, f"this ARM CPU has no bf16 extension, as Apple's M1 and older cores: {emulated}"
         if not _onednn_bf16():
             return False, f"this ARM CPU has the bf16 extension but torch's oneDNN does not use it: {emulated}"
         return True, "native bf16: this ARM CPU's bf16 extension, through oneDNN"
     units = [name for key, name in (("amx_bf16", "AMX-BF16"), ("avx512_bf16", "AVX512-BF16")) if caps.get(key)]
     if not units:
-        return False, f"this CPU has no bf16 units (no AVX512-BF16, no AMX): {emulated}"
+        return False, f"this CPU has no bf16 units, neither AVX512-BF16 nor AMX: {emulated}"
     cap = (os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA") or "").strip().upper()
     if cap and cap not in _ONEDNN_BF16_ISAS:
         return False, f"this CPU has {' and '.join(units)} but ONEDNN_MAX_CPU_ISA={cap} keeps oneDNN below them: {emulated}"
     if not _onednn_bf16():
         return False, f"this CPU has {' and '.join(units)} but torch's oneDNN does not use it: {emulated}"
     return True, f"native bf16: this CPU's {' and '.join(units)}, through oneDNN"
+
+
+def cpu_class() -> str:
+    """One line naming the class of this CPU for a speed figure: its name and cores, the instruction set torch's
+    kernels use (AVX512, AVX2...), and whether bf16 is native. Speed figures differ several times between
+    classes, so each one the kit prints or ships says which class it comes from."""
+    caps = cpu_capabilities()
+    name = caps.get("cpu_name") or platform.processor() or platform.machine()
+    kernels = torch.backends.cpu.get_cpu_capability() if hasattr(torch.backends, "cpu") else "?"
+    native, _ = cpu_bf16()
+    return f"{name}, {os.cpu_count()} cores, {kernels} kernels, {'native' if native else 'no native'} bf16"
+
+
+def bf16_matmul_times(repeats: int = 9, m: int = 512, k: int = 256, n: int = 256) -> dict[str, list[float]]:
+    """What bf16 costs on this CPU: seconds of one (m x k) @ (k x n) matmul, forward and backward, in float32
+    and under bf16 autocast, `repeats` times each, alternating (after a warm-up of each) so that a busy machine
+    disturbs both alike. {"float32": [...], "bfloat16": [...]}."""
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(m, k, generator=g, requires_grad=True)
+    b = torch.randn(k, n, generator=g, requires_grad=True)
+
+    def step(bf16: bool) -> float:
+        t0 = time.perf_counter()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            y = a @ b
+        y.float().sum().backward()
+        return time.perf_counter() - t0
+
+    step(False), step(True)
+    times: dict[str, list[float]] = {"float32": [], "bfloat16": []}
+    for _ in range(repeats):
+        times["float32"].append(step(False))
+        times["bfloat16"].append(step(True))
+    return times
 
 
 def bf16_supported(device: str | torch.device = "auto") -> bool:

@@ -108,13 +108,14 @@ def committed_step_times():
 
 
 def machine() -> str:
-    """One line about where a measurement ran: CPU cores or GPU, and the versions that decide speed."""
+    """One line about where a measurement ran: the GPU, or the CPU's class (`lorakit.env.cpu_class`: cores,
+    kernels, native bf16 or not), and the versions that decide speed."""
     import torch
 
-    from .env import versions
+    from .env import cpu_class, versions
 
     where = (torch.cuda.get_device_name(0) if torch.cuda.is_available()
-             else f"{os.cpu_count()} CPU cores ({platform.machine()}), no GPU")
+             else f"{cpu_class()} ({platform.machine()}), no GPU")
     v = versions()
     stack = ", ".join(f"{k} {v[k]}" for k in ("torch", "transformers", "peft", "bitsandbytes") if v.get(k))
     return f"{where}; {stack}; {date.today().isoformat()}"
