@@ -38,6 +38,22 @@ def _gradescope(args) -> int:
     return 0
 
 
+def _shards(args) -> int:
+    import sys
+    from pathlib import Path
+
+    from .shards import render
+    text = render(args.engine, args.lesson, args.submissions, args.shards, results=args.results,
+                  course_dir=args.course, workers=args.workers, lorakit=args.lorakit, image=args.image,
+                  secret=args.secret, claim=args.claim)
+    if args.out:
+        Path(args.out).write_text(text)
+        print(f"wrote {args.out}: its first lines say how to run it", file=sys.stderr)
+    else:
+        sys.stdout.write(text)
+    return 0
+
+
 def _check(args) -> int:
     from . import check
     got, total, _ = check(args.notebook, lesson=args.lesson, timeout=args.timeout)
@@ -85,6 +101,26 @@ def add_commands(sub) -> None:
     p.add_argument("--threads", type=int, default=1, help="OMP threads for the submission (default 1)")
     p.add_argument("--params", help="parameters file (e.g. grading/ci_params.yml) injected after the parameters cell")
     p.set_defaults(func=_gradescope)
+
+    p = sub.add_parser("shards", help="write a Slurm array script or a Kubernetes Indexed Job that grades a class in "
+                                      "n shards into one PostgreSQL gradebook",
+                       description="Write the job file that runs `lorakit grade LESSON SUBMISSIONS --shard i/n` as n "
+                                   "tasks of a Slurm array or n pods of a Kubernetes Indexed Job, all into the "
+                                   "PostgreSQL gradebook whose URL each task reads from LORAKIT_DB (Slurm: the "
+                                   "environment sbatch passes on; Kubernetes: a secret). Its first lines say how to run it.")
+    p.add_argument("engine", choices=["slurm", "kubernetes"])
+    p.add_argument("lesson", help="lesson name or number, e.g. 02_lora or 2")
+    p.add_argument("submissions", help="the class's submissions, as the cluster's machines see them")
+    p.add_argument("--shards", type=int, required=True, help="how many tasks (each grades 1/n of the class)")
+    p.add_argument("--results", required=True, help="folder for each shard's grades.csv and feedback (and Slurm's logs)")
+    p.add_argument("--course", help="the course folder as the machines see it (default: this one)")
+    p.add_argument("--workers", type=int, default=1, help="submissions each task grades at once (default 1)")
+    p.add_argument("--lorakit", help="slurm: the lorakit command the tasks run (default: this environment's)")
+    p.add_argument("--image", help="kubernetes: the container image with the kit (required)")
+    p.add_argument("--secret", default="lorakit-gradebook", help="kubernetes: the secret with the gradebook URL (key: url)")
+    p.add_argument("--claim", default="lorakit-course", help="kubernetes: the volume claim with the course folder")
+    p.add_argument("--out", help="write the job file here (default: print it)")
+    p.set_defaults(func=_shards)
 
     p = sub.add_parser("check", help="run a lesson notebook's visible checks and print a summary (for learners)")
     p.add_argument("notebook", help="your notebook (.ipynb), e.g. downloaded from Colab")
