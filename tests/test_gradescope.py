@@ -105,11 +105,16 @@ class Autograder:
                                     text=True, timeout=600)
         assert self.setup.returncode == 0, self.setup.stdout + self.setup.stderr
 
-    def grade(self, files: dict[str, str | bytes], extra_path: str | None = None) -> tuple[dict, str]:
+    def grade(self, files: dict[str, str | bytes], extra_path: str | None = None,
+              metadata: dict | None = None) -> tuple[dict, str]:
         """Upload `files` (name -> content) and run run_autograder: (results.json, its stdout)."""
         for d in ("submission", "results"):
             shutil.rmtree(self.root / d, ignore_errors=True)
             (self.root / d).mkdir()
+        meta = self.root / "submission_metadata.json"
+        meta.unlink(missing_ok=True)
+        if metadata is not None:
+            meta.write_text(json.dumps(metadata))
         for name, content in files.items():
             path = self.root / "submission" / name
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -196,9 +201,12 @@ def test_setup_installs_the_zips_wheel_not_the_checkout(autograder):
 
 
 def test_a_correct_upload_scores_full_marks(autograder):
-    results, log = autograder.grade({f"{LESSON}.ipynb": _notebook(adversarial.student_notebook(LESSON))})
+    metadata = {"users": [{"email": "ada@example.edu", "id": 1, "name": "Ada"}], "submission_method": "upload"}
+    results, log = autograder.grade({f"{LESSON}.ipynb": _notebook(adversarial.student_notebook(LESSON))},
+                                    metadata=metadata)
     _valid(results)
     assert results["score"] == results["max_score"] == 2, (results, log)
+    assert results["extra_data"]["student"] == "ada@example.edu"
     assert _scored(results) == {"ex00_bytes_per_param_test": (1, 1), "ex00_weights_gb_test": (1, 1)}
     hidden = [t for t in results["tests"] if "score" not in t]
     assert hidden and all(t["visibility"] == "hidden" and t["status"] == "passed" for t in hidden), hidden
@@ -229,7 +237,7 @@ def test_an_upload_without_one_notebook_is_told_what_to_upload(autograder):
     _valid(results)
     assert results["score"] == 0 and "no notebook (.ipynb) in your upload (it has answers.py)" in results["output"]
     assert set(_scored(results)) == {"ex00_bytes_per_param_test", "ex00_weights_gb_test"}
-    nb = _notebook(adversarial.student_notebook(LESSON))
+    nb = _notebook(adversarial.student_notebook(LESSON, minimal=True))
     results, _ = autograder.grade({"a.ipynb": nb, "b.ipynb": nb})
     _valid(results)
     assert results["score"] == 0 and f"2 notebooks (a.ipynb, b.ipynb): upload only your {LESSON}.ipynb" in results["output"]
@@ -245,7 +253,7 @@ def _snooping_upload(autograder) -> str:
     probe = (f"# ex00_bytes_per_param\nLEAKED = []\nfor p in {paths!r}:\n    try:\n        open(p, 'rb').read(1)\n"
              f"        LEAKED.append(p)\n    except OSError:\n        pass\ntry:\n    open({forged!r}, 'w').write('{{}}')\n"
              f"    LEAKED.append('results')\nexcept OSError:\n    pass\nprint('LEAKED', LEAKED)\n")
-    nb = adversarial.student_notebook(LESSON)
+    nb = adversarial.student_notebook(LESSON, minimal=True)
     for cell in nb.cells:
         if submission.cell_id(cell) == "ex00_bytes_per_param":
             correct = adversarial.CORRECT["ex00_bytes_per_param"].split("\n", 1)[1]

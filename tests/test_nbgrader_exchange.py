@@ -3,7 +3,7 @@ nbgrader's formgrader reads.
 
 The instructor releases two lessons' student versions (`nbgrader release_assignment`, from lessons/, the
 course's release directory); two students each fetch lesson 00 into a home of their own, answer it (alice all
-of it, bob one exercise) and submit it (`nbgrader submit`), alice also submits lesson 01 untouched; the
+of it, bob one exercise; both keep only the exercise and test cells, which keeps the test short) and submit it (`nbgrader submit`), alice also submits lesson 01 untouched; the
 instructor collects both lessons (`nbgrader collect`: submitted/STUDENT/LESSON/LESSON.ipynb) and runs
 `lorakit grade 00_setup SUBMITTED` on that folder as it is. The grades must be in the gradebook nbgrader reads
 (`nbgrader export`, the same Gradebook API the formgrader uses), and lesson 01's notebook must not have been
@@ -69,7 +69,7 @@ def test_release_fetch_submit_collect_then_lorakit_grade(tmp_path):
             fetched = home / lesson / f"{lesson}.ipynb"
             assert fetched.read_text() == course.lesson_path(lesson).read_text()   # the released student version
             if lesson == LESSON:   # the student's work on it
-                nbformat.write(adversarial.student_notebook(LESSON, solved=solved), fetched)
+                nbformat.write(adversarial.student_notebook(LESSON, solved=solved, minimal=True), fetched)
             _nbgrader("submit", lesson, "--course=lorakit", f"--student={student}", f"--Exchange.root={exchange}",
                       cwd=home, home=home)
 

@@ -28,7 +28,6 @@ import importlib.util
 import json
 import os
 import shutil
-import stat
 import subprocess
 import sys
 import tempfile
@@ -209,7 +208,7 @@ def run(autograder: Path) -> int:
     source, root, options = _paths(autograder)
     limits = Limits(memory_mb=options.memory_mb, threads=options.threads)
     notes = protections_note(limits)
-    print("\n".join(notes))
+    print("\n".join(notes[1:]))   # grade() prints the first (the sandbox's protections) itself
     t0 = time.monotonic()
     try:
         notebook, problem = find_notebook(autograder / "submission", options.lesson)
@@ -225,10 +224,20 @@ def run(autograder: Path) -> int:
         traceback.print_exc()
         g = _not_graded(root, options.lesson, "grader error", f"{type(e).__name__}: {e}")
     g.outcome.seconds = g.outcome.seconds or time.monotonic() - t0
+    g.student = _submitter(autograder)
     data = report.results_json(g, options.hidden_names, notes)
     (results / "results.json").write_text(json.dumps(data, indent=1))
     print(f"{g.lesson}: {g.score:g} / {g.max_score:g} ({report.summary(g.outcome)}); wrote {results / 'results.json'}")
     return 0
+
+
+def _submitter(autograder: Path) -> str:
+    """Who uploaded, from Gradescope's submission_metadata.json (the users' emails), for results' extra_data."""
+    try:
+        meta = json.loads((autograder / "submission_metadata.json").read_text())
+        return "+".join(str(u.get("email") or u.get("name")) for u in meta.get("users", [])) or "submission"
+    except (OSError, ValueError, AttributeError):
+        return "submission"
 
 
 def _not_graded(root: Path, lesson: str, reason: str, detail: str) -> report.Graded:

@@ -163,7 +163,7 @@ def results_json(g: Graded, hidden_names: str = "hidden", notes: list[str] = ())
     o = g.outcome
     tests = []
     for n, (gid, t) in enumerate(o.tests.items(), 1):
-        calls = list(getattr(t, "calls", []))
+        calls = list(t.calls)
         judged = "\n".join(c.line for c in calls)
         rest = t.message[len(judged):].lstrip("\n") if t.message.startswith(judged) else t.message
         lines = [c.line for c in calls if not c.hidden]
