@@ -28,7 +28,9 @@ sys.path.insert(0, str(ROOT / "tests"))
 import nbformat  # noqa: E402
 
 from lorakit import course  # noqa: E402
-from lorakit.grading import adversarial, gradescope  # noqa: E402
+from lorakit.grading import gradescope  # noqa: E402
+
+import adversarial  # noqa: E402  (tests/adversarial.py)
 from test_gradescope import Autograder, _base_python  # noqa: E402
 
 

@@ -27,7 +27,9 @@ from pathlib import Path
 
 import pytest
 
-from lorakit.grading import adversarial, report
+from lorakit.grading import gradebook
+
+import adversarial  # tests/adversarial.py: the kit's own attack table
 
 LESSON = "00_setup"
 # student -> (exercises solved, the score that earns: weights_gb needs bytes_per_param to be defined)
@@ -123,7 +125,7 @@ def _assert_every_grade_once(url: str, logs: list[str]) -> None:
     cells = {"ex00_bytes_per_param_test", "ex00_weights_gb_test"}
     assert {(s, c) for s, c, _, _ in grades} == {(s, c) for s in CLASS for c in cells}
     assert all(n == 1 for _, _, n, _ in grades), [g for g in grades if g[2] != 1]
-    scores = report.read_gradebook(url, LESSON)
+    scores = gradebook.read_gradebook(url, LESSON)
     assert scores == {name: earned for name, (_, earned) in CLASS.items()}, scores
 
 

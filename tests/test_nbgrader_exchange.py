@@ -24,7 +24,9 @@ import nbformat
 import pytest
 
 from lorakit import course
-from lorakit.grading import adversarial, batch, report
+from lorakit.grading import batch, gradebook
+
+import adversarial  # tests/adversarial.py: the kit's own submissions for tests
 
 pytestmark = pytest.mark.slow
 LESSON, OTHER = "00_setup", "01_memory"
@@ -84,7 +86,7 @@ def test_release_fetch_submit_collect_then_lorakit_grade(tmp_path):
                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert res.returncode == 0, res.stdout + res.stderr
     assert "grading 2 submission(s)" in res.stdout, res.stdout           # lesson 01's notebook left out
-    assert report.read_gradebook(db, LESSON) == {s: score for s, (_, score) in WORK.items()}
+    assert gradebook.read_gradebook(db, LESSON) == {s: score for s, (_, score) in WORK.items()}
 
     exported = tmp_path / "export.csv"
     _nbgrader("export", f"--CourseDirectory.db_url={db}", f"--to={exported}", cwd=root / "grading")

@@ -3,7 +3,7 @@
 
 `lorakit grade --shard i/n` takes the i-th of n fixed slices of the class (by a hash of the student id,
 submission.shard), so n tasks that start at once grade every submission exactly once, whatever machine each
-lands on, and all of them write to the gradebook named by `--db` (report.write_gradebook settles two tasks
+lands on, and all of them write to the gradebook named by `--db` (gradebook.write_gradebook settles two tasks
 creating the same row at once). `render()` fills in the templates in lorakit/assets/shards/ for an engine
 instructors already have:
 
