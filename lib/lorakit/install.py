@@ -11,6 +11,8 @@ written by `make lock`); `make`, CI and Colab's setup cell install from it.
 - Colab's setup cell installs the kit without dependencies, then runs `python -m lorakit.install colab`: the
   learner's dependencies, with the course's stack at its tested versions; Colab's own torch stays when it
   is in the supported range (it is a CUDA build matched to Colab's GPU).
+- A Gradescope autograder's setup.sh (`lorakit gradescope`) runs `install.py venv --kit WHEEL --root DIR`: the
+  same install, from the kit's wheel instead of a checkout.
 - `lorakit env` prints tested beside running versions (`tested()`, `out_of_range()`); commands that need an
   extra which is missing say which one (`require_extra`).
 - `make lock` re-resolves the stack in a scratch environment (current pins kept unless UPGRADE names them),

@@ -91,9 +91,10 @@ def add_commands(sub) -> None:
                                    "score, one test per test cell, and the checks on inputs drawn when graded.")
     p.add_argument("lesson", help="lesson name or number, e.g. 02_lora or 2")
     p.add_argument("--out", help="the zip to write (default grading/work/gradescope/LESSON.zip)")
-    p.add_argument("--hidden-names", default="hidden", choices=["hidden", "after_due_date", "after_published", "visible"],
-                   help="when students see the names and messages of the checks on inputs drawn when graded "
-                        "(default hidden: never; the cell's test says how many passed)")
+    p.add_argument("--hidden-names", default="hidden",
+                   help="when students see the names and messages of the checks on inputs drawn when graded: "
+                        "hidden (default: never; the cell's test says how many passed), after_due_date, "
+                        "after_published or visible")
     p.add_argument("--timeout", type=float, default=480,
                    help="seconds per upload (default 480; set Gradescope's autograder timeout above it)")
     p.add_argument("--cell-timeout", type=float, default=120, help="seconds per cell (default 120)")
