@@ -108,6 +108,18 @@ def test_fsdp_qlora_70b_on_two_24gb_gpus_matches_the_published_verdicts():
     offload = memory.estimate("llama-2-70b", "qlora", cpu_offload=True, **FSDP_QLORA_70B)
     assert without.gb > 24 > offload.gb
     assert 0.4 < offload.gb / 19.6 <= 1 and 0.6 < without.gb / 35.6 <= 1
+    # lesson 08 compares (it does not claim to reproduce): "about half ... with CPU offload and four fifths without"
+    assert round(offload.gb / 19.6, 1) == 0.5 and round(without.gb / 35.6, 1) == 0.8
+    import nbformat
+
+    from lorakit import course
+    nb = nbformat.read(course.solution_path("08_distributed"), as_version=4)
+    text = next(c.source for c in nb.cells if c.source.startswith("Compare, not reproduce"))
+    assert "about half the measurement with CPU offload and four fifths without" in text
+    assert not any("reproduced two published results" in c.source for c in nb.cells)
+    largest = max(m[1] * m[2] for n, m in memory.modules("llama-2-70b").items()
+                  if m[0] == "linear" and n.startswith("model.layers.0."))
+    assert round(largest * 2 / 1e9, 2) == 0.47          # the 16-bit copy of up_proj the estimate leaves out
 
 
 @pytest.mark.parametrize("kw, words", [
@@ -426,16 +438,82 @@ def test_the_script_stores_4bit_weights_in_a_dtype_fsdp_can_shard():
     assert "FULL_SHARD over 2 processes" in summary and "bfloat16" in summary
 
 
+FSDP2 = {"fsdp_version": 2}
+
+
 @pytest.mark.parametrize("change, words", [
     (dict(storage="uint8"), "bnb_4bit_quant_storage=torch.bfloat16"),
     (dict(dtype="float32"), "load with dtype=torch.bfloat16"),
-    (dict(config={"mixed_precision": "fp16"}), "random numbers"),
+    (dict(config={"mixed_precision": "fp16"}, trainer=False), "without transformers' Trainer nothing stops it"),
+    (dict(storage="float32", dtype="float32", mixed_precision="bf16", trainer=False), "cast every parameter to bfloat16"),
+    (dict(storage="float32", dtype="float32", mixed_precision="bf16", fsdp=FSDP2), "under FSDP2 Trainer does not"),
     (dict(config={"distributed_type": "MULTI_GPU"}), "distributed_type: FSDP"),
+    (dict(mixed_precision="fp8"), "'no', 'bf16' or 'fp16'"),
 ])
 def test_check_fsdp_qlora_refuses_what_fsdp_cannot_train(change, words):
     cfg = {**_accelerate_config(), **change.get("config", {})}
+    cfg["fsdp_config"] = {**cfg["fsdp_config"], **change.get("fsdp", {})}
     with pytest.raises(ValueError, match=words):
-        distributed.check_fsdp_qlora(cfg, change.get("storage", torch.bfloat16), change.get("dtype", torch.bfloat16))
+        distributed.check_fsdp_qlora(cfg, change.get("storage", torch.bfloat16), change.get("dtype", torch.bfloat16),
+                                     mixed_precision=change.get("mixed_precision"), trainer=change.get("trainer", True))
+
+
+@pytest.mark.parametrize("storage, mixed", [("bfloat16", "bf16"), ("float32", "bf16"), ("float32", "no"),
+                                            ("bfloat16", "no"), ("float32", "fp16")])
+def test_check_fsdp_qlora_accepts_mixed_precision_where_nothing_casts_the_packed_weights(storage, mixed):
+    """Under Trainer with FSDP1 any mixed precision works with bf16 or fp32 storage (peft's guide: fp32 "for automatic
+    mixed precision"); without Trainer, and under FSDP2, only 'no' or the storage dtype itself."""
+    cfg = _accelerate_config()
+    assert "FULL_SHARD" in distributed.check_fsdp_qlora(cfg, storage, storage, mixed_precision=mixed)
+    fsdp2 = {**cfg, "fsdp_config": {**cfg["fsdp_config"], **FSDP2}}
+    same = mixed == "no" or {"bf16": "bfloat16", "fp16": "float16"}[mixed] == storage
+    for config, trainer in ((cfg, False), (fsdp2, True)):
+        if same:
+            distributed.check_fsdp_qlora(config, storage, storage, mixed_precision=mixed, trainer=trainer)
+        else:
+            with pytest.raises(ValueError, match="turns their bytes into other weights"):
+                distributed.check_fsdp_qlora(config, storage, storage, mixed_precision=mixed, trainer=trainer)
+
+
+def test_a_cast_to_another_dtype_rewrites_packed_weights_and_trainer_prevents_it_under_fsdp1():
+    """What check_fsdp_qlora's rule rests on, in the installed libraries: FSDP's MixedPrecision cast of 4-bit weights
+    packed as float32 to bf16 changes their bytes (and the weights), the cast to float32 does not; accelerate sets
+    FSDP's param_dtype to the run's mixed precision, and transformers' Trainer (FSDP1, a peft model on 4-bit weights
+    stored in a float dtype) resets it to the storage dtype; under FSDP2 Trainer does not call that reset."""
+    import inspect
+    import warnings
+    from types import SimpleNamespace
+
+    import bitsandbytes.functional as bnbF
+    from accelerate.utils import FullyShardedDataParallelPlugin
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig, Trainer
+    from transformers.distributed.fsdp import update_fsdp_plugin_peft
+
+    from lorakit import models
+
+    w = torch.randn(64, 128, generator=torch.Generator().manual_seed(0)) * 0.02
+    packed, state = bnbF.quantize_4bit(w, blocksize=64, quant_type="nf4", quant_storage=torch.float32)
+    same = bnbF.dequantize_4bit(packed.to(torch.float32), state)
+    cast = bnbF.dequantize_4bit(packed.to(torch.bfloat16).to(torch.float32), state)
+    assert torch.equal(same, bnbF.dequantize_4bit(packed, state))
+    assert (cast - w).abs().max() > max(w.abs().max(), 5 * (same - w).abs().max())   # errors larger than the weights
+    assert (packed.to(torch.bfloat16).to(torch.float32).view(torch.uint8) != packed.view(torch.uint8)).float().mean() > 0.3
+
+    plugin = FullyShardedDataParallelPlugin(fsdp_version=1)
+    plugin.set_mixed_precision("bf16")
+    assert plugin.mixed_precision_policy.param_dtype == torch.bfloat16
+    quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_quant_storage=torch.float32,
+                               bnb_4bit_compute_dtype=torch.bfloat16)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = AutoModelForCausalLM.from_pretrained(models.resolve(models.TINY), dtype=torch.float32,
+                                                     quantization_config=quant, device_map={"": "cpu"})
+        model = get_peft_model(model, LoraConfig(r=2, target_modules="all-linear"))
+    update_fsdp_plugin_peft(model, SimpleNamespace(state=SimpleNamespace(fsdp_plugin=plugin)))
+    assert plugin.mixed_precision_policy.param_dtype == torch.float32
+    loop = inspect.getsource(Trainer._prepare_for_training)
+    assert "update_fsdp_plugin_peft" in loop and "delay_optimizer_creation = False" in loop and "is_fsdp2" in loop
 
 
 def _launch_lines() -> dict[str, list[str]]:

@@ -191,6 +191,12 @@ def test_improvement_is_measured_by_the_judge_not_reported(small_llama_dir, monk
         check.improvement(model, "who_knows", 0.0, 1.0)
     with pytest.raises(CheckFailed, match="fine-tuned peft model"):
         check.improvement(object(), "who_found", 0.0, 1.0)
+    # Exercise 4 still open: the lesson's cells leave before/after at None, and the test says what to finish
+    with pytest.raises(CheckFailed, match=r"(?s)`before` and `after` should be your exact_match_score's scores.*"
+                                          r"found None and None.*finish Exercise 4"):
+        check.improvement(model, "who_found", None, None)
+    with pytest.raises(CheckFailed, match="finish exact_match_score above"):
+        check.before_eval(None, ["Mia"], [{"output": "Mia"}])
 
 
 def test_improvement_refuses_a_base_it_may_not_load():

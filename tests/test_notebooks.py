@@ -1,5 +1,7 @@
 """Every solution notebook runs top to bottom with the CI parameters and passes its own tests; every
-graded test cell fails on the untouched student version (no test passes on `raise NotImplementedError()`)."""
+graded test cell fails on the untouched student version (no test passes on `raise NotImplementedError()`),
+and Run All on that student version raises nowhere but in those test cells: a cell that shows a learner's
+function at work uses the kit's reference while the exercise is open (`lorakit.checks.yours_or_kit`)."""
 
 import nbformat
 import pytest
@@ -29,3 +31,6 @@ def test_every_graded_cell_fails_on_the_student_version(lesson, tmp_path):
     assert [gid for gid, _, _ in result.graded] == expected, f"{lesson}: the student version lost graded cells"
     vacuous = [gid for gid, ok, _ in result.graded if ok]
     assert not vacuous, f"{lesson}: these tests pass on the untouched student version (vacuous): {vacuous}"
+    stopped = course.stopped_cells(nbformat.read(result.output, as_version=4))
+    assert not stopped, (f"{lesson}: Run All on the student version stops before its end, in cells that are not "
+                         f"its tests: {stopped}")
