@@ -9,7 +9,7 @@ from pathlib import Path
 
 
 # Commands that need more than the learner's install: nbgrader generates the student versions and grades.
-NEEDS_EXTRA = {"lessons": "instructor", "grade": "instructor"}
+NEEDS_EXTRA = {"lessons": "instructor", "grade": "instructor", "gradescope": "instructor"}
 
 
 def _lessons(args) -> int:
@@ -137,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(func=_run)
 
     from .grading import cli as grading_cli
-    grading_cli.add_commands(sub)  # `grade` and `check`
+    grading_cli.add_commands(sub)  # `grade`, `gradescope` and `check`
     _add_sweep(sub)                # `sweep`
 
     args = parser.parse_args(argv)

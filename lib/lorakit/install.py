@@ -11,6 +11,8 @@ written by `make lock`); `make`, CI and Colab's setup cell install from it.
 - Colab's setup cell installs the kit without dependencies, then runs `python -m lorakit.install colab`: the
   learner's dependencies, with the course's stack at its tested versions; Colab's own torch stays when it
   is in the supported range (it is a CUDA build matched to Colab's GPU).
+- A Gradescope autograder's setup.sh (`lorakit gradescope`) runs `install.py venv --kit WHEEL --root DIR`: the
+  same install, from the kit's wheel instead of a checkout.
 - `lorakit env` prints tested beside running versions (`tested()`, `out_of_range()`); commands that need an
   extra which is missing say which one (`require_extra`).
 - `make lock` re-resolves the stack in a scratch environment (current pins kept unless UPGRADE names them),
@@ -231,7 +233,7 @@ def torch_index(pip_args: list[str] = (), timeout: float = PROBE_SECONDS) -> tup
     """(index URL to add, or None; why). The CPU index only where pip's default torch would be the wrong
     build: Linux or Windows without an NVIDIA GPU (PyPI's Linux torch is the CUDA build, ~2.5 GB of CUDA
     libraries). macOS wheels on PyPI are the CPU/MPS build already."""
-    if any("index-url" in a or "find-links" in a for a in pip_args):
+    if any("index-url" in a or "find-links" in a or a == "--no-index" for a in pip_args):
         return None, "PIP_ARGS sets the package indexes: using those"
     if has_nvidia_gpu():
         return None, "an NVIDIA GPU is present: pip's default torch (the CUDA build)"
@@ -295,8 +297,10 @@ def _hint(pip_output: str) -> str:
 
 
 def make_venv(venv: str | os.PathLike, extra: str, lock: str | os.PathLike = LOCK, user_args: list[str] = (),
-              root: Path = ROOT, python: str = "python3") -> Path:
-    """Create (or repair) `venv` and install the kit with `extra` from `root` at the tested versions."""
+              root: Path = ROOT, python: str = "python3", kit: str | os.PathLike | None = None) -> Path:
+    """Create (or repair) `venv` and install the kit with `extra` at the tested versions: editable from the
+    checkout at `root`, or from the wheel `kit` (what a Gradescope autograder's setup.sh installs; `root` then
+    only holds pyproject.toml)."""
     check_python(python=python, root=root)
     check_extra(extra, root)
     venv, lock = Path(venv), Path(lock)
@@ -314,8 +318,15 @@ def make_venv(venv: str | os.PathLike, extra: str, lock: str | os.PathLike = LOC
     say(f"torch: {why}")
     say(f"installing lorakit[{extra}] at the tested versions ({lock.name}) into {venv}: a few minutes the first time")
     py = venv_python(venv)
-    _pip(py, ["install", "--quiet", "--upgrade", "pip"], "upgrade pip in the new environment")
-    _pip(py, ["install", "--quiet", *args, "-e", f"{root}[{extra}]"], f"install lorakit[{extra}]")
+    _pip(py, ["install", "--quiet", "--upgrade", "pip", *user_args], "upgrade pip in the new environment")
+    if kit is not None:
+        kit = Path(kit).resolve()
+        if not kit.is_file():
+            raise InstallError(f"the kit's wheel {kit} is missing")
+        target = [f"lorakit[{extra}] @ {kit.as_uri()}"]
+    else:
+        target = ["-e", f"{root}[{extra}]"]
+    _pip(py, ["install", "--quiet", *args, *target], f"install lorakit[{extra}]")
     res = subprocess.run([str(py), "-m", "lorakit.install", "check"], text=True)
     if res.returncode != 0:
         raise InstallError("the installed stack failed its check (above)")
@@ -508,6 +519,8 @@ def main(argv: list[str] | None = None) -> int:
     v.add_argument("--extra", default="lab")
     v.add_argument("--lock", default=str(LOCK))
     v.add_argument("--python-name", default="python3", help="how the user named this Python (for messages)")
+    v.add_argument("--kit", help="install the kit from this wheel instead of the checkout (editable)")
+    v.add_argument("--root", default=str(ROOT), help="the folder with pyproject.toml (default: the checkout)")
     v.add_argument("pip_args", nargs=argparse.REMAINDER, help="after --: extra pip arguments (make's PIP_ARGS)")
     sub.add_parser("check", help="check the running environment after an install")
     sub.add_parser("colab", help="on Colab: install the learner's dependencies at the tested versions")
@@ -521,7 +534,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "venv":
             extra_args = [a for a in args.pip_args if a != "--"]
-            make_venv(args.venv, args.extra, args.lock, extra_args, python=args.python_name)
+            make_venv(args.venv, args.extra, args.lock, extra_args, root=Path(args.root), python=args.python_name,
+                      kit=args.kit)
         elif args.command == "check":
             return check()
         elif args.command == "colab":

@@ -25,6 +25,10 @@ How a class is graded (each step in its own module):
    instructor); gradebook.py records the grades in nbgrader's gradebook; report.py writes
    grades.csv, feedback HTML (each check's name and message, the learner's outputs, never a hidden line) and
    results.json.
+4. Where instructors grade elsewhere: gradescope.py builds the Gradescope autograder zip and grades one upload
+   inside Gradescope's container with the same pipeline; shards.py writes the Slurm array script or
+   Kubernetes Indexed Job that runs `lorakit grade --shard i/n` into one PostgreSQL gradebook. nbgrader's
+   exchange needs nothing of its own: `lorakit grade` reads the submitted/ folder `nbgrader collect` writes.
 """
 
 from __future__ import annotations

@@ -87,12 +87,41 @@ def summary(o) -> str:
     return "graded" if o.status == "graded" else f"failed: {o.reason}" + (f" ({o.detail})" if o.detail else "")
 
 
-def results_json(g: Graded) -> dict:
-    """Gradescope's autograder results format."""
+# Who may see a Gradescope test (its `visibility`): Gradescope's four settings.
+VISIBILITIES = ("hidden", "after_due_date", "after_published", "visible")
+
+
+def results_json(g: Graded, hidden_names: str = "hidden", notes: list[str] = ()) -> dict:
+    """Gradescope's autograder results format (gradescope-autograders.readthedocs.io, "Autograder
+    Specifications"): the score, then one test per test cell, visible, with its points and the messages of
+    its visible checks (hidden checks are only counted there), then one test per check on inputs drawn when
+    graded (a hidden call), with no points, whose name and message students see as `hidden_names` says:
+    "hidden" (the instructor only), "after_due_date", "after_published" or "visible". No line of a hidden
+    test's source is in it (`redact`). `notes` go to the top-level output (e.g. which sandbox protections
+    were off)."""
+    if hidden_names not in VISIBILITIES:
+        raise ValueError(f"hidden_names={hidden_names!r}: one of {', '.join(VISIBILITIES)}")
     o = g.outcome
-    tests = [{"name": gid, "score": t.points, "max_score": t.max_points, "status": "passed" if t.passed else "failed",
-              "output": redact(t.message, g.hidden), "visibility": "visible"} for gid, t in o.tests.items()]
-    lines = [summary(o), *o.notes, *(f"flagged: {f}" for f in o.flags)]
+    tests = []
+    for n, (gid, t) in enumerate(o.tests.items(), 1):
+        calls = list(t.calls)
+        judged = "\n".join(c.line for c in calls)
+        rest = t.message[len(judged):].lstrip("\n") if t.message.startswith(judged) else t.message
+        lines = [c.line for c in calls if not c.hidden]
+        secret = [c for c in calls if c.hidden]
+        if secret:
+            failed = sum(not c.passed for c in secret)
+            lines.append(f"{len(secret)} check(s) on inputs drawn when graded: "
+                         + (f"{failed} failed" if failed else "passed"))
+        lines += [rest] if rest else []
+        tests.append({"name": gid, "number": str(n), "score": t.points, "max_score": t.max_points,
+                      "status": "passed" if t.passed else "failed", "output": redact("\n".join(lines), g.hidden),
+                      "visibility": "visible"})
+        for j, c in enumerate(secret, 1):
+            tests.append({"name": f"{gid}: {c.check} (inputs drawn when graded)", "number": f"{n}.{j}",
+                          "status": "passed" if c.passed else "failed", "output": redact(c.message, g.hidden),
+                          "visibility": hidden_names})
+    lines = [summary(o), *o.notes, *(f"flagged: {f}" for f in o.flags), *notes]
     return {"score": g.score, "max_score": g.max_score, "execution_time": round(o.seconds, 2),
             "output": redact("\n".join(lines), g.hidden), "stdout_visibility": "hidden", "tests": tests,
             "extra_data": {"status": o.status, "reason": o.reason, "flags": o.flags, "student": g.student,

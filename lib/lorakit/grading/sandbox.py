@@ -18,12 +18,12 @@ namespaces (no kit beyond the kernel is needed):
   submission's memory too), and every process of the tree niced (the runner and all it starts, however it
   starts them). Going over the memory or the disk budget fails the submission with the reason.
 
-Not root, or no `unshare`: the same code runs with what is available (user namespaces, else rlimits only),
-and `Protections.describe()` says which protections are off (the grade log says it once per run). This
-module is also the sandbox's entry point: `python -m lorakit.grading.sandbox SPEC RFD WFD` sets the sandbox
-up (as PID 1 of the namespace), forks the runner (sandboxed.py) with lowered privileges, reaps everything,
-and exits with the runner's status. What runs in here never decides a grade: verdicts are the grader's
-(judge.py), on data.
+Not root, or no `unshare`: the same code runs with what is available (user namespaces, else rlimits only;
+as root in a container that forbids namespaces, its own uid and rlimits), and `Protections.describe()` says
+which protections are off (the grade log says it once per run). This module is also the sandbox's entry
+point: `python -m lorakit.grading.sandbox SPEC RFD WFD` sets the sandbox up (as PID 1 of the namespace),
+forks the runner (sandboxed.py) with lowered privileges, reaps everything, and exits with the runner's
+status. What runs in here never decides a grade: verdicts are the grader's (judge.py), on data.
 """
 
 from __future__ import annotations
@@ -134,6 +134,7 @@ def detect() -> Protections:
     p.rlimits = True
     exe = shutil.which("unshare")
     if not exe:
+        p.separate_user = os.geteuid() == 0
         return p
 
     def probe(extra):
@@ -145,6 +146,8 @@ def detect() -> Protections:
         p.namespaces = p.separate_user = True
     elif probe(["--user", "--map-root-user"]):
         p.namespaces = p.user_namespace = True
+    elif os.geteuid() == 0:  # a container that forbids namespaces (Gradescope's, Docker's default): a uid still works
+        p.separate_user = True
     from . import cgroup
     found = cgroup.available()
     p.cgroup, p.cgroup_why = found.version, found.why

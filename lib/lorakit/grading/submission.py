@@ -7,7 +7,8 @@
   by the instructor's earlier cells); a test cell that is anything else makes the lesson ungradable, and
   the error says which cell and line.
 - `collect()` finds submissions in a folder, a single notebook, or an LMS zip download, and names the
-  student of each one.
+  student of each one. nbgrader's submitted/ folder (`nbgrader collect`: STUDENT/LESSON/LESSON.ipynb) is
+  such a folder: another lesson's notebooks in it are left out.
 - `merge()` lays a submission over the key: test cells are replaced by the key's (visible part only; the
   sandbox gets none of it, see session.py), stripped nbgrader metadata is restored from the cell's first
   comment line, and missing graded cells are put back in place.
@@ -33,6 +34,7 @@ HIDDEN_BEGIN = "### BEGIN HIDDEN TESTS"
 HIDDEN_END = "### END HIDDEN TESTS"
 MAX_NOTEBOOK_BYTES = 50 * 1024 * 1024
 _ID_LINE = re.compile(r"^#\s*(ex\d\d_[A-Za-z0-9_]+)\s*$")
+_LESSON_DIR = re.compile(r"\d\d_[A-Za-z0-9_]+")   # NN_topic
 
 
 @dataclass
@@ -262,7 +264,8 @@ def collect(paths: list[str | Path], lesson: str, workdir: Path) -> list[Submiss
         if not p.exists():
             raise course.CourseError(f"submissions {str(p)!r} not found")
         if p.is_dir():
-            found += [(f, p) for f in sorted(p.rglob("*.ipynb")) if ".ipynb_checkpoints" not in f.parts]
+            found += [(f, p) for f in sorted(p.rglob("*.ipynb")) if ".ipynb_checkpoints" not in f.parts
+                      and not _other_lessons_folder(f.relative_to(p), lesson)]
         elif p.suffix == ".zip":
             dest = Path(workdir) / "unzipped" / p.stem
             found += [(f, dest) for f in _unzip(p, dest)]
@@ -280,6 +283,12 @@ def collect(paths: list[str | Path], lesson: str, workdir: Path) -> list[Submiss
     if not subs:
         raise course.CourseError(f"no .ipynb submissions found in {', '.join(map(str, paths))}")
     return subs
+
+
+def _other_lessons_folder(rel: Path, lesson: str) -> bool:
+    """STUDENT/OTHER_LESSON/x.ipynb in nbgrader's submitted/ layout (`nbgrader collect` puts every lesson of a
+    student side by side there): another lesson's work, not a submission of `lesson`."""
+    return len(rel.parts) >= 3 and bool(_LESSON_DIR.fullmatch(rel.parts[-2])) and rel.parts[-2] != lesson
 
 
 def _unzip(zpath: Path, dest: Path) -> list[Path]:
