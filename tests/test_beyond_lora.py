@@ -133,6 +133,7 @@ def test_lesson_test_cells_are_judged_checks_only():
     assert found == [check.dora_forward] * 2 + [check.loftq_iteration] * 2 + [check.concat_lora] * 2
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("use_trainer", [False, True])
 def test_finetune_trains_with_a_loraplus_optimizer(use_trainer):
     """lorakit.train.finetune(optimizer=...) uses the optimizer given (LoRA+: B's learning rate 16x A's) and keeps

@@ -288,6 +288,7 @@ def test_budgets_hold_for_the_whole_submission(over_budget):
     assert log.count("limits per submission (cgroup") == 1 and "job folder 64 MB (tmpfs)" in log
 
 
+@pytest.mark.slow
 def test_every_process_of_a_submission_is_niced(over_budget):
     outputs = over_budget["results"]["subprocess_nice"].outcome.outputs
     text = " ".join(o.get("text", "") for outs in outputs.values() for o in outs)
