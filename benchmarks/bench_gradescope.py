@@ -2,6 +2,7 @@
 (tests/test_gradescope.py's Gradescope-shaped root: setup.sh once, then run_autograder per upload), on the
 instructor's own solution handed in as a learner would (the student version with every exercise answered).
 
+    python benchmarks/bench_gradescope.py                      # 00_setup and 02_lora, as `make bench` runs it
     python benchmarks/bench_gradescope.py 00_setup 02_lora --runs 3
     python benchmarks/bench_gradescope.py 05_qlora_finetune --params grading/ci_params.yml --runs 2
 
@@ -36,7 +37,8 @@ from test_gradescope import Autograder, _base_python  # noqa: E402
 
 def main() -> int:
     ap = argparse.ArgumentParser()
-    ap.add_argument("lessons", nargs="+")
+    ap.add_argument("lessons", nargs="*", default=["00_setup", "02_lora"],
+                    help="lessons to time (default: 00_setup 02_lora, what `make bench` runs)")
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--params", help="parameters file injected into the upload (e.g. grading/ci_params.yml)")
     args = ap.parse_args()
