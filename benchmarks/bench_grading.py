@@ -27,7 +27,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import nbformat  # noqa: E402
 
 from lorakit import course, grading  # noqa: E402
-from lorakit.grading import adversarial, report, submission  # noqa: E402
+from lorakit.grading import gradebook, submission  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+import adversarial  # noqa: E402  (the kit's submissions for tests: tests/adversarial.py)
 
 LESSON = "00_setup"
 PROMISE = 5.0   # lorakit grade at least this many times stock autograde's throughput
@@ -69,8 +72,8 @@ def main() -> int:
         results = grading.grade(LESSON, [subs], workers=args.workers, db=ours_db, out=tmp / "out", echo=None)
         ours = time.perf_counter() - t0
 
-        ours_scores = report.read_gradebook(ours_db, LESSON)
-        stock_scores = report.read_gradebook(stock_db, LESSON)
+        ours_scores = gradebook.read_gradebook(ours_db, LESSON)
+        stock_scores = gradebook.read_gradebook(stock_db, LESSON)
         agree = sum(ours_scores[s] == stock_scores.get(s) for s in ours_scores)
         failed = sum(g.status != "graded" for g in results)
         prot = grading.detect()

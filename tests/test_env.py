@@ -33,6 +33,58 @@ def test_bf16_by_compute_capability_not_is_bf16_supported(monkeypatch):
     assert env.compute_dtype("cuda") == torch.bfloat16
 
 
+X86_AVX2 = {"architecture": "x86_64", "avx2": True, "avx512_bf16": False, "amx_bf16": False}  # a laptop since 2021
+X86_SPR = {**X86_AVX2, "avx512_bf16": True, "amx_bf16": True}                                  # Sapphire Rapids
+
+
+@pytest.mark.parametrize("caps, onednn, isa_cap, native, why", [
+    (X86_AVX2, False, None, False, "no bf16 units"),
+    (X86_AVX2, True, None, False, "no bf16 units"),        # oneDNN says yes on AVX-512 CPUs without bf16 units
+    (X86_SPR, True, None, True, "AMX-BF16 and AVX512-BF16"),
+    (X86_SPR, True, "AVX2", False, "ONEDNN_MAX_CPU_ISA=AVX2"),
+    (X86_SPR, True, "avx512_core", False, "ONEDNN_MAX_CPU_ISA=AVX512_CORE"),
+    (X86_SPR, True, "AVX512_CORE_AMX", True, "AMX-BF16"),
+    (X86_SPR, False, None, False, "oneDNN does not use it"),
+    ({"architecture": "arm64", "bf16": False}, False, None, False, "no bf16 extension"),
+    ({"architecture": "arm64", "bf16": True}, True, None, True, "bf16 extension"),
+])
+def test_cpu_bf16_only_with_bf16_units_that_onednn_uses(monkeypatch, caps, onednn, isa_cap, native, why):
+    monkeypatch.setattr(env, "cpu_capabilities", lambda: dict(caps))
+    monkeypatch.setattr(env, "_onednn_bf16", lambda: onednn)
+    monkeypatch.delenv("DNNL_MAX_CPU_ISA", raising=False)
+    if isa_cap:
+        monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", isa_cap)
+    else:
+        monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
+    got, reason = env.cpu_bf16()
+    assert got is native and why in reason
+    assert env.bf16_supported("cpu") is native
+    assert env.compute_dtype("cpu") == (torch.bfloat16 if native else torch.float32)
+    if not native:
+        assert "float32" in reason  # says what the kit does instead
+
+
+def test_avx2_only_cpu_computes_in_float32():
+    """The switches that make this machine an AVX2-only CPU (as most laptops are) really take the slow path,
+    and the kit then picks float32 and says why, in `lorakit env` too."""
+    import subprocess
+    import sys
+    probe = ("import torch; from lorakit import env, cli; "
+             "print(torch.backends.cpu.get_cpu_capability(), torch.ops.mkldnn._is_mkldnn_bf16_supported(), "
+             "env.compute_dtype('cpu'), env.bf16_supported('cpu')); cli.main(['env', '--device', 'cpu'])")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True, timeout=300,
+                         env={**os.environ, "ONEDNN_MAX_CPU_ISA": "AVX2", "ATEN_CPU_CAPABILITY": "avx2"}).stdout
+    assert out.splitlines()[0] == "AVX2 False torch.float32 False"
+    line = next(l for l in out.splitlines() if "compute dtype" in l)
+    assert "float32" in line and "emulated" in line, line
+
+
+def test_one_avx512_bf16_detector_agrees_with_bitsandbytes():
+    """bitsandbytes repacks 4-bit weights for its CPU kernel (trap 1) when its own detector says yes."""
+    from bitsandbytes.functional import has_avx512bf16
+    assert env.avx512_bf16() == bool(has_avx512bf16())
+
+
 def test_four_bit_works_and_reports_a_broken_install(monkeypatch):
     ok, detail = env.four_bit_works("cpu")
     assert ok, detail

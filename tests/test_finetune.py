@@ -25,7 +25,7 @@ def llama(**kw):
 # ------------------------------------------------------------------------------------------ readiness
 
 def test_compute_dtype_for_auto_and_explicit():
-    assert check.compute_dtype_for("auto", "cpu") == torch.bfloat16
+    assert check.compute_dtype_for("auto", "cpu") == env.compute_dtype("cpu")  # bf16 only with bf16 units
     assert check.compute_dtype_for("float32", "cpu") == torch.float32
 
 
@@ -265,14 +265,7 @@ def test_same_outputs(small_llama_dir):
         check.same_outputs(a, b, batch())
 
 
-def _has_avx512_bf16() -> bool:
-    try:
-        return "avx512_bf16" in open("/proc/cpuinfo").read()
-    except OSError:
-        return False
-
-
-@pytest.mark.skipif(not _has_avx512_bf16(), reason="bitsandbytes' CPU repack (trap 1) needs AVX512-BF16")
+@pytest.mark.skipif(not env.avx512_bf16(), reason="bitsandbytes' CPU repack (trap 1) needs AVX512-BF16")
 def test_adapters_check_catches_the_real_trap(small_llama_dir):
     model = four_bit_lora(small_llama_dir, disable_repack=False)
     evaluate(model)  # eval() + no_grad: bitsandbytes repacks the 4-bit weights for inference

@@ -22,7 +22,9 @@ from pathlib import Path
 
 import pytest
 
-from lorakit.grading import adversarial, report
+from lorakit.grading import gradebook
+
+import adversarial  # tests/adversarial.py: the kit's own attack table
 
 LESSON = "00_setup"
 # student -> (exercises solved, the score that earns: weights_gb needs bytes_per_param to be defined)
@@ -111,5 +113,5 @@ def test_two_shards_graded_at_once_into_one_postgres_gradebook(postgres, tmp_pat
     cells = {"ex00_bytes_per_param_test", "ex00_weights_gb_test"}
     assert {(s, c) for s, c, _, _ in grades} == {(s, c) for s in CLASS for c in cells}
     assert all(n == 1 for _, _, n, _ in grades), [g for g in grades if g[2] != 1]
-    scores = report.read_gradebook(postgres, LESSON)
+    scores = gradebook.read_gradebook(postgres, LESSON)
     assert scores == {name: earned for name, (_, earned) in CLASS.items()}, scores

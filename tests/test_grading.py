@@ -1,6 +1,6 @@
 """The grading pipeline against known-good and known-bad submissions of lesson 00 (no model needed).
 
-One batch grades every submission of lorakit.grading.adversarial with 2 workers, sandbox on; each one must
+One batch grades every submission of tests/adversarial.py with 2 workers, sandbox on; each one must
 get its honest score or an explicit failure with a reason, never more than it earned, flagged when it should
 be, and the gradebook must be intact afterwards. The rest are fast unit tests of the pieces (the protocol,
 merging, shards, zips, reports, flags), the exit status of `lorakit grade`, and `lorakit check`.
@@ -19,8 +19,10 @@ import nbformat
 import pytest
 
 from lorakit import cli, course
-from lorakit.grading import adversarial, report, submission
+from lorakit.grading import gradebook, submission
 from lorakit.grading.sandbox import Protections, detect
+
+import adversarial  # tests/adversarial.py: the kit's own attack table
 
 LESSON = "00_setup"
 CELL_TIMEOUT = 4
@@ -86,7 +88,7 @@ def test_gradebook_is_intact_and_matches_the_csv(batch):
     con = sqlite3.connect(batch["db"])
     assert con.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
     con.close()
-    scores = report.read_gradebook(f"sqlite:///{batch['db']}", LESSON)
+    scores = gradebook.read_gradebook(f"sqlite:///{batch['db']}", LESSON)
     assert scores == {n: batch["subs"][n][1].score for n in batch["subs"]}
     from nbgrader.api import Gradebook
     with Gradebook(f"sqlite:///{batch['db']}") as gb:
@@ -176,7 +178,7 @@ def test_shards_partition_a_class_into_one_gradebook(batch, tmp_path):
         seen.append({g.student for g in res})
     assert not (seen[0] & seen[1])
     assert seen[0] | seen[1] == {"shard_a", "shard_b", "shard_c", "shard_d", "escape"}
-    scores = report.read_gradebook(f"sqlite:///{db}", LESSON)
+    scores = gradebook.read_gradebook(f"sqlite:///{db}", LESSON)
     assert {k: scores[k] for k in ("shard_a", "shard_b", "shard_c", "shard_d", "escape")} == \
         {"shard_a": 2, "shard_b": 0, "shard_c": 1, "shard_d": 2, "escape": 0}
     assert not (tmp_path.parent / "evil").exists()
@@ -341,7 +343,7 @@ def test_outputs_from_the_sandbox_are_rebuilt_field_by_field():
 def test_a_reply_that_is_not_data_fails_its_check_with_the_reason():
     from lorakit.checks import setup as setup_checks
     from lorakit.grading import judge, protocol
-    from lorakit.checks.judged import Call
+    from lorakit.grading.testcells import Call
     [p] = judge.plan([Call("lorakit.checks.setup.weights_gb", ["weights_gb"], {}, "grading", 2)])
     assert p.hidden and p.check is setup_checks.weights_gb
     msg = protocol.parse(b'{"op": "answer", "id": 0, "outputs": [], "reply": {"ok": true, "answer": '

@@ -9,12 +9,15 @@ import torch
 
 from lorakit.checks import CheckFailed, expect, judged
 from lorakit.checks import setup as setup_checks
-from lorakit.checks.judged import DataError, calls, conforms, decode, encode
+from lorakit.checks import wire
+from lorakit.checks.wire import DataError, conforms, decode, encode
+from lorakit.grading import testcells
+from lorakit.grading.testcells import calls
 
 
 # ---------------------------------------------------------------------------------------------- data
 
-@pytest.mark.parametrize("dtype", judged.DTYPES)
+@pytest.mark.parametrize("dtype", wire.DTYPES)
 def test_tensors_round_trip_bit_for_bit(dtype):
     t = (torch.randn(3, 5, 2) * 50).to(getattr(torch, dtype))
     back = decode(encode({"t": t}))["t"]
@@ -70,12 +73,12 @@ def test_garbage_is_refused_with_a_reason(text, why):
 
 
 def test_limits(monkeypatch):
-    monkeypatch.setattr(judged, "MAX_DATA_BYTES", 1000)
+    monkeypatch.setattr(wire, "MAX_DATA_BYTES", 1000)
     with pytest.raises(DataError, match="limit"):
         decode("[" + "1," * 1000 + "1]")
     with pytest.raises(DataError, match="limit"):
         encode({"t": torch.zeros(1000)})
-    monkeypatch.setattr(judged, "MAX_TENSOR_ELEMENTS", 10)
+    monkeypatch.setattr(wire, "MAX_TENSOR_ELEMENTS", 10)
     with pytest.raises(DataError, match="elements"):
         decode(json.dumps({"t": {"$tensor": ["uint8", [11], ""]}}))
 
@@ -197,7 +200,7 @@ def test_test_cells_are_judged_checks_only(lesson):
             visible = [c.check for c in cs if c.seed != "grading"]
             hidden = [c.check for c in cs if c.seed == "grading"]
             assert visible and hidden and set(hidden) >= set(visible) - {"lorakit.checks.finetune.before_eval"}, cell.source
-        known.update(judged.aliases(cell.source))  # an alias bound in a test cell serves the later ones
+        known.update(testcells.aliases(cell.source))  # an alias bound in a test cell serves the later ones
 
 
 def test_lesson_00_checks_in_order():
@@ -210,5 +213,5 @@ def test_lesson_00_checks_in_order():
             continue
         if cell.metadata.get("nbgrader", {}).get("grade"):
             found += [judged.find(c.check) for c in calls(cell.source, known)]
-        known.update(judged.aliases(cell.source))
+        known.update(testcells.aliases(cell.source))
     assert found == [setup_checks.bytes_per_param] * 2 + [setup_checks.weights_gb] * 2

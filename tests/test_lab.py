@@ -10,6 +10,7 @@ import pytest
 from lorakit import lab, sweep
 from lorakit.checks import CheckFailed
 from lorakit.checks import lab as check
+from lorakit.grading import testcells
 
 NAN = math.nan
 
@@ -203,9 +204,9 @@ def test_lesson_06_test_cells_are_judged_checks_only():
         if cell.cell_type != "code":
             continue
         if cell.metadata.get("nbgrader", {}).get("grade"):
-            calls = judged.calls(cell.source, known)
+            calls = testcells.calls(cell.source, known)
             assert [c.seed for c in calls] == [0, "grading"], cell.source
             found += [judged.find(c.check) for c in calls]
-        known.update(judged.aliases(cell.source))
+        known.update(testcells.aliases(cell.source))
     assert found == [c for c in (check.prediction, check.verdict, check.qlora_overhead, check.best_under_budget)
                      for _ in range(2)]

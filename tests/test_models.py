@@ -8,7 +8,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import pytest
 import torch
 
-from lorakit import models
+from lorakit import env, models
 from lorakit.models import ALL_LINEAR, PRESETS, TINY, ModelNotFoundError, load_base, resolve
 
 
@@ -165,9 +165,7 @@ def test_adapters_get_gradients_after_an_eval():
 
 def test_the_trap_is_real_without_the_protection():
     """Shows the test above can fail: with bitsandbytes' default, the eval repack kills the gradients."""
-    from bitsandbytes.functional import has_avx512bf16
-
-    if not has_avx512bf16():
+    if not env.avx512_bf16():
         pytest.skip("this CPU has no AVX512-BF16, so bitsandbytes never repacks")
     grads = _lora_b_grads_after_eval(_qlora(support_repack=True))
     assert any(g is None or g.abs().sum() == 0 for g in grads)

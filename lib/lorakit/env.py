@@ -19,7 +19,8 @@ import torch
 
 from lorakit import install
 
-__all__ = ["INSTRUCTOR_TOOLS", "pick_device", "bf16_supported", "compute_dtype", "check_dtype", "versions",
+__all__ = ["INSTRUCTOR_TOOLS", "pick_device", "cpu_capabilities", "avx512_bf16", "cpu_bf16", "bf16_supported",
+           "compute_dtype", "check_dtype", "versions",
            "tested_versions", "differs", "print_versions", "scoped_environ", "import_bitsandbytes", "four_bit_works",
            "memory_available", "Line", "version_lines", "check", "report"]
 
@@ -51,26 +52,89 @@ def pick_device(device: str | torch.device = "auto") -> torch.device:
     return dev
 
 
+# oneDNN's names (ONEDNN_MAX_CPU_ISA) of the instruction sets at or above the first with bf16 dot products
+# (AVX512_CORE_BF16); a cap below them makes oneDNN emulate bf16 even on a CPU that has the instructions.
+_ONEDNN_BF16_ISAS = ("AVX512_CORE_BF16", "AVX512_CORE_FP16", "AVX512_CORE_AMX", "AVX512_CORE_AMX_FP16",
+                     "AVX10_1_512", "AVX10_1_512_AMX", "AVX10_1_512_AMX_FP16", "AVX10_2_512", "AVX10_2_512_AMX_2",
+                     "ALL", "DEFAULT")
+
+
+def cpu_capabilities() -> dict:
+    """The CPU's instruction set extensions as the CPU itself reports them (cpuid through torch's cpuinfo):
+    what the chip has, whatever oneDNN or ATen have been told to use."""
+    caps = getattr(torch.cpu, "get_capabilities", None)
+    if caps is not None:
+        return dict(caps())
+    out = {}  # older torch: only the flags it has accessors for
+    for name, probe in (("avx512_bf16", "_is_avx512_bf16_supported"), ("amx_bf16", "_is_amx_tile_supported")):
+        with contextlib.suppress(Exception):
+            out[name] = bool(getattr(torch.cpu, probe)())
+    return out
+
+
+def avx512_bf16() -> bool:
+    """Whether this CPU has the AVX512-BF16 instructions. bitsandbytes asks the same question (its own
+    `has_avx512bf16`) to decide whether a 4-bit layer repacks its weight for its CPU inference kernel
+    (`lorakit.models.CPU_REPACK_FLAG`)."""
+    return bool(cpu_capabilities().get("avx512_bf16", False))
+
+
+def _onednn_bf16() -> bool:
+    """oneDNN, which runs torch's bf16 matmuls on a CPU, has bf16 kernels here (respects ONEDNN_MAX_CPU_ISA)."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def cpu_bf16() -> tuple[bool, str]:
+    """(native, why): whether this CPU computes bf16 natively, and a sentence that says why or why not.
+
+    Native means bf16 dot-product instructions that oneDNN uses: AVX512-BF16 or AMX-BF16 on x86, the bf16
+    extension on ARM. Elsewhere bf16 runs emulated: a bf16 matmul forward+backward (512x256x256) took 57 ms
+    against 3.3 ms in float32 on a 2-core AVX2 CPU, and fine-tuning 5x longer, so the course computes in
+    float32 there. oneDNN's own flag is not enough: it also says yes on AVX-512 CPUs without bf16 units
+    (Skylake to Ice Lake), where bf16 took about 3.5x float32's time."""
+    caps = cpu_capabilities()
+    arch = str(caps.get("architecture", "")).lower() or platform.machine().lower()
+    emulated = "bf16 would be emulated (several times slower than float32), so lorakit computes in float32"
+    if arch in ("arm64", "aarch64") or arch.startswith("arm"):
+        if not caps.get("bf16"):
+            return False, f"this ARM CPU has no bf16 extension (Apple M1, older cores): {emulated}"
+        if not _onednn_bf16():
+            return False, f"this ARM CPU has the bf16 extension but torch's oneDNN does not use it: {emulated}"
+        return True, "native bf16: this ARM CPU's bf16 extension, through oneDNN"
+    units = [name for key, name in (("amx_bf16", "AMX-BF16"), ("avx512_bf16", "AVX512-BF16")) if caps.get(key)]
+    if not units:
+        return False, f"this CPU has no bf16 units (no AVX512-BF16, no AMX): {emulated}"
+    cap = (os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA") or "").strip().upper()
+    if cap and cap not in _ONEDNN_BF16_ISAS:
+        return False, f"this CPU has {' and '.join(units)} but ONEDNN_MAX_CPU_ISA={cap} keeps oneDNN below them: {emulated}"
+    if not _onednn_bf16():
+        return False, f"this CPU has {' and '.join(units)} but torch's oneDNN does not use it: {emulated}"
+    return True, f"native bf16: this CPU's {' and '.join(units)}, through oneDNN"
+
+
 def bf16_supported(device: str | torch.device = "auto") -> bool:
     """True bf16 support. On a GPU this means compute capability >= 8.0 (Ampere or newer):
-    `torch.cuda.is_bf16_supported()` can say True on a T4 through slow emulation."""
+    `torch.cuda.is_bf16_supported()` can say True on a T4 through slow emulation. On a CPU it means bf16
+    units (`cpu_bf16`): bf16 autocast runs on any CPU, but emulated it is many times slower than float32."""
     dev = pick_device(device)
     if dev.type == "cuda":
         major, _ = torch.cuda.get_device_capability(dev)
         return major >= 8
     if dev.type == "cpu":
-        return True  # bf16 autocast runs on any x86/ARM CPU with torch >= 2.0 (measured on the course machines)
+        return cpu_bf16()[0]
     return False  # mps: bf16 support depends on the macOS version; stay safe
 
 
 def compute_dtype(device: str | torch.device = "auto") -> torch.dtype:
-    """The dtype 4-bit layers compute in: bf16 where truly supported, fp16 on older GPUs, fp32 otherwise."""
+    """The dtype to compute in (autocast, 4-bit layers): bf16 where it is native, fp16 on older GPUs,
+    fp32 otherwise (CPUs without bf16 units, MPS)."""
     dev = pick_device(device)
     if dev.type == "cuda":
         return torch.bfloat16 if bf16_supported(dev) else torch.float16
-    if dev.type == "cpu":
-        return torch.bfloat16
-    return torch.float32
+    return torch.bfloat16 if bf16_supported(dev) else torch.float32
 
 
 def check_dtype(dtype: torch.dtype, device: str | torch.device = "auto") -> torch.dtype:
@@ -212,7 +276,10 @@ def check(device: str | torch.device = "auto") -> list[Line]:
         lines.append(Line("device", f"{dev.type} ({os.cpu_count()} cores)",
                           "OK" if dev.type == "mps" else "warning"))
     dt = compute_dtype(dev)
-    note = "" if dev.type != "cuda" or bf16_supported(dev) else " (no native bf16 on this GPU)"
+    if dev.type == "cpu":
+        note = f" ({cpu_bf16()[1]})"
+    else:
+        note = "" if dev.type != "cuda" or bf16_supported(dev) else " (no native bf16 on this GPU)"
     lines.append(Line("compute dtype", str(dt).replace("torch.", "") + note, "OK"))
     ok, detail = four_bit_works(dev)
     lines.append(Line("4-bit (NF4)", detail, "OK" if ok else "missing"))

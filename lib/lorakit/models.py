@@ -113,7 +113,8 @@ def cpu_inference_repack_off(model):
 
 def quantization_config(quantization, dtype: torch.dtype | None = None):
     """The `BitsAndBytesConfig` for "nf4" (QLoRA's choice: NF4 + double quantization), "fp4", "int8",
-    or a `BitsAndBytesConfig` passed through unchanged. None stays None."""
+    or a `BitsAndBytesConfig` passed through unchanged. None stays None. 4-bit layers compute in `dtype`,
+    by default `lorakit.env.compute_dtype()` (bf16 where native, fp16 on older GPUs, fp32 on other CPUs)."""
     if quantization is None:
         return None
     from transformers import BitsAndBytesConfig
@@ -124,7 +125,7 @@ def quantization_config(quantization, dtype: torch.dtype | None = None):
         import_bitsandbytes()
         return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=quantization.lower(),
                                   bnb_4bit_use_double_quant=True,
-                                  bnb_4bit_compute_dtype=dtype or torch.bfloat16)
+                                  bnb_4bit_compute_dtype=dtype or compute_dtype())
     if isinstance(quantization, str) and quantization.lower() == "int8":
         import_bitsandbytes()
         return BitsAndBytesConfig(load_in_8bit=True)
@@ -154,9 +155,10 @@ def load_base(model_id: str = TINY, quantization=None, device="auto", dtype: tor
     quantization  None, "nf4" (NF4 + double quantization, QLoRA's recipe), "fp4", "int8", or your own
                   `transformers.BitsAndBytesConfig`.
     device        "auto" (cuda, then mps, then cpu), "cpu", "cuda", "cuda:1"...
-    dtype         dtype of the weights that stay unquantized; default float32 on a CPU (bf16 compute
-                  comes from autocast) and `lorakit.env.compute_dtype` on a GPU (bf16 from compute
-                  capability 8.0, fp16 before). 4-bit layers compute in `compute_dtype(device)`.
+    dtype         dtype of the weights that stay unquantized; default float32 on a CPU (bf16 compute,
+                  where the CPU has it natively, comes from autocast) and `lorakit.env.compute_dtype` on a
+                  GPU (bf16 from compute capability 8.0, fp16 before). 4-bit layers compute in
+                  `compute_dtype(device)`: bf16 on a CPU with bf16 units, float32 on other CPUs.
     """
     from transformers import AutoModelForCausalLM
 

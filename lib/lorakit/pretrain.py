@@ -8,7 +8,8 @@ Steps, each reproducible from the seed:
 1. generate the corpus (80k stories, about a second);
 2. train a byte-level BPE tokenizer with the `tokenizers` library (2,048 tokens, digits split one by one);
 3. pack the tokenized stories, separated by EOS, into blocks of 256 tokens;
-4. train with AdamW under bf16 autocast on the CPU (about 6-7 minutes on 2 cores);
+4. train with AdamW on the CPU, under bf16 autocast where the CPU computes bf16 natively (`lorakit.env.cpu_bf16`;
+   about 6-7 minutes on 2 cores with AMX), in float32 elsewhere;
 5. write safetensors + config.json + generation_config.json + tokenizer files and a MODEL_CARD.md with
    the validation loss and sample generations into lib/lorakit/assets/tiny-stories-llama/.
 
@@ -32,6 +33,7 @@ from pathlib import Path
 import torch
 
 from lorakit.data import story_corpus
+from lorakit.env import bf16_supported
 
 __all__ = ["MODEL_CONFIG", "train_tokenizer", "pack", "lr_at", "evaluate", "samples", "main", "write_card"]
 
@@ -95,7 +97,7 @@ def evaluate(model, blocks: torch.Tensor, batch_size: int) -> float:
     losses = []
     for i in range(0, len(blocks), batch_size):
         x = blocks[i:i + batch_size]
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16_supported("cpu")):
             losses.append(model(input_ids=x, labels=x).loss.float().item())
     model.train()
     return sum(losses) / len(losses)
@@ -179,7 +181,7 @@ def main(argv=None) -> int:
             group["lr"] = lr_at(step, args.steps, args.lr, args.warmup)
         idx = torch.randint(len(train_blocks), (args.batch_size,), generator=g)
         x = train_blocks[idx]
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16_supported("cpu")):
             loss = model(input_ids=x, labels=x).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -241,7 +243,7 @@ loaded exactly like a hub model: `AutoModelForCausalLM.from_pretrained(path)`,
 | weights | float32 safetensors, {size / 1e6:.1f} MB for the whole folder |
 | tokenizer | byte-level BPE, {MODEL_CONFIG['vocab_size']:,} tokens, digits split one by one, `{EOS}` (EOS/BOS), `{PAD}` (padding); trained with `tokenizers` |
 | corpus | {args.stories:,} stories from `lorakit.data.story_corpus(seed={args.seed}, recap={args.recap})`, {n_tokens:,} tokens; {args.val_stories:,} more for validation |
-| training | {args.steps} steps x {args.batch_size} x {args.block} tokens, AdamW lr {args.lr} (warmup {args.warmup}, cosine to 10%), bf16 autocast on CPU |
+| training | {args.steps} steps x {args.batch_size} x {args.block} tokens, AdamW lr {args.lr} (warmup {args.warmup}, cosine to 10%), {'bf16 autocast' if bf16_supported('cpu') else 'float32'} on CPU |
 | time | {train_s:.0f} s on {torch.get_num_threads()} CPU thread(s) ({platform.processor() or platform.machine()}), {tok_s:,.0f} tokens/s |
 | **validation loss** | **{val_loss:.3f}** (perplexity {math.exp(val_loss):.2f}) |
 | software | torch {torch.__version__}, transformers {transformers.__version__} |

@@ -1,8 +1,8 @@
 """A small fine-tuning routine the lessons share: `finetune(model, tokenizer, train_ds, ...)`.
 
 Two ways to run the same training, chosen by `use_trainer`:
-- a hand-written loop (AdamW, linear warmup and decay, gradient clipping, bf16 autocast, tqdm) that a
-  learner can read top to bottom;
+- a hand-written loop (AdamW, linear warmup and decay, gradient clipping, bf16 autocast where the device
+  computes bf16 natively, tqdm) that a learner can read top to bottom;
 - `transformers.Trainer` with the same settings, which lessons 05 and 06 use because that is what one
   uses on a GPU.
 
@@ -60,8 +60,9 @@ def finetune(model, tokenizer, train_ds, max_steps: int = 100, learning_rate: fl
     """Train `model`'s trainable parameters on `train_ds` for `max_steps` optimizer steps.
 
     `train_ds`: a `datasets.Dataset` of instruction examples or of tokenized ones. Batches are drawn by
-    shuffling with `seed`, epoch after epoch. `bf16=None` uses bf16 autocast on a CPU and on GPUs of
-    compute capability 8.0+. Extra keyword arguments go to `transformers.TrainingArguments` when
+    shuffling with `seed`, epoch after epoch. `bf16=None` uses bf16 autocast where it is native
+    (`lorakit.env.bf16_supported`: CPUs with AVX512-BF16/AMX or ARM's bf16, GPUs of compute capability 8.0+)
+    and float32 elsewhere, where bf16 would be emulated and several times slower. Extra keyword arguments go to `transformers.TrainingArguments` when
     `use_trainer=True` (for example `optim="paged_adamw_32bit"` on a GPU). `optimizer`: one you built
     yourself (LoRA+'s `create_loraplus_optimizer`, say) instead of AdamW(learning_rate); the warmup and
     decay then scale each of its parameter groups' own learning rate.

@@ -11,7 +11,7 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 
 from .. import course
-from . import reference_use, report, submission
+from . import gradebook, reference_use, report, submission
 from .judge import TestResult
 from .sandbox import Limits, Sandbox
 from .session import Outcome, Session
@@ -84,7 +84,7 @@ def grade(lesson: str, submissions: list[str | Path], *, workers: int = 2, db: s
             futures = [pool.submit(one, s) for s in subs]
             for fut in as_completed(futures):
                 g, merged = fut.result()
-                report.write_gradebook(db_url, g, test_ids)
+                gradebook.write_gradebook(db_url, g, test_ids)
                 report.write_submission_reports(g, merged, out)
                 results.append(g)
                 o = g.outcome

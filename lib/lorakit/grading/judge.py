@@ -19,13 +19,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ..checks import judged
+from ..checks import judged, wire
+from . import testcells
 
 
 @dataclass
 class Planned:
     """One call of a test cell, with its inputs drawn."""
-    call: judged.Call
+    call: testcells.Call
     check: judged.Check
     inputs: dict
     encoded: str                        # the inputs as sent (judged's wire format)
@@ -69,20 +70,20 @@ class TestResult:
         return any(c.grader_error for c in self.calls)
 
 
-def plan(calls: list[judged.Call]) -> list[Planned]:
+def plan(calls: list[testcells.Call]) -> list[Planned]:
     """Draw the inputs of every call (visible: the literal seed; hidden: a fresh secret one)."""
     out = []
     for call in calls:
         check = judged.find(call.check)
         inputs = check.inputs(judged.draw_seed(call.seed), grading=call.seed == judged.GRADING)
-        out.append(Planned(call, check, inputs, judged.encode(inputs, where=f"{call.check}: inputs")))
+        out.append(Planned(call, check, inputs, wire.encode(inputs, where=f"{call.check}: inputs")))
     return out
 
 
 def judge(planned: Planned, reply) -> CallResult:
-    """The verdict on one reply: decoded data (protocol.reply), or the judged.DataError it raised."""
+    """The verdict on one reply: decoded data (protocol.reply), or the wire.DataError it raised."""
     name = planned.call.check.removeprefix("lorakit.checks.")
-    if isinstance(reply, judged.DataError):
+    if isinstance(reply, wire.DataError):
         return CallResult(name, planned.hidden, False, f"the answer could not be read: {reply}")
     verdict = planned.check.verdict(planned.inputs, reply)
     return CallResult(name, planned.hidden, verdict.passed, verdict.message, verdict.grader_error)

@@ -2,7 +2,7 @@
 
 Both sides use this module; neither trusts what it reads. The grader's side (session.py) checks every
 message from the sandbox against the schema below before using any of it, and a probe's reply is data in
-the wire format of `lorakit.checks.judged` (tensors as raw bytes with dtype and shape, never pickle),
+the wire format of `lorakit.checks.wire` (tensors as raw bytes with dtype and shape, never pickle),
 decoded with its limits. Nothing here is secret: the learner can read this file, and can write anything
 to these pipes; what keeps a grade honest is that the verdict is decided on the grader's side.
 
@@ -23,9 +23,9 @@ from __future__ import annotations
 import json
 import os
 
-from ..checks import judged
+from ..checks import wire
 
-MAX_MESSAGE = judged.MAX_DATA_BYTES + 4 * 2**20   # bytes of one line: a reply plus its captured outputs
+MAX_MESSAGE = wire.MAX_DATA_BYTES + 4 * 2**20   # bytes of one line: a reply plus its captured outputs
 MAX_OUTPUT_TEXT = 64 * 1024                        # characters of one output's text kept by the grader
 MAX_OUTPUTS = 200                                  # outputs kept per cell
 OUTPUT_MIMES = ("image/png", "text/html", "text/plain")
@@ -109,10 +109,10 @@ def parse(line: bytes) -> dict:
     An answer's "reply" is left as parsed JSON: `reply()` decodes it (a bad reply fails one check, not the
     conversation)."""
     try:
-        msg = judged.loads(line.decode("utf-8"), where="a message", limit=MAX_MESSAGE)
+        msg = wire.loads(line.decode("utf-8"), where="a message", limit=MAX_MESSAGE)
     except UnicodeDecodeError:
         raise ProtocolError("a message that is not UTF-8 text") from None
-    except judged.DataError as e:
+    except wire.DataError as e:
         raise ProtocolError(f"a message that is not JSON ({e})") from None
     if not isinstance(msg, dict) or not isinstance(msg.get("op"), str):
         raise ProtocolError("a message without an op")
@@ -143,8 +143,8 @@ SCHEMA = {
 
 
 def reply(msg: dict):
-    """The decoded reply of an answer message; judged.DataError (with the reason) when it is not data."""
-    return judged.from_json(msg["reply"], where="the reply")
+    """The decoded reply of an answer message; wire.DataError (with the reason) when it is not data."""
+    return wire.from_json(msg["reply"], where="the reply")
 
 
 def outputs(raw) -> list[dict]:

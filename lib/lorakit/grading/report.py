@@ -1,8 +1,6 @@
 """What grading leaves behind: the nbgrader gradebook, grades.csv, feedback HTML, Gradescope results.json.
 
-- The gradebook is nbgrader's own (any SQLAlchemy URL: SQLite by default, PostgreSQL for a team or for
-  several machines grading shards of one class); only the grader writes to it, never a sandbox. Failed
-  submissions are flagged so they show up in nbgrader's formgrader.
+- The gradebook (gradebook.py) is nbgrader's own; only the grader writes to it, never a sandbox.
 - grades.csv has one row per submission with a `status` (graded / failed / grader error) and a `reason`, so a
   timeout is never mistaken for a real zero, nor a judge's bug for the learner's mistake.
 - Feedback HTML shows the learner their notebook with their own outputs and, under every test cell, each
@@ -21,7 +19,6 @@ import functools
 import html
 import json
 import threading
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -45,64 +42,6 @@ class Graded:
     @property
     def status(self) -> str:
         return self.outcome.status
-
-
-def gradebook(db_url: str):
-    """nbgrader's Gradebook at `db_url`, open. Two machines that create a new PostgreSQL gradebook's tables at
-    the same moment collide (a unique violation in the catalog); the loser waits and opens it again."""
-    from nbgrader.api import Gradebook
-    from sqlalchemy.exc import IntegrityError, ProgrammingError
-
-    from lorakit import course
-    from lorakit.env import scoped_environ
-    for attempt in range(6):
-        try:
-            # nbgrader runs the `alembic` command (installed beside this Python, whose folder need not be on
-            # PATH) when it creates a gradebook's tables, with this process's environment: it takes no env.
-            with scoped_environ(PATH=course.tools_env()["PATH"]):
-                return Gradebook(db_url)
-        except (IntegrityError, ProgrammingError):
-            if attempt == 5:
-                raise
-            time.sleep(0.3 * (attempt + 1))
-
-
-def write_gradebook(db_url: str, g: Graded, test_ids: list[str]) -> None:
-    """Record `g` in the gradebook: one auto_score per test cell, the notebook flagged when it failed."""
-    from nbgrader.api import InvalidEntry, MissingEntry
-    from sqlalchemy.exc import IntegrityError
-    import warnings
-    for attempt in range(5):  # another machine may create the same student at the same moment
-        try:
-            with warnings.catch_warnings(), gradebook(db_url) as gb:
-                warnings.simplefilter("ignore")  # nbgrader's own SQLAlchemy autoflush warnings
-                gb.update_or_create_student(g.student)
-                try:
-                    gb.find_submission(g.lesson, g.student)
-                except MissingEntry:
-                    gb.add_submission(g.lesson, g.student)
-                for gid in test_ids:
-                    grade = gb.find_grade(gid, g.lesson, g.lesson, g.student)
-                    t = g.outcome.tests.get(gid)
-                    grade.auto_score = 0.0 if t is None else float(t.points)
-                    grade.manual_score = None
-                nb = gb.find_submission_notebook(g.lesson, g.lesson, g.student)
-                nb.flagged = g.status != "graded" or bool(g.outcome.flags)
-                gb.db.commit()
-            return
-        except (InvalidEntry, IntegrityError):  # the other machine won the race: read it back and go on
-            if attempt == 4:
-                raise
-            time.sleep(0.2 * (attempt + 1))
-
-
-def read_gradebook(db_url: str, lesson: str) -> dict[str, float]:
-    """student -> auto score of `lesson` (for tests and for checking a shared gradebook)."""
-    out = {}
-    with gradebook(db_url) as gb:
-        for sub in gb.find_assignment(lesson).submissions:
-            out[sub.student.id] = float(sub.score)
-    return out
 
 
 def write_csv(results: list[Graded], path: Path, test_ids: list[str]) -> None:

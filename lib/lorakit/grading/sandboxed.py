@@ -21,7 +21,7 @@ import os
 import signal
 import sys
 
-from ..checks import judged
+from ..checks import judged, wire
 from .protocol import Channel, close_fds
 
 MAX_CELL_OUTPUT = 64 * 1024          # characters of text kept per cell
@@ -155,9 +155,9 @@ def _probe(request: dict, namespace: dict) -> str:
         kw_objects = {k: eval(compile(a, "<argument>", "eval", dont_inherit=True), namespace)
                       for k, a in request["kwargs"].items()}
         check = judged.find(request["check"])
-        inputs = judged.from_json(request["inputs"], where="inputs")
+        inputs = wire.from_json(request["inputs"], where="inputs")
     except Exception as e:  # noqa: BLE001 - e.g. NameError: the exercise cell was not run
-        return judged.encode({"ok": False, "error": {"type": type(e).__name__, "message": str(e)[:2000]}},
+        return wire.encode({"ok": False, "error": {"type": type(e).__name__, "message": str(e)[:2000]}},
                              where="error")
     return judged.run_probe(check, inputs, objects, kw_objects)
 
@@ -211,7 +211,7 @@ def execute(spec: dict, rfd: int, wfd: int) -> int:
                 try:
                     reply = timed(_probe, request, shell.user_ns)
                 except BaseException as e:  # noqa: BLE001 - a timeout (or SystemExit) inside the learner's code
-                    reply = judged.encode({"ok": False, "error": {"type": type(e).__name__, "message": str(e)[:2000]}},
+                    reply = wire.encode({"ok": False, "error": {"type": type(e).__name__, "message": str(e)[:2000]}},
                                           where="error")
                 if os.getpid() != runner_pid:  # a copy forked inside a probe stops here
                     os._exit(0)

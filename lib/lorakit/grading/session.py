@@ -19,7 +19,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..checks import judged
+from ..checks import wire
 from . import judge, protocol
 from .protocol import ProtocolError
 
@@ -185,7 +185,7 @@ class Session:
             self.out.outputs[index] += msg["outputs"]
             try:
                 reply = protocol.reply(msg)
-            except judged.DataError as e:
+            except wire.DataError as e:
                 reply = e
             t = time.monotonic()
             results.append(judge.judge(p, reply))

@@ -3,7 +3,7 @@
 - `build_key()` registers the lesson in the gradebook with nbgrader's own `generate_assignment` and reads
   the graded cells back from it: the test cells with their hidden part, their points, and the release
   order of every cell, so a deleted or edited test cell can be put back exactly as the instructor wrote it.
-  Each test cell is read as calls of judged checks (`lorakit.checks.judged.calls`, with the aliases bound
+  Each test cell is read as calls of judged checks (`testcells.calls`, with the aliases bound
   by the instructor's earlier cells); a test cell that is anything else makes the lesson ungradable, and
   the error says which cell and line.
 - `collect()` finds submissions in a folder, a single notebook, or an LMS zip download, and names the
@@ -27,6 +27,7 @@ import nbformat
 
 from .. import course
 from ..checks import judged
+from . import testcells
 
 HIDDEN_BEGIN = "### BEGIN HIDDEN TESTS"
 HIDDEN_END = "### END HIDDEN TESTS"
@@ -41,7 +42,7 @@ class KeyCell:
     source: str          # the instructor's source, hidden tests included
     points: float = 0.0
     cell_type: str = "code"
-    calls: list = field(default_factory=list)   # test cells: their judged-check calls (judged.Call)
+    calls: list = field(default_factory=list)   # test cells: their judged-check calls (testcells.Call)
     names: dict = field(default_factory=dict)   # test cells: alias -> lorakit.checks module their imports bind
 
     @property
@@ -92,7 +93,7 @@ def read_calls(lesson: str, cells: list[tuple[str | None, str]], key_cells: dict
         kc = key_cells.get(gid) if gid else None
         if kc is not None and kc.kind == "test":
             try:
-                kc.calls = judged.calls(kc.source, known)
+                kc.calls = testcells.calls(kc.source, known)
                 for c in kc.calls:
                     judged.find(c.check)
             except (ValueError, TypeError, LookupError, SyntaxError) as e:
@@ -101,10 +102,10 @@ def read_calls(lesson: str, cells: list[tuple[str | None, str]], key_cells: dict
                     "lorakit.checks and calls of judged checks (docs/authoring.md, 'Writing a check').") from None
             if not kc.calls:
                 raise course.CourseError(f"{lesson}: test cell {gid} calls no judged check, so it could never fail")
-            kc.names = judged.aliases(kc.source)
+            kc.names = testcells.aliases(kc.source)
             source = kc.source
         try:
-            known.update(judged.aliases(source))
+            known.update(testcells.aliases(source))
         except SyntaxError:
             pass
 
@@ -179,7 +180,7 @@ def _key_from_gradebook(lesson: str, db_url: str, solution) -> Key | None:
     from nbgrader.api import MissingEntry
     if db_url.startswith("sqlite:///") and not Path(db_url.removeprefix("sqlite:///")).is_file():
         return None
-    from .report import gradebook
+    from .gradebook import gradebook
     with gradebook(db_url) as gb:
         try:
             nb = gb.find_notebook(lesson, lesson)

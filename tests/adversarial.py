@@ -1,6 +1,7 @@
 """Submissions that test the grader: honest ones (correct, wrong, partial) built from any lesson, and
 adversarial ones for lesson 00 that try every trick we know of, written by someone who has read the whole
-kit, the grader included. Used by tests/test_grading.py and benchmarks/bench_grading.py.
+kit, the grader included. Used by tests/test_grading.py and benchmarks/bench_grading.py. It lives under
+tests/, not in the package: the attack table is for the kit's own tests, not something the grader ships.
 
 Each entry of `lesson00(...)` is (notebook or raw bytes, Expected): the honest score, the status and the
 reason the grader must report, and whether it must be flagged. A cheat must never score more than its
@@ -15,8 +16,8 @@ from dataclasses import dataclass
 
 import nbformat
 
-from .. import course
-from .submission import cell_id
+from lorakit import course
+from lorakit.grading.submission import cell_id
 
 
 @dataclass
