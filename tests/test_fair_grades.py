@@ -113,6 +113,32 @@ def test_verdicts_judged_at_once_in_threads_equal_the_ones_judged_alone(jobs, re
     assert not differ, differ
 
 
+RACE = """
+import threading
+from lorakit.grading import judge, testcells
+errors = []
+def plan(name):
+    try:
+        judge.plan([testcells.Call(f"lorakit.checks.lora.{name}", ["x"], {}, "grading", 1)])
+    except Exception as e:
+        errors.append(f"{type(e).__name__}: {e}")
+threads = [threading.Thread(target=plan, args=(n,)) for n in ("inject_lora", "lora_linear", "training_step", "peft_equal")]
+[t.start() for t in threads]
+[t.join() for t in threads]
+print(errors)
+"""
+
+
+def test_first_draws_in_a_fresh_grader_do_not_race_on_lazy_imports():
+    """Four threads of a fresh process drawing lesson 02's inputs at once: without the grader taking turns,
+    transformers' lazy names raced ("cannot import name 'LlamaConfig' from 'transformers'") and whole
+    submissions failed."""
+    import subprocess
+    out = subprocess.run([sys.executable, "-c", RACE], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1] == "[]", out.stdout
+
+
 def test_draw_and_judge_leave_the_global_generators_alone(jobs, replies):
     """Drawing inputs and judging a reply (the trusted side's whole work) neither reads nor moves torch's or
     Python's global random generator: a notebook's random numbers are the same with or without a check."""

@@ -11,12 +11,18 @@ reference on the same inputs. A test cell's points are earned when every call in
 A judge that raises on a reply of the right shape is a bug of the kit, not the learner's mistake: its call is
 a grader error (`CallResult.grader_error`), the cell earns nothing until the kit is fixed and the submission
 graded again, and the submission's status says so (`grader_errors`) while its other cells keep their results.
-Judges of several submissions run in threads of this process: a check's draw and judge use no global state
-(see lorakit.checks.judged), so a verdict is the same however many are judged at once.
+Judges of several submissions run in threads of this process. A check's draw and judge use no global state
+(see lorakit.checks.judged; tests/test_fair_grades.py judges every check from eight threads at once), but the
+libraries under them are not all thread-safe: transformers 5 resolves its names lazily, and two threads that
+resolve one at the same moment can get "cannot import name 'LlamaConfig' from 'transformers'" (measured here:
+four lesson 02 submissions at --workers 4; the race is vllm-project/vllm#40442). So drawing and judging take
+turns in this process (`_TURN`): it is the grader's time, short beside running the notebooks, which stay
+parallel in their sandboxes, and none of it is counted against a submission's time limit.
 """
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass, field
 
 from ..checks import judged, wire
@@ -73,10 +79,11 @@ class TestResult:
 def plan(calls: list[testcells.Call]) -> list[Planned]:
     """Draw the inputs of every call (visible: the literal seed; hidden: a fresh secret one)."""
     out = []
-    for call in calls:
-        check = judged.find(call.check)
-        inputs = check.inputs(judged.draw_seed(call.seed), grading=call.seed == judged.GRADING)
-        out.append(Planned(call, check, inputs, wire.encode(inputs, where=f"{call.check}: inputs")))
+    with _TURN:
+        for call in calls:
+            check = judged.find(call.check)
+            inputs = check.inputs(judged.draw_seed(call.seed), grading=call.seed == judged.GRADING)
+            out.append(Planned(call, check, inputs, wire.encode(inputs, where=f"{call.check}: inputs")))
     return out
 
 
@@ -85,8 +92,12 @@ def judge(planned: Planned, reply) -> CallResult:
     name = planned.call.check.removeprefix("lorakit.checks.")
     if isinstance(reply, wire.DataError):
         return CallResult(name, planned.hidden, False, f"the answer could not be read: {reply}")
-    verdict = planned.check.verdict(planned.inputs, reply)
+    with _TURN:
+        verdict = planned.check.verdict(planned.inputs, reply)
     return CallResult(name, planned.hidden, verdict.passed, verdict.message, verdict.grader_error)
+
+
+_TURN = threading.Lock()   # one draw or judge at a time in this process (see the module docstring)
 
 
 def cell_result(grade_id: str, points: float, results: list[CallResult], expected: int) -> TestResult:
