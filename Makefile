@@ -19,6 +19,11 @@ export TQDM_MININTERVAL ?= $(if $(shell test -t 2 && echo tty),0.1,30)
 # the hub model a learner asks for, so it is set for the test commands only, not exported.
 OFFLINE := HF_HUB_OFFLINE=1
 FAST := not notebooks and not browser and not slow
+# In `make test-fast`, a test that takes longer than this (setup and run) without the slow, notebooks or
+# browser mark fails (tests/conftest.py): the quick loop stays the quick loop it promises (under 2 minutes on
+# 2 cores). `make test` (CI) is not failed by a wall-clock time: CI's machine may be slower or busier than a
+# contributor's (a 2 s test took 7 s on a loaded machine); it prints the 25 slowest tests instead.
+SLOW_AFTER ?= 5
 
 .PHONY: lab test test-fast course lessons grade bench env lock install clean
 
@@ -41,7 +46,7 @@ test: $(VENV)/.installed-dev
 
 # Everything but the notebook runs, the browser and the long grading cases: the contributor's quick loop.
 test-fast: $(VENV)/.installed-dev
-	$(OFFLINE) $(BIN)/python -m pytest -m "$(FAST)" $(PYTEST_ARGS)
+	$(OFFLINE) $(BIN)/python -m pytest -m "$(FAST)" --slow-after=$(SLOW_AFTER) $(PYTEST_ARGS)
 
 course: $(VENV)/.installed-dev
 	$(BIN)/lorakit run --params grading/ci_params.yml

@@ -9,7 +9,8 @@ import torch
 from lorakit import course
 from lorakit.checks import CheckFailed
 from lorakit.checks import beyond_lora as check
-from lorakit.checks.judged import aliases, calls, find
+from lorakit.checks.judged import find
+from lorakit.grading.testcells import aliases, calls
 from lorakit.loftq import loftq_iteration, low_rank
 from lorakit.lora import concat_lora
 from lorakit.nf4 import dequantize_nf4, quantize_nf4
@@ -82,6 +83,15 @@ def test_loftq_mistakes_are_named():
         check.loftq_iteration(ignores_scaling)
     with pytest.raises(CheckFailed, match="tuple"):
         check.loftq_iteration(returns_dequantized)
+
+    def in_float64(W, A, B, r, s=1.0):   # the method, with W - s B A computed in float64 and quantized as float32
+        W64 = W.double()
+        target = W64 if A is None else W64 - s * (B.double() @ A.double())
+        packed, state = quantize_nf4(target.float(), blocksize=64, double_quant=False)
+        return (packed, state, *low_rank(W.float() - dequantize_nf4(packed, state, dtype=torch.float32), r, s))
+
+    with pytest.raises(CheckFailed, match="the precision is not.*float32"):
+        check.loftq_iteration(in_float64)
 
 
 def test_concat_mistakes_are_named():
@@ -204,6 +214,10 @@ def test_what_lesson_07_says_about_the_shipped_starts_is_what_they_show():
     assert high - mid > 2 * (mid - low)
     pairs = [(a, b) for i, a in enumerate(others) for b in others[i + 1:]]
     assert all(lab.compare(table, a, b).winner is None for a, b in pairs)          # exact match ranks none of them
+    touching = [(a, b) for a, b in pairs if min(lab.seed_values(table, a)) == max(lab.seed_values(table, b))
+                or min(lab.seed_values(table, b)) == max(lab.seed_values(table, a))]
+    assert len(touching) == 2   # "overlap, or touch": two pairs share only one value (110 of 200), the rest overlap
+    assert all(110 / 200 in lab.seed_values(table, a) + lab.seed_values(table, b) for a, b in touching)
     assert any(lab.compare(table, a, b, "answer_loss").winner for a, b in pairs)   # the loss separates some pairs
     lab_runs = lab.committed_results()   # the lab's own default at alpha = 16 got further; this default repeats it
     assert lab.compare(lab_runs, "lora_r4_a16_all-linear", default).winner == "lora_r4_a16_all-linear"
@@ -212,6 +226,7 @@ def test_what_lesson_07_says_about_the_shipped_starts_is_what_they_show():
         lab.results_path("reduced")
 
 
+@pytest.mark.slow
 def test_loraplus_ratio_reaches_the_experiment_notebooks_optimizer(tmp_path):
     """The grid's LORAPLUS_LR_RATIO builds peft's LoRA+ optimizer in the experiment notebook: every lora_B weight
     learns at ratio x the learning rate, every lora_A weight at the learning rate (one short real run)."""
@@ -270,3 +285,81 @@ def test_lesson_verdicts_on_the_starts_are_the_labs_rule(monkeypatch):
             c = real(table, name, default, m)
             want = lab.NOT_DISTINGUISHABLE if c.winner is None else ("better" if c.winner == name else "worse")
             assert row[lab.LABELS[m]] == want, (name, m)
+
+
+def _lesson_text(starts: str) -> str:
+    nb = nbformat.read(course.solution_path(LESSON), as_version=4)
+    return next(c.source for c in nb.cells if c.source.startswith(starts))
+
+
+def test_loraplus_optimizer_has_the_four_groups_lesson_07_describes():
+    """peft's create_loraplus_optimizer: A at lr; embedding adapters at loraplus_lr_embedding (1e-6 by default);
+    the B side, 1-dimensional parameters included, at lr * ratio; and the B side's no-weight-decay parameters at
+    lr * ratio with weight decay 0."""
+    import warnings
+
+    from peft import LoraConfig, get_peft_model
+    from peft.optimizers import create_loraplus_optimizer
+
+    from lorakit.checks.lora import small_config, small_model
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = get_peft_model(small_model(small_config(), 0), LoraConfig(
+            r=2, target_modules=["q_proj", "v_proj", "embed_tokens"], use_dora=True))
+    opt = create_loraplus_optimizer(model, optimizer_cls=torch.optim.AdamW, lr=1e-3, loraplus_lr_ratio=16,
+                                    loraplus_weight_decay=0.1)
+    names = {id(p): n for n, p in model.named_parameters()}
+    kind = {i: next(part for part in n.split(".") if part.startswith("lora_")) for i, n in names.items() if "lora_" in n}
+    groups = [(g["lr"], g["weight_decay"], sorted(kind[id(p)] for p in g["params"])) for g in opt.param_groups]
+    assert len(groups) == 4
+    (lr_a, wd_a, a), (lr_e, wd_e, e), (lr_b, wd_b, b), (lr_b0, wd_b0, _) = groups
+    assert (lr_a, wd_a) == (1e-3, 0.1) and set(a) == {"lora_A"}
+    assert (lr_e, wd_e) == (1e-6, 0.1) and e and all(n.startswith("lora_embedding") for n in e)
+    assert (lr_b, wd_b, lr_b0, wd_b0) == (16e-3, 0.1, 16e-3, 0.0)
+    assert {"lora_B", "lora_magnitude_vector"} <= {n for n in b}      # DoRA's 1-D magnitudes go to the B side
+    text = " ".join(_lesson_text("Every choice starts from the same function").split())
+    assert "four groups: the `A` side at `lr`" in text and "`loraplus_lr_embedding` (default 1e-6)" in text
+    assert "at `lr * loraplus_lr_ratio`, in two groups" in text and "weight decay 0" in text
+
+
+def test_nfquantizer_is_gone_from_the_tested_peft():
+    """Lesson 07: peft shipped NFQuantizer from its LoftQ integration (0.7) to 0.19; 0.20 removed it."""
+    import peft
+    from packaging.version import Version
+    from peft.utils import loftq_utils
+
+    assert Version(peft.__version__) >= Version("0.20") and not hasattr(loftq_utils, "NFQuantizer")
+    assert "(peft 0.7, PR #1150) to 0.19" in _lesson_text("**Where the quantizers agree")
+
+
+def test_linear_combination_is_the_weighted_sum_of_square_root_weighted_factors():
+    """peft's add_weighted_adapter(combination_type="linear"), as lesson 07 states it: A = sum sqrt(w s) A_i,
+    B = sum sqrt(w s) B_i, scaling 1, so B A = sum w s B_i A_i + cross terms; "cat" has no cross terms."""
+    import warnings
+
+    from peft import LoraConfig, get_peft_model
+
+    from lorakit.checks.lora import small_config, small_model
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = get_peft_model(small_model(small_config(), 0), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"]),
+                               adapter_name="a")
+        model.add_adapter("b", LoraConfig(r=4, lora_alpha=12, target_modules=["q_proj"]))
+    layer = model.base_model.model.model.layers[0].self_attn.q_proj
+    with torch.no_grad():
+        for name in ("a", "b"):
+            layer.lora_B[name].weight.normal_()
+    weights = [0.7, 1.5]
+    model.add_weighted_adapter(["a", "b"], weights, "linear", combination_type="linear")
+    model.add_weighted_adapter(["a", "b"], weights, "cat", combination_type="cat")
+    c = [w * layer.scaling[n] for w, n in zip(weights, "ab")]
+    A = sum(c_i ** 0.5 * layer.lora_A[n].weight for c_i, n in zip(c, "ab"))
+    B = sum(c_i ** 0.5 * layer.lora_B[n].weight for c_i, n in zip(c, "ab"))
+    assert layer.scaling["linear"] == 1.0
+    assert torch.allclose(layer.lora_A["linear"].weight, A) and torch.allclose(layer.lora_B["linear"].weight, B)
+    wanted = sum(c_i * layer.lora_B[n].weight @ layer.lora_A[n].weight for c_i, n in zip(c, "ab"))
+    cat = layer.scaling["cat"] * layer.lora_B["cat"].weight @ layer.lora_A["cat"].weight
+    assert torch.allclose(cat, wanted, atol=1e-6) and not torch.allclose(B @ A, wanted, atol=1e-3)
+    assert "\\sqrt{w_i s_i}" in _lesson_text("`add_weighted_adapter` builds")

@@ -12,24 +12,23 @@ for the kernel, saves with Ctrl+S, and asserts what a learner would see:
 
 A screenshot of each executed notebook goes to build/screenshots/NN_topic.png (a CI artifact).
 
+Every lesson runs, in course order, on every run: the same commit gives the same run. The executed notebook
+JupyterLab saved is also the solution run that tests/test_notebooks.py reads (the `solution_runs` fixture of
+tests/conftest.py), so a lesson run here is not run again with papermill; this file runs first.
+
 Chromium: Debian's `chromium` package (tests/install_chromium.sh installs it; Playwright's own browser
-download is not used). Without it, or without Playwright, the test skips and says why.
+download is not used). Without it, or without Playwright, the test skips and says why; in CI it fails.
 
 Knobs (environment variables):
     LORAKIT_CHROMIUM         the browser binary (default /usr/bin/chromium)
     LORAKIT_BROWSER_LESSONS  which lessons: "all" (default), or names/numbers separated by commas or spaces
-    LORAKIT_BROWSER_PARAMS   a YAML parameters file applied on top of grading/ci_params.yml
+    LORAKIT_BROWSER_PARAMS   a YAML parameters file applied on top of grading/ci_params.yml (its runs are then
+                             not shared with tests/test_notebooks.py)
     LORAKIT_BROWSER_TIMEOUT  seconds one lesson may take to run all cells (default 300)
-    LORAKIT_BROWSER_BUDGET   seconds for the whole browser test (default 240; 0: no limit). Lessons that
-                             would start after the budget is spent are skipped, saying so. The lessons run
-                             in an order that rotates by one each day, so over a week CI covers all of them
-                             even when one run covers only some; LORAKIT_BROWSER_LESSONS=all with
-                             LORAKIT_BROWSER_BUDGET=0 runs every lesson.
 """
 
 from __future__ import annotations
 
-import datetime
 import json
 import os
 import re
@@ -47,7 +46,7 @@ import pytest
 
 from lorakit import course
 
-pytestmark = pytest.mark.browser
+pytestmark = [pytest.mark.browser, pytest.mark.installed_by("install_chromium")]
 
 ROOT = course.course_root()
 CHROMIUM = os.environ.get("LORAKIT_CHROMIUM", "/usr/bin/chromium")
@@ -55,7 +54,7 @@ CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic"
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 SCREENSHOTS = ROOT / "build" / "screenshots"
 RUN_TIMEOUT = float(os.environ.get("LORAKIT_BROWSER_TIMEOUT", "300"))
-BUDGET = float(os.environ.get("LORAKIT_BROWSER_BUDGET", "240"))
+EXTRA_PARAMS = os.environ.get("LORAKIT_BROWSER_PARAMS")
 WIDGET_MIME = "application/vnd.jupyter.widget-view+json"
 # Code that puts a widget on screen, or draws a figure (the lesson must then show at least one of each).
 USES_WIDGETS = re.compile(r"\bexplore\(|\bipywidgets\b|\binteract(ive)?\(|\bwidgets\.\w+\(")
@@ -70,11 +69,7 @@ def _chosen_lessons() -> list[str]:
     wanted = os.environ.get("LORAKIT_BROWSER_LESSONS", "all").strip()
     if wanted not in ("", "all"):
         return course.select([w for w in re.split(r"[,\s]+", wanted) if w])
-    names = course.lessons()
-    if BUDGET <= 0 or not names:
-        return names
-    shift = datetime.date.today().toordinal() % len(names)  # under a budget: a different first lesson each day
-    return names[shift:] + names[:shift]
+    return course.lessons()
 
 
 def _skip_reason() -> str | None:
@@ -177,7 +172,6 @@ def lab(tmp_path_factory):
     if reason:
         pytest.skip(reason)
     server = Lab(tmp_path_factory.mktemp("lab"))
-    server.started = time.monotonic()
     yield server
     server.stop()
 
@@ -200,9 +194,8 @@ def _prepare(lesson: str, folder: Path) -> tuple[Path, nbformat.NotebookNode]:
     from papermill.iorw import load_notebook_node
     from papermill.parameterize import parameterize_notebook
     params = course.params_for(lesson, course.load_params(ROOT / "grading" / "ci_params.yml"))
-    extra = os.environ.get("LORAKIT_BROWSER_PARAMS")
-    if extra:
-        params.update(course.params_for(lesson, course.load_params(extra)))
+    if EXTRA_PARAMS:
+        params.update(course.params_for(lesson, course.load_params(EXTRA_PARAMS)))
     nb = load_notebook_node(str(course.solution_path(lesson)))  # papermill's reader (it normalises tags)
     if params:
         nb = parameterize_notebook(nb, params, kernel_name="python3")
@@ -318,21 +311,19 @@ def _label(nb, i: int) -> str:
 
 @pytest.mark.timeout(RUN_TIMEOUT + 240)
 @pytest.mark.parametrize("lesson", _chosen_lessons())
-def test_lesson_runs_in_jupyterlab(lesson, lab, browser):
-    spent = time.monotonic() - lab.started
-    if BUDGET > 0 and spent > BUDGET:
-        pytest.skip(f"browser budget spent ({spent:.0f} s of LORAKIT_BROWSER_BUDGET={BUDGET:.0f}); {lesson} runs "
-                    f"first on another day, or now with LORAKIT_BROWSER_LESSONS={lesson}")
+def test_lesson_runs_in_jupyterlab(lesson, lab, browser, solution_runs):
     folder = lab.notebooks / lesson
     folder.mkdir()
     path, nb = _prepare(lesson, folder)
     page = browser.new_page()
     page.set_default_timeout(30_000)
+    t0 = time.perf_counter()
     try:
         page.goto(lab.url(f"lab/workspaces/{lesson}/tree/{lesson}/{path.name}") + "&reset", wait_until="domcontentloaded", timeout=90_000)
         _run_all(page, lab, lesson, len(nb.cells))
         page.wait_for_timeout(1000)  # late display messages (widgets render after their cell finishes)
         saved = _save(page, path)
+        seconds = time.perf_counter() - t0
         dom = page.evaluate(OUTPUTS_JS)
         shot = _screenshot(page, lesson)
     finally:
@@ -340,15 +331,19 @@ def test_lesson_runs_in_jupyterlab(lesson, lab, browser):
         lab.shutdown_kernels()
 
     where = f"{lesson} (screenshot: {shot.relative_to(ROOT)})"
-    assert len(dom) == len(saved.cells), f"{where}: the page shows {len(dom)} cells, the notebook has {len(saved.cells)}"
-
     # 1. no error output, and every code cell ran
     errors = [f"{_label(saved, i)}: {o.get('ename')}: {o.get('evalue')}"
               for i, c in enumerate(saved.cells) if c.cell_type == "code"
               for o in c.outputs if o.get("output_type") == "error"]
-    assert not errors, f"{where}: cells failed in JupyterLab:\n  " + "\n  ".join(errors)
     not_run = [_label(saved, i) for i, c in enumerate(saved.cells)
                if c.cell_type == "code" and c.source.strip() and c.execution_count is None]
+    if not EXTRA_PARAMS:  # the solution run with the CI parameters: tests/test_notebooks.py reads it too
+        problem = "; ".join(errors) or (f"these cells never ran: {not_run}" if not_run else "")
+        solution_runs.put(course.RunResult(lesson, "failed" if problem else "ok", seconds, path,
+                                           f"{lesson} in JupyterLab: {problem}" if problem else "",
+                                           course.graded_cells(saved)), "JupyterLab in Chromium (tests/test_browser.py)")
+    assert len(dom) == len(saved.cells), f"{where}: the page shows {len(dom)} cells, the notebook has {len(saved.cells)}"
+    assert not errors, f"{where}: cells failed in JupyterLab:\n  " + "\n  ".join(errors)
     assert not not_run, f"{where}: these cells never ran: {not_run}"
 
     # 2. widgets are widgets

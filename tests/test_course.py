@@ -51,6 +51,7 @@ def tiny_course(tmp_path, monkeypatch):
     return tmp_path
 
 
+@pytest.mark.slow
 def test_failing_notebook_names_lesson_and_cell(tiny_course, capsys):
     assert cli.main(["run", "98"]) == 1
     out = capsys.readouterr().out
@@ -65,6 +66,7 @@ def test_parameters_are_injected(tiny_course, tmp_path):
     assert r.status == "ok" and r.graded == [("ex98_one_test", True, "")]
 
 
+@pytest.mark.slow
 def test_generated_student_version_stubs_the_solution(tiny_course):
     [path] = course.generate_lessons(["98"])
     text = path.read_text()
@@ -97,3 +99,39 @@ def test_setup_cell_is_a_no_op_off_colab_and_installs_on_colab(tmp_path, monkeyp
     assert calls == course.colab_install_commands()
     assert calls[0][-1].startswith("lorakit @ git+" + course.REPOSITORY)
     assert calls[1][-2:] == ["lorakit.install", "colab"]
+
+
+def _executed(cells):
+    """A notebook as nbclient leaves it: (cell, error name or None) pairs become cells with an error output."""
+    import nbformat
+    nb = course.notebook([c for c, _ in cells])
+    for cell, error in cells:
+        if cell.cell_type == "code":
+            cell.outputs = [nbformat.v4.new_output("error", ename=error, evalue="", traceback=[])] if error else []
+    return nb
+
+
+def _stubbed(grade_id, source):
+    """An exercise cell as the student version holds it: nbgrader's stub in place of the solution."""
+    cell = course.exercise(grade_id, "### BEGIN SOLUTION\n### END SOLUTION")
+    cell.source = source
+    return cell
+
+
+def test_stopped_cells_are_the_errors_outside_test_cells_and_value_stubs():
+    """Run All on a student version may raise in a graded test cell, and in an exercise whose stub itself raises at
+    the top level (an answer that is a value); anywhere else a raise stops the lesson before its end and is reported."""
+    nb = _executed([
+        (course.markdown("# a lesson"), None),
+        (_stubbed("ex_table", "# ex_table\n# YOUR CODE HERE\nraise NotImplementedError()"), "NotImplementedError"),
+        (_stubbed("ex_fn", "# ex_fn\ndef f():\n    # YOUR CODE HERE\n    raise NotImplementedError()\n\n\nf()"),
+         "NotImplementedError"),
+        (course.test("ex_fn_test", "check.f(f)"), "CheckFailed"),
+        (course.code("print(f())"), "NotImplementedError"),
+        (course.code("print('fine')"), None),
+    ])
+    stopped = course.stopped_cells(nb)
+    assert len(stopped) == 2, stopped
+    assert stopped[0].startswith("cell 2 (ex_fn): NotImplementedError")   # the demo call inside the exercise cell
+    assert stopped[1].startswith("cell 4 (print(f())): NotImplementedError")
+    assert course.stopped_cells(_executed([(course.code("x = 1"), None)])) == []

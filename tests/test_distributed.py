@@ -11,7 +11,6 @@ import os
 import shlex
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -108,6 +107,18 @@ def test_fsdp_qlora_70b_on_two_24gb_gpus_matches_the_published_verdicts():
     offload = memory.estimate("llama-2-70b", "qlora", cpu_offload=True, **FSDP_QLORA_70B)
     assert without.gb > 24 > offload.gb
     assert 0.4 < offload.gb / 19.6 <= 1 and 0.6 < without.gb / 35.6 <= 1
+    # lesson 08 compares (it does not claim to reproduce): "about half ... with CPU offload and four fifths without"
+    assert round(offload.gb / 19.6, 1) == 0.5 and round(without.gb / 35.6, 1) == 0.8
+    import nbformat
+
+    from lorakit import course
+    nb = nbformat.read(course.solution_path("08_distributed"), as_version=4)
+    text = next(c.source for c in nb.cells if c.source.startswith("Compare, not reproduce"))
+    assert "about half the measurement with CPU offload and four fifths without" in text
+    assert not any("reproduced two published results" in c.source for c in nb.cells)
+    largest = max(m[1] * m[2] for n, m in memory.modules("llama-2-70b").items()
+                  if m[0] == "linear" and n.startswith("model.layers.0."))
+    assert round(largest * 2 / 1e9, 2) == 0.47          # the 16-bit copy of up_proj the estimate leaves out
 
 
 @pytest.mark.parametrize("kw, words", [
@@ -257,9 +268,9 @@ def test_zero_check_catches_a_stage_off_by_one():
 RUN = dict(max_steps=4, global_batch_size=8, n_train=64)
 
 
-def _launch(tmp_path, name, nproc, **kw):
+def _launch(tmp_path, name, nproc, timeout=300, **kw):
     cfg = distributed.RunConfig(out_dir=str(tmp_path / name / "out"), **{**RUN, **kw})
-    return distributed.accelerate_launch(distributed.write_launch_files(tmp_path / name, cfg, nproc), timeout=300)
+    return distributed.accelerate_launch(distributed.write_launch_files(tmp_path / name, cfg, nproc), timeout=timeout)
 
 
 @pytest.fixture(scope="module")
@@ -271,6 +282,7 @@ def runs(tmp_path_factory):
             "mean": _launch(tmp, "mean", 2, loss="mean_per_rank")}
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_two_processes_step_like_one_process_on_the_combined_batch(runs):
     one, ddp = runs["one"], runs["ddp"]
@@ -292,6 +304,7 @@ def _difference(a, b) -> float:
     return max((wa[k] - wb[k]).abs().max().item() for k in wa)
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_the_mean_per_rank_does_not_step_like_one_process(runs):
     """The course tasks mixed: answers of 2 and 4 tokens, so the slices hold different numbers of them."""
@@ -299,6 +312,7 @@ def test_the_mean_per_rank_does_not_step_like_one_process(runs):
     assert any(abs(a - b) > 1e-4 * abs(b) for a, b in zip(runs["mean"].losses, runs["one"].losses))
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_only_rank_0_writes_the_adapter(runs):
     for run in (runs["ddp"], runs["fsdp"]):
@@ -307,6 +321,7 @@ def test_only_rank_0_writes_the_adapter(runs):
                                                                     "adapter_model.safetensors"]
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_fsdp2_shards_the_model_and_steps_like_one_process(runs):
     one, fsdp = runs["one"], runs["fsdp"]
@@ -318,14 +333,16 @@ def test_fsdp2_shards_the_model_and_steps_like_one_process(runs):
     assert _difference(one, runs["mean"]) > 10 * _difference(one, fsdp)
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_a_crashed_worker_ends_the_run_with_its_rank_and_error(tmp_path):
-    t0 = time.monotonic()
+    """The surviving rank is stopped rather than left waiting for its peer: its collectives would wait 600 s
+    (timeout_s), and a launch still running after 120 s is killed with another error than the crash's."""
     with pytest.raises(distributed.DistributedRunError, match=r"rank 1 failed: RuntimeError: rank 1 was told to crash"):
-        _launch(tmp_path, "crash", 2, crash_rank=1, max_steps=3, timeout_s=60)
-    assert time.monotonic() - t0 < 240, "the surviving rank should be stopped, not wait for its peer"
+        _launch(tmp_path, "crash", 2, timeout=120, crash_rank=1, max_steps=3, timeout_s=600)
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_a_launch_that_overruns_its_timeout_is_stopped(tmp_path):
     cfg = distributed.RunConfig(out_dir=str(tmp_path / "slow" / "out"), **{**RUN, "max_steps": 10_000})
@@ -334,6 +351,7 @@ def test_a_launch_that_overruns_its_timeout_is_stopped(tmp_path):
         distributed.accelerate_launch(files, timeout=20)
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_the_written_script_runs_under_torchrun_too(tmp_path):
     """The script's docstring offers `torchrun --nproc_per_node 2 train_lora.py config.json`: it works."""
@@ -365,6 +383,7 @@ except distributed.DistributedRunError as e:
 """
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("crash", [None, 0])
 def test_notebook_launcher_runs_two_processes_and_reports_a_crash(tmp_path, crash):
@@ -379,6 +398,7 @@ def test_notebook_launcher_runs_two_processes_and_reports_a_crash(tmp_path, cras
         assert "ERROR=rank 0 failed: RuntimeError: rank 0 was told to crash" in res.stdout, res.stdout[-2000:]
 
 
+@pytest.mark.slow
 def test_notebook_launcher_refuses_after_bitsandbytes_is_imported(tmp_path):
     code = ("import bitsandbytes\nfrom lorakit import distributed\n"
             f"distributed.notebook_launch(distributed.RunConfig(out_dir={str(tmp_path)!r}), 2)")
@@ -426,16 +446,82 @@ def test_the_script_stores_4bit_weights_in_a_dtype_fsdp_can_shard():
     assert "FULL_SHARD over 2 processes" in summary and "bfloat16" in summary
 
 
+FSDP2 = {"fsdp_version": 2}
+
+
 @pytest.mark.parametrize("change, words", [
     (dict(storage="uint8"), "bnb_4bit_quant_storage=torch.bfloat16"),
     (dict(dtype="float32"), "load with dtype=torch.bfloat16"),
-    (dict(config={"mixed_precision": "fp16"}), "random numbers"),
+    (dict(config={"mixed_precision": "fp16"}, trainer=False), "without transformers' Trainer nothing stops it"),
+    (dict(storage="float32", dtype="float32", mixed_precision="bf16", trainer=False), "cast every parameter to bfloat16"),
+    (dict(storage="float32", dtype="float32", mixed_precision="bf16", fsdp=FSDP2), "under FSDP2 Trainer does not"),
     (dict(config={"distributed_type": "MULTI_GPU"}), "distributed_type: FSDP"),
+    (dict(mixed_precision="fp8"), "'no', 'bf16' or 'fp16'"),
 ])
 def test_check_fsdp_qlora_refuses_what_fsdp_cannot_train(change, words):
     cfg = {**_accelerate_config(), **change.get("config", {})}
+    cfg["fsdp_config"] = {**cfg["fsdp_config"], **change.get("fsdp", {})}
     with pytest.raises(ValueError, match=words):
-        distributed.check_fsdp_qlora(cfg, change.get("storage", torch.bfloat16), change.get("dtype", torch.bfloat16))
+        distributed.check_fsdp_qlora(cfg, change.get("storage", torch.bfloat16), change.get("dtype", torch.bfloat16),
+                                     mixed_precision=change.get("mixed_precision"), trainer=change.get("trainer", True))
+
+
+@pytest.mark.parametrize("storage, mixed", [("bfloat16", "bf16"), ("float32", "bf16"), ("float32", "no"),
+                                            ("bfloat16", "no"), ("float32", "fp16")])
+def test_check_fsdp_qlora_accepts_mixed_precision_where_nothing_casts_the_packed_weights(storage, mixed):
+    """Under Trainer with FSDP1 any mixed precision works with bf16 or fp32 storage (peft's guide: fp32 "for automatic
+    mixed precision"); without Trainer, and under FSDP2, only 'no' or the storage dtype itself."""
+    cfg = _accelerate_config()
+    assert "FULL_SHARD" in distributed.check_fsdp_qlora(cfg, storage, storage, mixed_precision=mixed)
+    fsdp2 = {**cfg, "fsdp_config": {**cfg["fsdp_config"], **FSDP2}}
+    same = mixed == "no" or {"bf16": "bfloat16", "fp16": "float16"}[mixed] == storage
+    for config, trainer in ((cfg, False), (fsdp2, True)):
+        if same:
+            distributed.check_fsdp_qlora(config, storage, storage, mixed_precision=mixed, trainer=trainer)
+        else:
+            with pytest.raises(ValueError, match="turns their bytes into other weights"):
+                distributed.check_fsdp_qlora(config, storage, storage, mixed_precision=mixed, trainer=trainer)
+
+
+def test_a_cast_to_another_dtype_rewrites_packed_weights_and_trainer_prevents_it_under_fsdp1():
+    """What check_fsdp_qlora's rule rests on, in the installed libraries: FSDP's MixedPrecision cast of 4-bit weights
+    packed as float32 to bf16 changes their bytes (and the weights), the cast to float32 does not; accelerate sets
+    FSDP's param_dtype to the run's mixed precision, and transformers' Trainer (FSDP1, a peft model on 4-bit weights
+    stored in a float dtype) resets it to the storage dtype; under FSDP2 Trainer does not call that reset."""
+    import inspect
+    import warnings
+    from types import SimpleNamespace
+
+    import bitsandbytes.functional as bnbF
+    from accelerate.utils import FullyShardedDataParallelPlugin
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig, Trainer
+    from transformers.distributed.fsdp import update_fsdp_plugin_peft
+
+    from lorakit import models
+
+    w = torch.randn(64, 128, generator=torch.Generator().manual_seed(0)) * 0.02
+    packed, state = bnbF.quantize_4bit(w, blocksize=64, quant_type="nf4", quant_storage=torch.float32)
+    same = bnbF.dequantize_4bit(packed.to(torch.float32), state)
+    cast = bnbF.dequantize_4bit(packed.to(torch.bfloat16).to(torch.float32), state)
+    assert torch.equal(same, bnbF.dequantize_4bit(packed, state))
+    assert (cast - w).abs().max() > max(w.abs().max(), 5 * (same - w).abs().max())   # errors larger than the weights
+    assert (packed.to(torch.bfloat16).to(torch.float32).view(torch.uint8) != packed.view(torch.uint8)).float().mean() > 0.3
+
+    plugin = FullyShardedDataParallelPlugin(fsdp_version=1)
+    plugin.set_mixed_precision("bf16")
+    assert plugin.mixed_precision_policy.param_dtype == torch.bfloat16
+    quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_quant_storage=torch.float32,
+                               bnb_4bit_compute_dtype=torch.bfloat16)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = AutoModelForCausalLM.from_pretrained(models.resolve(models.TINY), dtype=torch.float32,
+                                                     quantization_config=quant, device_map={"": "cpu"})
+        model = get_peft_model(model, LoraConfig(r=2, target_modules="all-linear"))
+    update_fsdp_plugin_peft(model, SimpleNamespace(state=SimpleNamespace(fsdp_plugin=plugin)))
+    assert plugin.mixed_precision_policy.param_dtype == torch.float32
+    loop = inspect.getsource(Trainer._prepare_for_training)
+    assert "update_fsdp_plugin_peft" in loop and "delay_optimizer_creation = False" in loop and "is_fsdp2" in loop
 
 
 def _launch_lines() -> dict[str, list[str]]:
@@ -496,6 +582,7 @@ def test_multi_node_launch_without_its_settings_says_which(tmp_path):
     assert res.returncode != 0 and "set NNODES" in res.stderr
 
 
+@pytest.mark.hardware
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message a machine without CUDA gets")
 def test_the_gpu_script_stops_at_once_without_cuda():
     res = subprocess.run([sys.executable, str(FILES["script"]), "--fsdp_config", str(FILES["accelerate_config"])],

@@ -3,6 +3,7 @@
 import copy
 import warnings
 
+import peft
 import pytest
 import torch
 from torch import nn
@@ -10,7 +11,6 @@ from torch import nn
 from lorakit.dora import DoRALinear, inject_dora, weight_norm
 from lorakit.lora import LoRALinear, lora_state_dict, trainable_parameters
 
-peft = pytest.importorskip("peft")
 ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 

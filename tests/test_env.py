@@ -6,6 +6,7 @@ import torch
 from lorakit import cli, env
 
 
+@pytest.mark.hardware
 def test_auto_device_is_cpu_without_gpu():
     if torch.cuda.is_available():
         pytest.skip("this test is about a machine without a GPU")
@@ -64,6 +65,7 @@ def test_cpu_bf16_only_with_bf16_units_that_onednn_uses(monkeypatch, caps, onedn
         assert "float32" in reason  # says what the kit does instead
 
 
+@pytest.mark.slow  # 5 s: starts a fresh interpreter
 def test_avx2_only_cpu_computes_in_float32():
     """The switches that make this machine an AVX2-only CPU (as most laptops are) really take the slow path,
     and the kit then picks float32 and says why, in `lorakit env` too."""

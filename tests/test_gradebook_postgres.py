@@ -26,6 +26,8 @@ from lorakit.grading import gradebook
 
 import adversarial  # tests/adversarial.py: the kit's own attack table
 
+pytestmark = [pytest.mark.slow, pytest.mark.installed_by("install_postgresql")]
+
 LESSON = "00_setup"
 # student -> (exercises solved, the score that earns: weights_gb needs bytes_per_param to be defined)
 CLASS = {f"student{i:02d}": kind for i, kind in enumerate([("all", 2), (set(), 0), ({"ex00_bytes_per_param"}, 1),
@@ -41,7 +43,7 @@ def _binary(name: str) -> str | None:
 @pytest.fixture(scope="module")
 def postgres():
     """A running PostgreSQL server in a temporary folder: yields its SQLAlchemy URL."""
-    pytest.importorskip("psycopg2", reason="no PostgreSQL driver (pip install psycopg2-binary, in the [dev] extra)")
+    import psycopg2  # noqa: F401  (the [dev] extra's driver: required, not optional)
     initdb, pg_ctl = _binary("initdb"), _binary("pg_ctl")
     if not (initdb and pg_ctl):
         pytest.skip("the PostgreSQL server binaries (initdb, pg_ctl) are not installed: "

@@ -1,9 +1,10 @@
 """The grading pipeline against known-good and known-bad submissions of lesson 00 (no model needed).
 
-One batch grades every submission of tests/adversarial.py with 2 workers, sandbox on; each one must
-get its honest score or an explicit failure with a reason, never more than it earned, flagged when it should
-be, and the gradebook must be intact afterwards. The rest are fast unit tests of the pieces (the protocol,
-merging, shards, zips, reports, flags), the exit status of `lorakit grade`, and `lorakit check`.
+One batch grades every submission of tests/adversarial.py with the default number of workers (as an
+instructor's `lorakit grade` does, so that judging several submissions at once is what is tested), sandbox on;
+each one must get its honest score or an explicit failure with a reason, never more than it earned, flagged
+when it should be, and the gradebook must be intact afterwards. The rest are fast unit tests of the pieces
+(the protocol, merging, shards, zips, reports, flags), the exit status of `lorakit grade`, and `lorakit check`.
 """
 
 import csv
@@ -49,13 +50,14 @@ def batch(tmp_path_factory, listener):
     subs.pop("correct_full")  # whole notebooks need realistic cell time limits: test_whole_notebooks
     adversarial.write(subs, tmp / "submissions")
     lines = []
-    results = grading.grade(LESSON, [tmp / "submissions"], workers=2, db=f"sqlite:///{db}", timeout=120,
+    results = grading.grade(LESSON, [tmp / "submissions"], db=f"sqlite:///{db}", timeout=120,
                             cell_timeout=CELL_TIMEOUT, out=tmp / "out",
                             limits=grading.Limits(memory_mb=2048, processes=64), echo=lines.append)
     return {"subs": subs, "results": {g.student: g for g in results}, "db": db, "out": tmp / "out", "log": lines,
             "real_db": (real_db, before)}
 
 
+@pytest.mark.slow
 def test_every_submission_is_reported(batch):
     assert set(batch["results"]) == set(batch["subs"])
     rows = list(csv.DictReader(open(batch["out"] / "grades.csv")))
@@ -64,6 +66,7 @@ def test_every_submission_is_reported(batch):
     assert all(r["reason"] for r in rows if r["status"] == "failed"), "a failed row must say why"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", [n for n in adversarial.lesson00() if n != "correct_full"])
 def test_honest_score_or_explicit_failure(batch, name):
     expected = batch["subs"][name][1]
@@ -77,6 +80,7 @@ def test_honest_score_or_explicit_failure(batch, name):
         assert o.reason and o.detail, f"{name}: a failure must say why"
 
 
+@pytest.mark.slow
 def test_protections_are_reported(batch):
     assert batch["log"][0].startswith("sandbox:")
     p = detect()
@@ -84,6 +88,7 @@ def test_protections_are_reported(batch):
         assert "protections OFF" in batch["log"][0]
 
 
+@pytest.mark.slow
 def test_gradebook_is_intact_and_matches_the_csv(batch):
     con = sqlite3.connect(batch["db"])
     assert con.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
@@ -100,6 +105,7 @@ def test_gradebook_is_intact_and_matches_the_csv(batch):
         assert hashlib.sha256(real_db.read_bytes()).hexdigest() == before, "the course gradebook changed"
 
 
+@pytest.mark.slow
 def test_feedback_never_shows_hidden_tests(batch):
     solution = nbformat.read(course.solution_path(LESSON), as_version=4)
     hidden_lines = set()
@@ -118,6 +124,7 @@ def test_feedback_never_shows_hidden_tests(batch):
             assert line not in text and json.dumps(line)[1:-1] not in text, f"{name}: results.json shows {line!r}"
 
 
+@pytest.mark.slow
 def test_a_thread_reading_frames_finds_no_hidden_test(batch):
     """The spy thread saw the grader's requests (so it really looked) and nothing more: no test source."""
     html = (batch["out"] / "feedback" / "frame_reader.html").read_text()
@@ -132,6 +139,7 @@ def html_escape(text):
     return html.escape(text)
 
 
+@pytest.mark.slow
 def test_results_json_is_gradescope_shaped(batch):
     data = json.loads((batch["out"] / "results" / "partial.json").read_text())
     assert data["score"] == 1 and data["max_score"] == 2
@@ -141,6 +149,7 @@ def test_results_json_is_gradescope_shaped(batch):
     assert "setup.weights_gb (inputs drawn when graded)" in data["tests"][1]["output"]
 
 
+@pytest.mark.slow
 def test_feedback_explains_failures_in_the_checks_words(batch):
     data = json.loads((batch["out"] / "results" / "wrong_values.json").read_text())
     assert "setup.bytes_per_param: fp32: expected 4.0 bytes per parameter, found 8" in data["tests"][0]["output"]
@@ -160,6 +169,7 @@ def test_feedback_explains_failures_in_the_checks_words(batch):
     assert "recovered from the cell's first line" in notes
 
 
+@pytest.mark.slow
 def test_shards_partition_a_class_into_one_gradebook(batch, tmp_path):
     """Two 'machines' grade slices 1/2 and 2/2 of a zip download into the same gradebook."""
     from lorakit import grading
@@ -173,7 +183,7 @@ def test_shards_partition_a_class_into_one_gradebook(batch, tmp_path):
     shutil.copy(batch["db"], db)  # the lesson is registered already
     seen = []
     for i in (1, 2):
-        res = grading.grade(LESSON, [zpath], workers=2, db=f"sqlite:///{db}", shard=f"{i}/2", out=tmp_path / f"out{i}",
+        res = grading.grade(LESSON, [zpath], db=f"sqlite:///{db}", shard=f"{i}/2", out=tmp_path / f"out{i}",
                             cell_timeout=30, echo=None)
         seen.append({g.student for g in res})
     assert not (seen[0] & seen[1])
@@ -184,6 +194,7 @@ def test_shards_partition_a_class_into_one_gradebook(batch, tmp_path):
     assert not (tmp_path.parent / "evil").exists()
 
 
+@pytest.mark.slow
 def test_whole_notebooks(batch, tmp_path):
     """The whole lesson as handed in (solved, and untouched), with the normal per-cell limit."""
     from lorakit import grading
@@ -193,7 +204,7 @@ def test_whole_notebooks(batch, tmp_path):
         (tmp_path / "in" / f"{name}.ipynb").write_text(nbformat.writes(nb))
     db = tmp_path / "gb.db"
     shutil.copy(batch["db"], db)
-    res = {g.student: g for g in grading.grade(LESSON, [tmp_path / "in"], workers=2, db=f"sqlite:///{db}",
+    res = {g.student: g for g in grading.grade(LESSON, [tmp_path / "in"], db=f"sqlite:///{db}",
                                                  out=tmp_path / "out", echo=None)}
     assert (res["whole_solved"].score, res["whole_solved"].status) == (2, "graded"), res["whole_solved"].outcome
     assert (res["whole_untouched"].score, res["whole_untouched"].status) == (0, "graded"), res["whole_untouched"].outcome
@@ -287,6 +298,7 @@ def test_check_passes_a_solved_notebook_and_explains_a_stub(tmp_path, capsys):
     assert "NotImplementedError" in out and "visible checks: 1 / 2 points" in out
 
 
+@pytest.mark.slow
 def test_grade_exits_non_zero_when_a_submission_failed(batch, tmp_path, capsys):
     """`lorakit grade` reports every submission, and its exit status says whether all could be graded."""
     shutil.copy(batch["db"], tmp_path / "gb.db")  # the lesson is registered already
@@ -412,6 +424,7 @@ def test_a_reference_used_in_an_exercise_of_its_own_is_flagged():
                                             "an exercise"]
 
 
+@pytest.mark.slow
 def test_a_lesson_with_tensors_is_graded_end_to_end(tmp_path):
     """Lesson 03 (NF4) whole, solved and untouched, with the CI parameters: tensors cross as data, the judge
     compares with bitsandbytes in the grader's process; the solution earns every point, the stub none."""
@@ -420,7 +433,7 @@ def test_a_lesson_with_tensors_is_graded_end_to_end(tmp_path):
     subs = {"solved": adversarial.student_notebook(lesson), "untouched": adversarial.student_notebook(lesson, solved=set())}
     adversarial.write({k: (v, None) for k, v in subs.items()}, tmp_path / "in")
     params = course.params_for(lesson, course.load_params(course.course_root() / "grading" / "ci_params.yml"))
-    res = {g.student: g for g in grading.grade(lesson, [tmp_path / "in"], workers=2, db=f"sqlite:///{tmp_path / 'gb.db'}",
+    res = {g.student: g for g in grading.grade(lesson, [tmp_path / "in"], db=f"sqlite:///{tmp_path / 'gb.db'}",
                                                out=tmp_path / "out", params=params, echo=None)}
     solved, untouched = res["solved"], res["untouched"]
     assert (solved.status, solved.score) == ("graded", solved.max_score), solved.outcome

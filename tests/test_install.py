@@ -171,6 +171,7 @@ def _resolve(tmp_path, requirement: str) -> dict[str, str]:
 
 
 @pytest.mark.slow
+@pytest.mark.hardware  # its last part is about a machine without an NVIDIA GPU
 def test_learner_install_is_light_and_gets_cpu_torch_without_a_gpu(tmp_path):
     """What `pip install lorakit` (and Colab) resolves: the lessons' stack, no second Jupyter stack and none of
     the grader's tools; and on a machine without an NVIDIA GPU, with make's arguments, a CPU build of torch."""
@@ -221,10 +222,9 @@ def test_cpu_index_is_added_when_it_answers_and_skipped_quickly_when_not(monkeyp
         monkeypatch.setattr(install, "CPU_INDEX", up.url)
         args, why = install.pip_args("L.txt")
         assert args == ["-c", "L.txt", "--extra-index-url", up.url] and "CPU build" in why
+        # the hung index would answer after 10 s: "did not answer" means the 1 s probe gave up without it
         monkeypatch.setattr(install, "CPU_INDEX", hung.url)
-        t0 = time.monotonic()
         args, why = install.pip_args("L.txt", timeout=1.0)
-        assert time.monotonic() - t0 < 3, "an index that does not answer must not hold up make"
         assert args == ["-c", "L.txt"] and "did not answer" in why and "rm -rf .venv" in why
         monkeypatch.setattr(install, "CPU_INDEX", "http://nonexistent.invalid/whl/cpu")
         args, why = install.pip_args("L.txt", timeout=1.0)
@@ -417,6 +417,7 @@ def _env_notebook(tmp_path) -> Path:
     return path
 
 
+@pytest.mark.slow  # starts notebook kernels (the first one ~5 s)
 @pytest.mark.parametrize("offline", [None, "1"])
 def test_kernels_inherit_the_callers_environment_and_nothing_sets_it(offline, tmp_path, monkeypatch):
     """lorakit run / sweep no longer set HF_HUB_OFFLINE process-wide: a kernel sees what its caller has
@@ -454,6 +455,7 @@ sys.exit(1 if attempts else 0)
 """
 
 
+@pytest.mark.slow
 def test_embedded_model_loads_without_the_hub_and_without_offline_set():
     environ = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE")}
     res = subprocess.run([sys.executable, "-c", BLOCKED], capture_output=True, text=True, timeout=300, env=environ)
@@ -495,30 +497,15 @@ def test_offline_only_for_tests_and_quiet_progress_bars_in_logs(tmp_path):
     # stderr is a pipe here, as in CI and benchmark logs: tqdm redraws every 30 s, not every step
     assert "TQDM_MININTERVAL=30" in _make("test", venv)
     fast = _make("test-fast", venv)
-    assert 'ARGS=-m pytest -m not notebooks and not browser and not slow' in fast
+    assert 'ARGS=-m pytest -m not notebooks and not browser and not slow --slow-after=' in fast
+    assert "--slow-after" not in _make("test", venv), "CI must not fail on a wall-clock time (noisy machines)"
     assert "TQDM_MININTERVAL=5" in _make("test", venv, TQDM_MININTERVAL="5"), "a user's own setting wins"
-
-
-def test_tqdm_in_a_log_prints_a_few_lines_not_one_per_step(tmp_path):
-    """What TQDM_MININTERVAL does in the tqdm this kit installs (its TQDM_* environment overrides)."""
-    script = "import time\nfrom tqdm.auto import tqdm\nfor _ in tqdm(range(200)):\n    time.sleep(0.005)\n"
-    log = tmp_path / "log.txt"
-    for value, most in (("30", 3), (None, None)):
-        environ = {k: v for k, v in os.environ.items() if k != "TQDM_MININTERVAL"}
-        if value:
-            environ["TQDM_MININTERVAL"] = value
-        with log.open("w") as f:
-            subprocess.run([sys.executable, "-c", script], stderr=f, env=environ, timeout=60, check=True)
-        updates = log.read_text().count("\r") + log.read_text().count("\n")
-        if most:
-            assert updates <= most, f"{updates} updates with TQDM_MININTERVAL={value}"
-        else:
-            assert updates > 3, "tqdm's default redraws often (the test would not notice a change otherwise)"
 
 
 def test_ci_runs_the_full_suite_through_make():
     ci = (ROOT / ".ci" / "run").read_text()
     assert re.search(r"^make test$", ci, re.M) and "HF_HUB_OFFLINE=1" in ci
+    assert re.search(r"^export CI=true$", ci, re.M), "in CI a skipped test fails (tests/conftest.py): .ci/run says it is CI"
     makefile = (ROOT / "Makefile").read_text()
     assert not re.search(r"^export HF_HUB_OFFLINE", makefile, re.M)
 

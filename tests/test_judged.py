@@ -215,3 +215,27 @@ def test_lesson_00_checks_in_order():
             found += [judged.find(c.check) for c in calls(cell.source, known)]
         known.update(testcells.aliases(cell.source))
     assert found == [setup_checks.bytes_per_param] * 2 + [setup_checks.weights_gb] * 2
+
+
+# ------------------------------------------------------------------ the cells after an open exercise
+
+def test_yours_or_kit_uses_the_reference_while_the_exercise_is_open_and_says_so_once(capsys):
+    from lorakit.checks import yours_or_kit
+    from lorakit.memory import count_parameters
+
+    def stub(cfg):
+        raise NotImplementedError()
+
+    count = yours_or_kit(stub, count_parameters, "Exercise 3")
+    assert count("llama-2-7b") == count("llama-2-7b") == 6_738_415_616
+    out = capsys.readouterr().out
+    assert out.count("Exercise 3 is not done yet") == 1 and "`lorakit.memory.count_parameters` instead" in out
+    assert yours_or_kit(lambda cfg: 7, count_parameters, "Exercise 3")("llama-2-7b") == 7   # yours, once it works
+    assert capsys.readouterr().out == ""
+    assert yours_or_kit(stub, None, "Exercise 4")("x") is None                         # nothing made up
+    assert "gives None until it is" in capsys.readouterr().out
+
+    def wrong(cfg):
+        raise ValueError("a bug of the learner's")
+    with pytest.raises(ValueError, match="a bug"):                                      # other errors are the learner's
+        yours_or_kit(wrong, count_parameters, "Exercise 3")("llama-2-7b")

@@ -210,3 +210,54 @@ def test_lesson_06_test_cells_are_judged_checks_only():
         known.update(testcells.aliases(cell.source))
     assert found == [c for c in (check.prediction, check.verdict, check.qlora_overhead, check.best_under_budget)
                      for _ in range(2)]
+
+
+# ------------------------------------------------------------------ what lesson 06 says about the results
+
+def _lesson_06():
+    import nbformat
+
+    from lorakit import course
+    return nbformat.read(course.solution_path("06_lab"), as_version=4)
+
+
+def test_the_two_identical_configurations_share_their_rank_and_scaling(capsys):
+    """Lesson 06: rsLoRA at r=64, alpha=16 and alpha=2r at r=64 give the same results seed for seed, because both
+    scale B A by 2 at the same rank; the cell finds them in the results and prints their scaling."""
+    from lorakit.lora import lora_scaling
+
+    full = lab.committed_results()
+    a, b = "lora_r64_a128_all-linear", "lora_r64_a16_all-linear_rslora"
+    for metric in lab.METRICS:
+        assert lab.seed_values(full, a, metric) == lab.seed_values(full, b, metric)
+    assert lora_scaling(64, 128) == lora_scaling(64, 16, use_rslora=True) == 2.0
+    nb = _lesson_06()
+    cell = next(c.source for c in nb.cells if c.cell_type == "code" and "the same results for every seed" in c.source)
+    exec(cell, {"summary": lab.summarize(full), "full": full, "lab": lab})
+    out = capsys.readouterr().out.strip().splitlines()
+    assert out == [f"{a} (scaling 2) and {b} (scaling 2): the same results for every seed, exact match "
+                   f"{lab.seed_values(full, a)}"]
+    assert any("16 / √64 = 2" in c.source and "128 / 64 = 2" in c.source for c in nb.cells if c.cell_type == "markdown")
+
+
+def test_the_step_time_verdict_is_what_the_benchmark_supports():
+    """The claims table's speed verdict is computed from the shipped benchmark: QLoRA slower at every width, the
+    medians +16% to +22%, and no width (nor any two widths) apart beyond the spread of the repeats: consistent with
+    "10-20%" on this CPU, and said to be CPU figures."""
+    import math
+    import statistics
+
+    times = lab.committed_step_times()
+    bench = lab.step_time_table(times)
+    assert (bench.verdict == "QLoRA slower").all()
+    nb = _lesson_06()
+    cell = next(c.source for c in nb.cells if c.cell_type == "code" and "speed_verdict" in c.source)
+    ns = {"pd": pd, "lab": lab, "math": math, "statistics": statistics, "step_times": times, "bench": bench}
+    exec(cell[:cell.index("quality =")], ns)
+    spans = ns["spans"]
+    assert not [w for w, (lo, hi) in spans.items() if lo > 0.20 or hi < 0.10]
+    assert all(lo <= 0.20 and hi >= 0.10 for lo, hi in spans.values())
+    assert ns["speed_verdict"].startswith("consistent with the claim") and "CPU figures" in ns["speed_verdict"]
+    assert "no two widths differ beyond the spread" in ns["speed_verdict"]
+    text = next(c.source for c in nb.cells if c.cell_type == "markdown" and c.source.startswith("Every 4-bit layer"))
+    assert "slower at every width" in text and "**CPU** figures" in text

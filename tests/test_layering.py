@@ -10,6 +10,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 import lorakit
 
 PACKAGE = Path(lorakit.__file__).parent
@@ -134,6 +136,8 @@ def state():
             {n: l.level for n, l in logging.root.manager.loggerDict.items()
              if isinstance(l, logging.Logger) and n != "bitsandbytes"})
 before = state()
+import pytest
+
 import lorakit
 for m in pkgutil.walk_packages(lorakit.__path__, "lorakit."):
     if ".assets" not in m.name:
@@ -146,6 +150,7 @@ print(logging.getLogger("bitsandbytes").level)
 """
 
 
+@pytest.mark.slow
 def test_importing_lorakit_changes_no_global_state_but_the_bitsandbytes_log_level():
     """Every module of the kit imported (the heavy libraries first, so their own import-time changes are not
     counted): the environment, warning filters, log levels, torch's threads and dtype, matplotlib's backend

@@ -1,12 +1,11 @@
 """lorakit.loftq: LoftQ's alternating NF4 + SVD initialisation, equal to peft's own `loftq_init`."""
 
+import peft  # noqa: F401  (the tests compare with peft's own loftq_init)
 import pytest
 import torch
 
 from lorakit.loftq import loftq_init, loftq_iteration, low_rank, peft_on_cpu, reconstruction_error
 from lorakit.nf4 import dequantize_nf4, quantize_nf4
-
-pytest.importorskip("peft")
 
 
 def weight(shape, seed=0):
@@ -86,6 +85,7 @@ def test_bad_input_is_explained(kwargs, words):
         assert w in str(e.value)
 
 
+@pytest.mark.hardware
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU redirect")
 def test_peft_on_cpu_redirects_only_inside_the_block():
     t = torch.ones(2)

@@ -2,8 +2,11 @@
 
 import copy
 import math
+import re
 import warnings
 
+import numpy as np
+import peft
 import pytest
 import torch
 from torch import nn
@@ -11,7 +14,6 @@ from torch import nn
 from lorakit import lora, memory
 from lorakit.lora import LoRALinear, inject_lora, lora_state_dict, merge_lora
 
-peft = pytest.importorskip("peft")
 ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -191,7 +193,6 @@ def test_inject_keeps_the_output_at_init():
 
 
 def test_numpy_integers_are_ranks():
-    np = pytest.importorskip("numpy")
     layer = LoRALinear(nn.Linear(16, 8), r=np.int64(4), alpha=np.float32(8.0), dropout=np.float64(0.0))
     assert type(layer.r) is int and layer.r == 4 and layer.lora_A.weight.shape == (4, 16) and layer.scaling == 2.0
     with pytest.raises(ValueError, match="r=0"):
@@ -337,3 +338,33 @@ def test_concat_adapters_with_other_targets_is_explained():
         lora.concat_adapters([adapter_state(model, "a"), adapter_state(model, "b")], [2.0, 2.0], [1.0, 1.0])
     for words in ["other modules", "v_proj", "k_proj", "same target_modules", "add_weighted_adapter"]:
         assert words in str(e.value)
+
+
+def test_break_even_rank_is_where_a_and_b_stop_holding_fewer_numbers_than_w():
+    """Lesson 02's first exercise builds on lesson 01's count r * (d_in + d_out): the largest r below d_in * d_out."""
+    for d_in, d_out in [(4000, 5000), (4096, 4096), (4096, 11008), (192, 512), (1, 3), (2, 2)]:
+        r = lora.break_even_rank(d_in, d_out)
+        assert r * (d_in + d_out) < d_in * d_out or r == 0
+        assert (r + 1) * (d_in + d_out) >= d_in * d_out
+    assert lora.break_even_rank(4000, 5000) == 2222 and lora.break_even_rank(4096, 4096) == 2047
+    layer = LoRALinear(nn.Linear(4000, 5000, bias=False, device="meta"), 2222, 2222)   # counted on a real layer
+    assert sum(p.numel() for p in layer.parameters() if p.requires_grad) < 4000 * 5000
+
+
+def test_break_even_rank_check_passes_the_reference_and_names_the_mistakes():
+    from lorakit.checks import CheckFailed
+    from lorakit.checks import lora as check
+
+    for seed in (0, 1, "grading"):
+        check.break_even_rank(lora.break_even_rank, seed=seed)
+    mistakes = {"as many numbers as W": lambda d_in, d_out: d_in * d_out // (d_in + d_out),   # ties allowed
+                "whole number": lambda d_in, d_out: d_in * d_out / (d_in + d_out),
+                "r * (d_in + d_out) < d_in * d_out": lambda d_in, d_out: min(d_in, d_out)}
+    for words, wrong in mistakes.items():
+        with pytest.raises(CheckFailed, match=re.escape(words)):
+            check.break_even_rank(wrong, seed="grading" if words == "as many numbers as W" else 0)
+
+    def stub(d_in, d_out):
+        raise NotImplementedError()
+    with pytest.raises(CheckFailed, match="NotImplementedError"):
+        check.break_even_rank(stub)

@@ -3,6 +3,7 @@ memory estimates add up, and measure() counts what a loaded 4-bit model really h
 
 import logging
 
+import numpy as np
 import pytest
 import torch
 
@@ -61,6 +62,41 @@ def test_the_source_lessons_4bit_printout_decoded():
     assert memory.packed_parameter_count("llama-2-7b") + 4_194_304 == 3_504_607_232
 
 
+def _lesson_01_text(starts: str) -> str:
+    import nbformat
+
+    from lorakit import course
+    nb = nbformat.read(course.solution_path("01_memory"), as_version=4)
+    return next(c.source for c in nb.cells if c.cell_type == "markdown" and c.source.startswith(starts))
+
+
+def test_the_source_lessons_lora_column_and_70b_sentences_are_what_lesson_01_says():
+    """Lesson 01 settles the rest of the source lesson's table and its three sentences about Llama-2-70B from the
+    configs, with the QLoRA table's assumptions (r = 64 on all linear layers, batch 1 x 512 tokens): every number
+    its text states is recomputed here."""
+    setting = dict(target_modules="all-linear", batch_size=1, seq_len=512)
+    for name, claim in {"llama-2-7b": 16, "llama-2-13b": 30, "llama-33b": 70, "llama-2-70b": 150}.items():
+        total = memory.estimate(name, "lora", r=64, **setting).gb
+        assert abs(claim - total) / total <= 0.05, name               # "each claim is within 5% of the estimate"
+    assert "each claim is within 5% of the estimate" in _lesson_01_text("The LoRA column holds up")
+
+    text = " ".join(_lesson_01_text("Two of the three claims are right").split())
+    n = memory.count_parameters("llama-2-70b")
+    assert f"{n * 2 / 1e9:.0f} GB of bf16 weights ({n * 2 / 2**30:.0f} GiB)" in text   # ~140 GB: right
+    weights = memory.estimate("llama-2-70b", "qlora", activations=False)
+    four_bit = (weights.parts["weights"] + weights.parts["quantization constants"]) / 1e9
+    assert f"{four_bit:.1f} GB, {1 - four_bit / (n * 2 / 1e9):.1%} less" in text        # 75%, ~35 GB: close
+    assert f"{4 + 8 / 64 + 32 / (64 * 256) - 4:.3f} bits" in text
+    recipe = memory.estimate("llama-2-70b", "qlora", r=64, **setting)
+    states = recipe.parts["optimizer states"] / 1e9
+    assert f"about {recipe.gb:.1f} GB, {recipe.gb - 48:.1f} GB over" in text and recipe.gb > 48
+    assert f"Adam states ({states:.1f} GB here)" in text and recipe.gb - states <= 48   # paged optimizers: fits
+    eight_bit = memory.estimate("llama-2-70b", "qlora", r=64, optimizer="adamw_8bit", **setting).gb
+    assert f"8-bit Adam states ({eight_bit:.1f} GB)" in text and eight_bit <= 48
+    smaller = memory.estimate("llama-2-70b", "qlora", r=16, target_modules="all-linear", batch_size=1, seq_len=2048)
+    assert f"2,048 tokens: {smaller.gb:.1f} GB)" in text and smaller.gb <= 48
+
+
 def test_config_accepts_names_dicts_and_configs():
     cfg = memory.config("Mistral-7B")
     assert cfg.model_type == "mistral" and memory.config(cfg) is cfg
@@ -99,7 +135,6 @@ def test_bad_rank_says_so(r):
 
 
 def test_whole_numbers_may_be_numpy_integers():
-    np = pytest.importorskip("numpy")
     assert memory.lora_parameters("llama-2-7b", np.int64(8)) == memory.lora_parameters("llama-2-7b", 8) == 4_194_304
     a = memory.estimate("llama-2-7b", "qlora", r=np.int32(8), batch_size=np.int64(2), seq_len=np.int64(256),
                         world_size=np.int64(2), sharding="zero2")

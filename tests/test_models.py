@@ -156,6 +156,7 @@ def _lora_b_grads_after_eval(model):
     return [p.grad for n, p in model.named_parameters() if "lora_B" in n]
 
 
+@pytest.mark.slow
 def test_adapters_get_gradients_after_an_eval():
     grads = _lora_b_grads_after_eval(_qlora(support_repack=False))
     assert len(grads) == 7 * 4
@@ -163,6 +164,7 @@ def test_adapters_get_gradients_after_an_eval():
     assert missing == 0, f"{missing} of {len(grads)} LoRA layers got no gradient after an evaluation"
 
 
+@pytest.mark.hardware
 def test_the_trap_is_real_without_the_protection():
     """Shows the test above can fail: with bitsandbytes' default, the eval repack kills the gradients."""
     if not env.avx512_bf16():

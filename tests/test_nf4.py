@@ -8,7 +8,7 @@ import pytest
 import torch
 
 logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
-bnbF = pytest.importorskip("bitsandbytes.functional")
+import bitsandbytes.functional as bnbF  # noqa: E402
 
 from lorakit import nf4  # noqa: E402
 from lorakit.checks import CheckFailed  # noqa: E402
@@ -241,3 +241,41 @@ def test_nf4_values_check_catches_symmetric_code():
         return (v / v.max())[:16]
     with pytest.raises(CheckFailed):
         check.nf4_values(symmetric)
+
+
+@pytest.mark.parametrize("seed", [0, "grading"])
+def test_absmax_int8_is_the_reference_of_lesson_03s_first_exercises(seed):
+    """lorakit.nf4.absmax_int8 (one absmax, or one per block) answers the absmax and blockwise exercises, which the
+    lesson's cells use while those exercises are open."""
+    check.absmax_int8(nf4.absmax_int8, nf4.absmax_int8_dequantize, seed=seed)
+    check.blockwise(nf4.absmax_int8, nf4.absmax_int8_dequantize, seed=seed)
+    x = torch.tensor([0.5, -1.0, 0.25, 2.0])
+    q, absmax = nf4.absmax_int8(x)
+    assert q.dtype == torch.int8 and q.tolist() == [32, -64, 16, 127] and absmax.item() == 2.0
+    q, absmax = nf4.absmax_int8(x, blocksize=2)
+    assert q.tolist() == [[64, -127], [16, 127]] and absmax.tolist() == [1.0, 2.0]
+    assert torch.allclose(nf4.absmax_int8_dequantize(q, absmax), x, atol=0.01)
+
+
+def test_nf4_blocks_have_a_scale_and_no_zero_point():
+    """Lesson 03 corrects the source lesson's "scales and zero-points": a block of NF4 keeps its absmax and nothing
+    else; a value comes back as code value x absmax with nothing added (0 stays exactly 0), and with double
+    quantization the one offset is the mean of the absmax values, one number for the whole tensor."""
+    W = weights((256, 320), torch.bfloat16)
+    W.view(-1)[:64] = 0.0
+    packed, state = bnbF.quantize_4bit(W, blocksize=64, quant_type="nf4")
+    assert state.offset is None and state.state2 is None and state.absmax.shape == (W.numel() // 64,)
+    idx = torch.stack([packed.view(-1) >> 4, packed.view(-1) & 15], dim=1).view(-1).long()
+    by_hand = (state.code[idx] * state.absmax.repeat_interleave(64)).to(W.dtype).view(W.shape)
+    assert torch.equal(by_hand, bnbF.dequantize_4bit(packed, state))
+    assert (bnbF.dequantize_4bit(packed, state).view(-1)[:64] == 0).all() and state.code[7] == 0
+    _, nested = bnbF.quantize_4bit(W, blocksize=64, quant_type="nf4", compress_statistics=True)
+    assert nested.offset.numel() == 1
+    assert torch.allclose(nested.offset, state.absmax.mean())
+
+
+def test_the_three_4bit_codes_distinct_values():
+    """Lesson 03's histogram: NF4 has 16 distinct values, FP4 15 (+0 and -0 are two codes), int4 15 (-7..7)."""
+    counts = {"NF4": nf4.nf4_code().unique().numel(), "FP4": bnbF.get_4bit_type("fp4", device="cpu").unique().numel(),
+              "int4": (torch.arange(-7, 8) / 7).unique().numel()}
+    assert counts == {"NF4": 16, "FP4": 15, "int4": 15}

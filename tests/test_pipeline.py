@@ -13,6 +13,7 @@ def test_there_are_lessons():
     assert LESSONS and LESSONS[0] == "00_setup"
 
 
+@pytest.mark.slow  # one nbgrader run per lesson
 @pytest.mark.parametrize("lesson", LESSONS)
 def test_lesson_is_what_the_pipeline_generates(lesson, tmp_path):
     course.generate_lessons([lesson], release_dir=tmp_path, stamp_sources=False)

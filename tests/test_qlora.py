@@ -16,7 +16,7 @@ from lorakit.checks import qlora as check
 from lorakit.lora import LoRALinear, lora_state_dict
 
 logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
-bnb = pytest.importorskip("bitsandbytes")
+import bitsandbytes as bnb  # noqa: E402
 import bitsandbytes.functional as BF  # noqa: E402
 
 ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]

@@ -28,6 +28,7 @@ import pytest
 from lorakit import cli, course
 
 LESSON = "00_setup"
+pytestmark = pytest.mark.slow  # runs a notebook, grades a class
 STUB = re.compile(r"^(?P<indent>[ \t]*)# YOUR CODE HERE\n(?P=indent)raise NotImplementedError\(\)[ \t]*$", re.M)
 
 

@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from lorakit import cli, course, lab, memory, models, sweep
@@ -122,7 +123,6 @@ def test_target_modules_are_matched_as_peft_and_lorakit_match_them():
 
 
 def test_numpy_integers_are_whole_numbers():
-    np = pytest.importorskip("numpy")
     g = sweep.load_grid({**grid(rank={"r": [np.int64(4)]}), "seeds": [np.int64(0), np.int32(1)]})
     assert [(c.r, s) for c, s in g.runs] == [(4, 0), (4, 1)]
     assert type(g.configs[0].r) is int and all(type(s) is int for s in g.seeds)
@@ -193,6 +193,7 @@ def fake_notebook(tmp_path_factory):
     return path
 
 
+@pytest.mark.slow
 def test_a_failing_run_is_recorded_and_the_sweep_goes_on(fake_notebook, tmp_path):
     g = sweep.load_grid({**grid(rank={"r": [3, 2, 4]}, methods={"method": ["lora", "qlora"]}), "seeds": [0, 1]})
     table = sweep.run_sweep(g, tmp_path, notebook=fake_notebook, progress=False)
@@ -217,6 +218,7 @@ def test_a_failing_run_is_recorded_and_the_sweep_goes_on(fake_notebook, tmp_path
     assert summary.loc["lora_r3_a16_q+v", "n"] == 0 and math.isnan(summary.loc["lora_r3_a16_q+v", "exact_match"])
 
 
+@pytest.mark.slow
 def test_workers_run_in_parallel_with_their_share_of_threads(fake_notebook, tmp_path):
     g = sweep.load_grid(grid(rank={"r": [1, 2]}))
     table = sweep.run_sweep(g, tmp_path, notebook=fake_notebook, progress=False, workers=2, seeds=[0, 7])
@@ -224,6 +226,7 @@ def test_workers_run_in_parallel_with_their_share_of_threads(fake_notebook, tmp_
     assert set(table.threads) == {max(1, (os.cpu_count() or 1) // 2)}
 
 
+@pytest.mark.slow
 def test_the_real_experiment_notebook_runs_one_configuration(tmp_path):
     cfg = sweep.load_grid(grid(one={"r": 2})).configs[0]
     row = sweep.run_config(cfg, tmp_path, {"MAX_STEPS": 2, "N_EVAL": 4, "DEVICE": "cpu", "THREADS": 1}, seed=3)
@@ -245,6 +248,7 @@ def lorakit(*args, cwd=None):
     return subprocess.run([sys.executable, "-m", "lorakit.cli", *args], capture_output=True, text=True, cwd=cwd)
 
 
+@pytest.mark.slow
 def test_cli_rejects_a_bad_grid_before_any_run(tmp_path):
     bad = tmp_path / "bad.yml"
     bad.write_text("studies:\n  rank: {r: [4, 0]}\n")
@@ -259,6 +263,7 @@ def test_cli_rejects_a_bad_grid_before_any_run(tmp_path):
     assert res.returncode == 2 and "MAX_STEPZ" in res.stderr
 
 
+@pytest.mark.slow
 def test_cli_dry_run_lists_the_full_grid_and_its_seeds():
     res = lorakit("sweep", "--full", "--dry-run")
     assert res.returncode == 0, res.stderr
@@ -284,6 +289,7 @@ def tiny_full_grid(tmp_path, monkeypatch, fake_notebook):
     return path
 
 
+@pytest.mark.slow
 def test_ship_writes_the_results_with_their_provenance(tiny_full_grid, tmp_path, capsys):
     assert cli.main(["sweep", "--full", "--ship", "--out", str(tmp_path / "out")]) == 0
     shipped = tmp_path / "shipped.csv"
@@ -299,6 +305,7 @@ def test_ship_writes_the_results_with_their_provenance(tiny_full_grid, tmp_path,
     assert table.equals(lab.read_results(tmp_path / "out" / "results.csv"))
 
 
+@pytest.mark.slow
 def test_ship_writes_lesson_07s_grid_beside_the_full_one(tiny_full_grid, tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(sweep.GRIDS, "inits", tiny_full_grid)
     monkeypatch.setattr(lab, "EXPERIMENTS", tmp_path)
@@ -310,6 +317,7 @@ def test_ship_writes_lesson_07s_grid_beside_the_full_one(tiny_full_grid, tmp_pat
     assert "--grid inits" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_ship_refuses_incomplete_results(tiny_full_grid, tmp_path, capsys):
     tiny_full_grid.write_text("name: full\nseeds: [0, 1]\nstudies:\n  rank: {r: [2, 3]}\n")  # r=3 fails
     assert cli.main(["sweep", "--full", "--ship", "--out", str(tmp_path / "out")]) == 1

@@ -5,7 +5,8 @@
   solutions stubbed, hidden tests removed).
 - `run_lessons()` executes notebooks headless with papermill, injecting parameters (grading/ci_params.yml
   shrinks them for CI), writes executed copies to build/, and returns a table of lesson, status, seconds.
-- `graded_cells()` reads an executed notebook back: which graded test cells passed.
+- `graded_cells()` reads an executed notebook back: which graded test cells passed; `stopped_cells()` which other
+  cells raised (where Run All on a student version would stop before its end).
 - `exercise()`, `test()`, `markdown()`, `code()`, `parameters()`, `notebook()` build nbgrader cells, for
   authors and for tests that make submissions.
 """
@@ -26,7 +27,8 @@ __all__ = ["REPOSITORY", "BRANCH", "BADGE_IMAGE", "KERNEL", "CourseError", "cour
            "solution_path", "lesson_path", "markdown", "code", "parameters", "exercise", "test", "notebook",
            "colab_url", "colab_badge", "colab_requirement", "colab_install_commands", "setup_source", "stamp",
            "tools_env", "run_nbgrader", "generate_assignment", "generate_lessons", "write_clean", "load_params",
-           "params_for", "RunResult", "execute", "graded_cells", "run_lessons", "describe_failure", "table"]
+           "params_for", "RunResult", "execute", "graded_cells", "stopped_cells", "run_lessons", "describe_failure",
+           "table"]
 
 REPOSITORY = "https://github.com/lorakit/lorakit"  # the one place the course's public URL is configured
 BRANCH = "main"
@@ -342,6 +344,33 @@ def graded_cells(nb: nbformat.NotebookNode) -> list[tuple[str, bool, str]]:
         errors = [o for o in cell.get("outputs", []) if o.get("output_type") == "error"]
         err = f"{errors[0]['ename']}: {errors[0]['evalue']}" if errors else ""
         out.append((meta.get("grade_id", "?"), not errors, err))
+    return out
+
+
+def _stub_raises_at_top_level(source: str) -> bool:
+    """An exercise whose stub is module-level code (`raise NotImplementedError()` outside any function, an answer that
+    is a value such as a dict): its cell cannot run before the exercise is solved."""
+    import ast
+    try:
+        return any(isinstance(node, ast.Raise) for node in ast.parse(source).body)
+    except SyntaxError:
+        return False
+
+
+def stopped_cells(nb: nbformat.NotebookNode) -> list[str]:
+    """The cells of an executed student version that raised, other than its graded test cells and the exercises whose
+    stub itself raises at the top level: where Run All would stop before the lesson's end. One line per cell, with its
+    index and error."""
+    out = []
+    for i, cell in enumerate(nb.cells):
+        errors = [o for o in cell.get("outputs", []) if o.get("output_type") == "error"]
+        if cell.cell_type != "code" or not errors:
+            continue
+        meta = cell.metadata.get("nbgrader", {})
+        if meta.get("grade") or (meta.get("solution") and _stub_raises_at_top_level(cell.source)):
+            continue
+        label = meta.get("grade_id") or (cell.source.strip().splitlines() or [""])[0][:60]
+        out.append(f"cell {i} ({label}): {errors[0]['ename']}: {errors[0]['evalue']}")
     return out
 
 

@@ -474,13 +474,27 @@ def fsdp_qlora_files() -> dict[str, Path]:
 FLOAT_STORAGE = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
 
 
-def check_fsdp_qlora(accelerate_config: dict, quant_storage, torch_dtype) -> str:
+def check_fsdp_qlora(accelerate_config: dict, quant_storage, torch_dtype, *, mixed_precision=None,
+                     trainer: bool = True) -> str:
     """Refuse an FSDP + QLoRA setup FSDP cannot train; return a one-line summary when it can.
 
     accelerate_config: the parsed accelerate YAML; quant_storage: `BitsAndBytesConfig.bnb_4bit_quant_storage`
-    (a torch dtype or its name); torch_dtype: the dtype the model is loaded in (`from_pretrained(dtype=...)`).
-    FSDP flattens and shards parameters only in a floating-point dtype, one dtype per unit: bitsandbytes'
-    default uint8 storage cannot be sharded, and the storage must equal the dtype of the layers beside it."""
+    (a torch dtype or its name); torch_dtype: the dtype the model is loaded in (`from_pretrained(dtype=...)`);
+    mixed_precision: the run's "no", "bf16" or "fp16" (under transformers' Trainer its bf16/fp16 arguments; by
+    default the config's `mixed_precision`); trainer: whether transformers' Trainer runs the training.
+
+    FSDP flattens and shards parameters only in a floating-point dtype, one dtype per unit: bitsandbytes' default
+    uint8 storage cannot be sharded, and the storage must equal the dtype of the layers beside it.
+
+    Mixed precision: FSDP casts every parameter of a unit to its `MixedPrecision.param_dtype` before the unit
+    computes, and bitsandbytes reads the packed 4-bit weights as raw bytes, so a cast to any dtype but their storage
+    dtype rewrites them into other weights. accelerate sets `param_dtype` to the run's mixed precision. transformers'
+    Trainer under FSDP1 then resets it to the storage dtype for a peft model on 4-bit weights stored in a float dtype
+    (`update_fsdp_plugin_peft` in transformers/distributed/fsdp.py): FSDP casts nothing, and autocast computes in the
+    16-bit dtype. There bf16 or fp32 storage works with either mixed precision (peft's FSDP + QLoRA guide: fp32 "for
+    automatic mixed precision", at more memory). Trainer does not reset it under FSDP2 (it cannot delay creating the
+    optimizer there), and a loop of your own over `accelerator.prepare` does not either: there the mixed precision
+    must be "no" or the storage dtype itself."""
     storage = str(quant_storage).removeprefix("torch.")
     dtype = str(torch_dtype).removeprefix("torch.")
     if accelerate_config.get("distributed_type") != "FSDP":
@@ -495,10 +509,20 @@ def check_fsdp_qlora(accelerate_config: dict, quant_storage, torch_dtype) -> str
     if storage != dtype:
         raise ValueError(f"bnb_4bit_quant_storage={storage} but the model is loaded in {dtype}: FSDP needs one dtype per "
                          f"sharded unit, so load with dtype=torch.{storage} (or store the 4-bit weights as {dtype})")
-    mixed = {"bf16": "bfloat16", "fp16": "float16"}.get(str(accelerate_config.get("mixed_precision", "no")))
-    if mixed and mixed != storage:
-        raise ValueError(f"mixed_precision: {accelerate_config['mixed_precision']} makes FSDP cast the packed 4-bit weights "
-                         f"({storage}) to {mixed}, which turns them into random numbers: set mixed_precision: 'no' and "
-                         f"train with autocast (Trainer's bf16=True), or store the 4-bit weights as {mixed}")
+    mixed = str(accelerate_config.get("mixed_precision", "no") if mixed_precision is None else mixed_precision)
+    if mixed not in ("no", "bf16", "fp16"):
+        raise ValueError(f"mixed precision {mixed!r}: FSDP + QLoRA runs with 'no', 'bf16' or 'fp16'")
+    cast_to = {"bf16": "bfloat16", "fp16": "float16"}.get(mixed)
+    version = int(fsdp.get("fsdp_version", 1))
+    resets = trainer and version == 1  # Trainer sets FSDP's param_dtype to the storage dtype
+    if cast_to and cast_to != storage and not resets:
+        who = "under FSDP2 Trainer does not stop it" if trainer else "without transformers' Trainer nothing stops it"
+        raise ValueError(f"mixed precision {mixed} makes FSDP cast every parameter to {cast_to} before it computes, "
+                         f"the 4-bit weights packed as {storage} too, and that turns their bytes into other weights "
+                         f"({who}). Store the 4-bit weights as {cast_to} and load the model in it, set mixed precision "
+                         f"'no' and autocast yourself, or train with Trainer under fsdp_version: 1")
+    how = ("FSDP keeps them as they are" if not cast_to or cast_to == storage
+           else f"Trainer keeps FSDP from casting them, autocast computes in {cast_to}")
     return (f"FSDP {strategy} over {accelerate_config.get('num_processes')} processes, 4-bit weights stored as "
-            f"{storage} beside {dtype} layers, CPU offload {bool(fsdp.get('fsdp_offload_params'))}")
+            f"{storage} beside {dtype} layers, mixed precision {mixed} ({how}), CPU offload "
+            f"{bool(fsdp.get('fsdp_offload_params'))}")

@@ -25,9 +25,9 @@ import warnings
 import torch
 from torch import nn
 
-__all__ = ["LoRALinear", "inject_lora", "replace_linears", "lora_state_dict", "merge_lora", "trainable_parameters",
-           "concat_lora", "concat_adapters", "check_hyperparameters", "check_rank", "lora_scaling",
-           "check_target_modules", "target_matches", "unmatched_targets"]
+__all__ = ["break_even_rank", "LoRALinear", "inject_lora", "replace_linears", "lora_state_dict", "merge_lora",
+           "trainable_parameters", "concat_lora", "concat_adapters", "check_hyperparameters", "check_rank",
+           "lora_scaling", "check_target_modules", "target_matches", "unmatched_targets"]
 
 
 def check_rank(r) -> int:
@@ -58,6 +58,13 @@ def check_hyperparameters(r, alpha, dropout) -> int:
         raise ValueError(f"dropout is a probability in [0, 1) (0.0 = no dropout, QLoRA used 0.05-0.1); "
                          f"got dropout={dropout!r}.")
     return r
+
+
+def break_even_rank(d_in: int, d_out: int) -> int:
+    """The largest rank at which LoRA's A (r x d_in) and B (d_out x r) hold fewer numbers than the d_out x d_in
+    weight they adapt: r * (d_in + d_out) < d_in * d_out. At higher ranks LoRA stores more than W itself (0: no
+    rank saves anything)."""
+    return (d_in * d_out - 1) // (d_in + d_out)
 
 
 def lora_scaling(r: int, alpha: float, use_rslora: bool = False) -> float:

@@ -26,9 +26,9 @@ from functools import lru_cache
 
 import torch
 
-__all__ = ["NF4State", "nf4_code", "nf4_midpoints", "dynamic_code", "quantize_nf4", "dequantize_nf4",
-           "pack_nibbles", "unpack_nibbles", "quantize_dynamic_8bit", "dequantize_dynamic_8bit",
-           "bits_per_param", "dynamic_lookup_table", "exact_dynamic_8bit", "BLOCKSIZES"]
+__all__ = ["absmax_int8", "absmax_int8_dequantize", "NF4State", "nf4_code", "nf4_midpoints", "dynamic_code",
+           "quantize_nf4", "dequantize_nf4", "pack_nibbles", "unpack_nibbles", "quantize_dynamic_8bit",
+           "dequantize_dynamic_8bit", "bits_per_param", "dynamic_lookup_table", "exact_dynamic_8bit", "BLOCKSIZES"]
 
 BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)  # what bitsandbytes' quantize_4bit accepts
 CPU_CHUNK = 1 << 16  # packed bytes per step of dequantize_nf4 on a CPU (a 512 KiB intermediate)
@@ -37,6 +37,25 @@ CPU_CHUNK = 1 << 16  # packed bytes per step of dequantize_nf4 on a CPU (a 512 K
 REFERENCE_MAX_BYTES = 4096
 FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 OFFSET = 0.9677083  # the outermost quantile bitsandbytes uses (create_normal_map's default)
+
+
+# ------------------------------------------------------------------------------- absmax int8, the start
+
+def absmax_int8(x: torch.Tensor, blocksize: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Absmax int8 quantization (lesson 03's first exercises): q = round(127 * x / absmax), one absmax for the whole
+    tensor (q keeps x's shape, absmax is a scalar), or with `blocksize` one per block of that many numbers (q is
+    (n_blocks, blocksize), absmax (n_blocks,)); x.numel() must then be a multiple of blocksize."""
+    blocks = x.float().reshape(1 if blocksize is None else -1, -1 if blocksize is None else blocksize)
+    absmax = blocks.abs().amax(dim=1)
+    q = torch.round(blocks * 127 / absmax[:, None]).to(torch.int8)
+    return (q.view(x.shape), absmax[0]) if blocksize is None else (q, absmax)
+
+
+def absmax_int8_dequantize(q: torch.Tensor, absmax: torch.Tensor) -> torch.Tensor:
+    """Undo `absmax_int8`: q * absmax / 127, per block when absmax has one value per block (flattened then)."""
+    if absmax.dim() == 0:
+        return q.float() * absmax / 127
+    return (q.float() * absmax[:, None] / 127).reshape(-1)
 
 
 # ----------------------------------------------------------------------------------------- the codes

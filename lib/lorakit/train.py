@@ -22,7 +22,7 @@ import torch
 from lorakit.data import collate, tokenize_with_masking
 from lorakit.env import bf16_supported
 
-__all__ = ["FinetuneResult", "tokenize_dataset", "finetune"]
+__all__ = ["FinetuneResult", "tokenize_dataset", "training_step", "finetune"]
 
 
 @dataclass
@@ -51,6 +51,16 @@ def _autocast(model, device: torch.device, bf16: bool | None):
     if bf16 is None:
         bf16 = bf16_supported(device)
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=bool(bf16) and device.type in ("cpu", "cuda"))
+
+
+def training_step(model, batch: dict, optimizer) -> float:
+    """One optimizer step on `batch` (lesson 02's exercise): the loss on the answer tokens, its gradients, the
+    optimizer's step, the gradients cleared for the next step. Returns the loss as a Python float."""
+    loss = model(**batch).loss
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad()
+    return loss.item()
 
 
 def finetune(model, tokenizer, train_ds, max_steps: int = 100, learning_rate: float = 2e-3,

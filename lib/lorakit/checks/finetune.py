@@ -433,7 +433,8 @@ class before_eval:
 
     def judge(inputs, a):
         before = a["before"]
-        expect(type(before) in (int, float), f"`before` should be a number between 0 and 1, found {before!r}.")
+        expect(type(before) in (int, float), f"`before` should be a number between 0 and 1, found {before!r}.",
+               "finish exact_match_score above and run its cell again: it scores the base model.")
         expect(a["answers"] and all(type(x) is str for x in a["answers"]),
                "`before_answers` should be the base model's answers, as strings.")
         ref = _share(a["answers"], a["outputs"])
@@ -563,6 +564,10 @@ class improvement:
 
     def judge(inputs, a):
         from lorakit import data
+        expect(type(a["before"]) in (int, float) and type(a["after"]) in (int, float),
+               f"`before` and `after` should be your exact_match_score's scores of the model before and after "
+               f"fine-tuning; found {a['before']!r} and {a['after']!r}.",
+               "finish Exercise 4 (exact_match_score), then run its cell and the cells after it again.")
         task = inputs["task"]
         expect(a["task"] == task, f"your notebook trained on TASK={a['task']!r}; the graded adapter is measured on the "
                f"lesson's task, {task!r}.", f"set TASK = {task!r} in the parameters cell.")

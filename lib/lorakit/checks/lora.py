@@ -126,33 +126,42 @@ def _model_inputs(rng, grading_targets) -> dict:
             "ids": rng.randint(0, cfg["vocab_size"], (2, 12))}
 
 
-# ------------------------------------------------------------------------------- ex02_adapter_parameters
+# ---------------------------------------------------------------------------------- ex02_break_even_rank
 
 @judged
-class adapter_parameters:
-    """`adapter_parameters(d_out, d_in, r)`: the numbers in A and B for a d_out x d_in weight."""
-    answer = {"counts": [object]}
+class break_even_rank:
+    """`break_even_rank(d_in, d_out)`: the largest rank at which A (r x d_in) and B (d_out x r) hold fewer numbers
+    than the d_out x d_in weight W, built on lesson 01's count r * (d_in + d_out)."""
+    answer = {"ranks": [object]}
+    reference = ("lorakit.lora.break_even_rank",)
 
     def draw(rng):
-        cases = [[5000, 4000, 8], [4096, 4096, 8], [11008, 4096, 64], [192, 512, 1]]
+        cases = [[4000, 5000], [4096, 4096], [4096, 11008], [192, 512], [1, 3]]
         if rng.grading:
-            cases = [cases[0]] + [[rng.integer(1, 20_000), rng.integer(1, 20_000), rng.integer(1, 256)] for _ in range(4)]
+            cases = [cases[0]] + [[rng.integer(1, 20_000), rng.integer(1, 20_000)] for _ in range(4)]
+            side = 2 * rng.integer(1, 2048)  # a square W of even side: r = side / 2 gives exactly W's count
+            cases.append([side, side])
         return {"cases": cases}
 
     def probe(inputs, fn):
-        _callable(fn, "adapter_parameters")
-        return {"counts": [data_or_repr(fn(*case)) for case in inputs["cases"]]}
+        _callable(fn, "break_even_rank")
+        return {"ranks": [data_or_repr(fn(*case)) for case in inputs["cases"]]}
 
     def judge(inputs, answer):
-        expect(len(answer["counts"]) == len(inputs["cases"]), "`adapter_parameters` should return one number per call.")
-        for i, ((d_out, d_in, r), got) in enumerate(zip(inputs["cases"], answer["counts"])):
-            want = r * (d_in + d_out)
-            if i == 0:
-                expect(got == want, f"W of {d_out} x {d_in} with r={r}: expected A ({r} x {d_in}) + B ({d_out} x {r}) = "
-                                    f"{want:,} parameters, found {got!r}.", "A has r * d_in numbers and B has d_out * r numbers.")
-            expect(type(got) in (int, float) and got == want,
-                   f"d_out={d_out}, d_in={d_in}, r={r}: expected {want:,}, found {got!r}.", "r * d_in + d_out * r.")
-        return f"A and B of a 5000 x 4000 weight at r=8: 72,000 numbers instead of 20,000,000 ({72_000 / 20_000_000:.2%})"
+        expect(len(answer["ranks"]) == len(inputs["cases"]), "`break_even_rank` should return one number per call.")
+        for (d_in, d_out), got in zip(inputs["cases"], answer["ranks"]):
+            want = (d_in * d_out - 1) // (d_in + d_out)
+            hint = ("A and B hold r * (d_in + d_out) numbers and W holds d_in * d_out: return the largest whole r with "
+                    "r * (d_in + d_out) < d_in * d_out.")
+            if type(got) is int and got == want + 1 and got * (d_in + d_out) == d_in * d_out:
+                hint = f"at r = {got} A and B hold exactly as many numbers as W: the rank must give fewer."
+            elif type(got) is float:
+                hint = "a rank is a whole number: return an int (floor division, //)."
+            expect(type(got) is int and got == want,
+                   f"W of {d_out} x {d_in}: expected r = {want:,} (A and B then hold {want * (d_in + d_out):,} numbers, "
+                   f"W {d_in * d_out:,}), found {got!r}.", hint)
+        return ("a 5000 x 4000 weight: LoRA holds fewer numbers than W up to r = 2,222; the usual ranks, 4 to 64, "
+                "are far below")
 
 
 # ------------------------------------------------------------------------------------ ex02_lora_linear
@@ -582,6 +591,7 @@ class training_step:
     """A few steps on one batch: the loss of each step, the adapters and the model's logits after them, only
     the adapters move, gradients are cleared."""
     answer = {"losses": [object], "leftover": [str], "moved": [str], "adapters": dict, "logits": torch.Tensor}
+    reference = ("lorakit.train.training_step",)
     reported = {"leftover": "which parameters still hold a gradient after the last step: only the probe sees them",
                 "moved": "which frozen parameters changed (the logits after the steps show it too)"}
 

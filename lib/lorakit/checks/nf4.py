@@ -91,6 +91,7 @@ class describe:
 class absmax_int8:
     """`absmax_quantize(x)` -> (int8 codes, absmax) and `absmax_dequantize(q, absmax)`."""
     answer = {"q": object, "scale": object, "x_hat": object}
+    reference = ("lorakit.nf4.absmax_int8", "lorakit.nf4.absmax_int8_dequantize")
 
     def draw(rng):
         if rng.grading:
@@ -132,6 +133,7 @@ class absmax_int8:
 class blockwise:
     """`blockwise_quantize(x, blocksize)` and `blockwise_dequantize(q, absmax)`: one absmax per block."""
     answer = {"q": object, "absmax": object, "x_hat": object}
+    reference = ("lorakit.nf4.absmax_int8", "lorakit.nf4.absmax_int8_dequantize")
 
     def draw(rng):
         blocksize, blocks = (rng.choice([8, 16, 32, 64]), rng.integer(2, 8)) if rng.grading else (64, 4)

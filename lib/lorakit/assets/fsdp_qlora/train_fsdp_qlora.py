@@ -62,7 +62,7 @@ def main(argv=None) -> None:
     with open(args.fsdp_config) as fh:
         accelerate_config = yaml.safe_load(fh)
     storage = getattr(torch, QUANT_STORAGE)
-    summary = check_fsdp_qlora(accelerate_config, storage, storage)
+    summary = check_fsdp_qlora(accelerate_config, storage, storage, mixed_precision="bf16")  # Trainer's bf16=True
 
     from peft import LoraConfig, get_peft_model
     from transformers import (AutoModelForCausalLM, BitsAndBytesConfig, DataCollatorForSeq2Seq, Trainer,
