@@ -136,11 +136,14 @@ class break_even_rank:
     reference = ("lorakit.lora.break_even_rank",)
 
     def draw(rng):
-        cases = [[4000, 5000], [4096, 4096], [4096, 11008], [192, 512], [1, 3]]
+        cases = [[4000, 5000], [4096, 4096], [4096, 11008], [192, 512], [1, 3], [2, 3]]
         if rng.grading:
             cases = [cases[0]] + [[rng.integer(1, 20_000), rng.integer(1, 20_000)] for _ in range(4)]
             side = 2 * rng.integer(1, 2048)  # a square W of even side: r = side / 2 gives exactly W's count
             cases.append([side, side])
+            # d_in * d_out - 1 a multiple of d_in + d_out (d_out = a^2 - a + 1): "fewer than W" has no slack
+            a = rng.integer(2, 100)
+            cases.append([a, a * a - a + 1])
         return {"cases": cases}
 
     def probe(inputs, fn):
