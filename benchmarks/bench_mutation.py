@@ -14,7 +14,7 @@ answer of the right shape) is counted apart, as a bug of the kit. Every survivor
 EQUIVALENT with why it computes the same thing on every input the exercise allows; an unexplained survivor
 fails the run, as does a grader error or a total under GOAL.
 
-    python benchmarks/bench_mutation.py                       # every lesson (about 10 minutes on 2 cores)
+    python benchmarks/bench_mutation.py                       # every lesson (about a minute on 2 cores)
     python benchmarks/bench_mutation.py --lesson 02 --lesson 04   # some lessons
     python benchmarks/bench_mutation.py --exercise ex03_blockwise -v   # one exercise, each mutant shown
 
@@ -274,10 +274,11 @@ def namespace(lesson: str, replace: dict[str, str] | None = None) -> dict:
         if tree is None:
             continue
         for stmt in _definitions(tree).body:
-            code = compile(ast.fix_missing_locations(ast.Module([stmt], [])), f"<{lesson} {gid or 'cell'}>", "exec")
             try:
-                with warnings.catch_warnings():
+                with warnings.catch_warnings():  # a mutant like `1.0[::2]` compiles with a SyntaxWarning
                     warnings.simplefilter("ignore")
+                    code = compile(ast.fix_missing_locations(ast.Module([stmt], [])), f"<{lesson} {gid or 'cell'}>",
+                                   "exec")
                     exec(code, ns)  # noqa: S102 - the kit's own notebooks, or mutants of them
             except Exception:
                 if gid in replace:
