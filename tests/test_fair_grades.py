@@ -99,9 +99,10 @@ def test_the_solutions_pass_every_check(jobs, alone):
 
 def test_verdicts_judged_at_once_in_threads_equal_the_ones_judged_alone(jobs, replies, alone):
     """The grader's threads draw inputs and judge replies (each probe runs in its submission's own sandboxed
-    process): every call of lessons 00-08 twice, in a shuffled order, from eight threads at once, gets the
-    verdict, message included, that it gets alone."""
-    order = list(range(len(jobs))) * 2
+    process): every call of lessons 00-08, in a shuffled order, from eight threads at once, gets the verdict,
+    message included, that it gets alone. Each call is judged twice, beside itself too, except lesson 05's
+    improvement (a model loaded and 64 questions answered per verdict: once keeps the test quick)."""
+    order = list(range(len(jobs))) + [i for i, job in enumerate(jobs) if "improvement" not in job[0]]
     random.Random(0).shuffle(order)
 
     def judge(i):
