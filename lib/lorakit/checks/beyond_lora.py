@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 
 from . import expect
-from .judged import judged
+from .judged import building, judged
 
 
 def _close(a: torch.Tensor, b: torch.Tensor, tol: float) -> bool:
@@ -29,12 +29,14 @@ def _dora_reference(case):
     from lorakit.dora import DoRALinear
 
     W, bias, A, B, m = case["weight"], case["bias"], case["lora_A"], case["lora_B"], case["magnitude"]
-    base = nn.Linear(W.shape[1], W.shape[0], bias=bias is not None)
+    with building():   # every weight is overwritten below: the global generator stays as it was
+        base = nn.Linear(W.shape[1], W.shape[0], bias=bias is not None)
     with torch.no_grad():
         base.weight.copy_(W)
         if bias is not None:
             base.bias.copy_(bias)
-    layer = DoRALinear(base, r=A.shape[0], alpha=case["scaling"] * A.shape[0])
+    with building():
+        layer = DoRALinear(base, r=A.shape[0], alpha=case["scaling"] * A.shape[0])
     with torch.no_grad():
         layer.lora_A.weight.copy_(A)
         layer.lora_B.weight.copy_(B)

@@ -80,8 +80,8 @@ class rank_loss:
         world = rng.integer(2, 4)
         vocab, length = 11, rng.integer(5, 9)
         slices = []
-        for _ in range(world):
-            b = rng.integer(1, 3)
+        for rank in range(world):
+            b = rng.integer(2, 3) if rank == 0 else rng.integer(1, 3)   # one slice of several rows at least
             labels = rng.randint(0, vocab, (b, length))
             # a prompt of random length without loss, then the answer; sometimes padding at the end
             for row in range(b):

@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 
 from . import CheckFailed, expect, passed
-from .judged import data_or_repr, judged
+from .judged import building, data_or_repr, judged
 
 # QLoRA's order of preference when a budget allows only some layers: attention first (the LoRA paper's
 # q and v, then k and o), then the MLP. The exercise picks the longest prefix that fits.
@@ -98,12 +98,16 @@ def _config(d: dict):
     return LlamaConfig(**d)
 
 
-def _made_up(rng) -> dict:
+def _made_up(rng, own_head_dim: bool = False) -> dict:
+    """A made-up Llama config (a dict); with `own_head_dim`, a head_dim that is not hidden / heads."""
     heads = rng.choice([4, 8, 12, 16, 32])
     head_dim = rng.choice([32, 64, 128])
-    return dict(hidden_size=heads * head_dim, intermediate_size=64 * rng.integer(4, 200),
-                num_hidden_layers=rng.integer(1, 48), num_attention_heads=heads,
-                num_key_value_heads=rng.choice([k for k in (1, 2, 4, 8, heads) if heads % k == 0]), vocab_size=32000)
+    d = dict(hidden_size=heads * head_dim, intermediate_size=64 * rng.integer(4, 200),
+             num_hidden_layers=rng.integer(1, 48), num_attention_heads=heads,
+             num_key_value_heads=rng.choice([k for k in (1, 2, 4, 8, heads) if heads % k == 0]), vocab_size=32000)
+    if own_head_dim:
+        d["head_dim"] = rng.choice([h for h in (32, 64, 128) if h != head_dim])
+    return d
 
 
 def _call(fn, *args, what: str):
@@ -125,7 +129,7 @@ class trainable_count:
         if rng.grading:
             cases = [["Llama-2-7B", LLAMA2_7B, 8, ["q_proj", "v_proj"]], ["Llama-2-7B", LLAMA2_7B, 64, PREFERENCE],
                      ["SmolLM2-135M", SMOLLM2_135M, 16, PREFERENCE]]
-            cases += [[f"made-up model #{i + 1}", _made_up(rng), rng.choice([1, 4, 8, 16, 64]),
+            cases += [[f"made-up model #{i + 1}", _made_up(rng, own_head_dim=i == 0), rng.choice([1, 4, 8, 16, 64]),
                        rng.sample(PREFERENCE, rng.integer(1, 7))] for i in range(3)]
         else:
             cases = [["the embedded model", _tiny(), 16, list(ALL_LINEAR)], ["the embedded model", _tiny(), 16, ["q_proj", "v_proj"]],
@@ -417,6 +421,8 @@ class before_eval:
     lorakit.data.exact_match). Only a consistency check of the notebook's numbers: `improvement` measures
     the model itself."""
     answer = {"before": object, "answers": [object], "outputs": [str]}
+    reported = {"before": "the notebook's own score of the base model", "answers": "the base model's answers, as the "
+                "notebook generated them", "outputs": "the held-out examples' outputs, as the notebook holds them"}
 
     def draw(rng):
         return {}
@@ -442,6 +448,7 @@ class before_eval:
 # --------------------------------------------------------------------------------------------------
 
 N_HELD_OUT = 64            # questions the judge asks the base model and the fine-tuned one
+TASK = "who_found"         # the task the graded adapter is measured on (the lesson's default TASK)
 QUANT_KEYS = {"load_in_4bit": bool, "bnb_4bit_quant_type": ("nf4", "fp4"), "bnb_4bit_use_double_quant": bool,
               "bnb_4bit_compute_dtype": ("float32", "bfloat16", "float16")}
 
@@ -475,11 +482,37 @@ def _base_model_id(name: str) -> str:
     return name
 
 
+def _rank(adapter: dict, model, targets) -> int:
+    """The adapter's rank, from its tensors' shapes checked against the base model's layers: every target
+    layer has a lora_A of (r, in) and a lora_B of (out, r) with one r (at most min(in, out)), and nothing else.
+    The size of what the grader builds comes from these validated shapes, never from a number in the reply."""
+    expected = {}
+    for name, m in model.named_modules():
+        if name.rsplit(".", 1)[-1] in targets and hasattr(m, "in_features") and hasattr(m, "out_features"):
+            expected[f"base_model.model.{name}.lora_A.weight"] = (m.in_features, m.out_features, "A")
+            expected[f"base_model.model.{name}.lora_B.weight"] = (m.in_features, m.out_features, "B")
+    tensors = adapter["tensors"]
+    unexpected, missing = sorted(set(tensors) - set(expected)), sorted(set(expected) - set(tensors))
+    expect(expected and not unexpected and not missing, f"the adapter does not fit its base model: unexpected tensors "
+           f"{unexpected[:3]}, missing {missing[:3]}.")
+    ranks = set()
+    for key, (d_in, d_out, part) in expected.items():
+        t = tensors[key]
+        r = t.shape[0] if part == "A" else (t.shape[1] if t.dim() == 2 else -1)
+        want = (r, d_in) if part == "A" else (d_out, r)
+        expect(t.dim() == 2 and tuple(t.shape) == want and 1 <= r <= min(d_in, d_out) and t.is_floating_point(),
+               f"the adapter's {key} has shape {tuple(t.shape)}, which does not fit a layer of {d_in} -> {d_out}.")
+        ranks.add(r)
+    expect(len(ranks) == 1 and adapter["r"] in ranks, f"the adapter's tensors have ranks {sorted(ranks)} and its "
+           f"config says r={adapter['r']}: they should agree.")
+    return ranks.pop()
+
+
 def _rebuild(adapter: dict):
     """The base model loaded as the learner loaded it, with the learner's adapter: (model, tokenizer)."""
     import warnings
 
-    from peft import LoraConfig, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
+    from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
     from transformers import BitsAndBytesConfig
 
     from lorakit import models
@@ -493,34 +526,37 @@ def _rebuild(adapter: dict):
         quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=q.get("bnb_4bit_quant_type", "nf4"),
                                           bnb_4bit_use_double_quant=q.get("bnb_4bit_use_double_quant", False),
                                           bnb_4bit_compute_dtype=getattr(torch, q.get("bnb_4bit_compute_dtype", "float32")))
-    model, tokenizer = models.load_base(_base_model_id(adapter["base"]), quantization=quantization, device="cpu")
     targets = adapter["target_modules"]
     expect(isinstance(targets, list) and targets and set(targets) <= set(PREFERENCE),  # names, never a regex
            f"the adapter targets {targets!r}; the grader rebuilds adapters on a list of {PREFERENCE}.")
-    with warnings.catch_warnings():
+    with building():
+        model, tokenizer = models.load_base(_base_model_id(adapter["base"]), quantization=quantization, device="cpu",
+                                            dtype=torch.float32)
+    r = _rank(adapter, model, targets)
+    with warnings.catch_warnings(), building():   # peft draws lora_A from the global generator: overwritten
         warnings.simplefilter("ignore")
-        config = LoraConfig(r=adapter["r"], lora_alpha=adapter["alpha"], use_rslora=adapter["use_rslora"],
+        config = LoraConfig(r=r, lora_alpha=adapter["alpha"], use_rslora=adapter["use_rslora"],
                             target_modules=list(targets), task_type="CAUSAL_LM")
         peft_model = get_peft_model(model, config)
-        wanted = set(get_peft_model_state_dict(peft_model))
         result = set_peft_model_state_dict(peft_model, adapter["tensors"])
-    unexpected = sorted(set(adapter["tensors"]) - wanted) + list(getattr(result, "unexpected_keys", []) or [])
-    missing = sorted(wanted - set(adapter["tensors"]))
-    expect(not unexpected and not missing, f"the adapter does not fit its base model: unexpected tensors "
-           f"{unexpected[:3]}, missing {missing[:3]}.")
+    unexpected = list(getattr(result, "unexpected_keys", []) or [])
+    expect(not unexpected, f"the adapter does not fit its base model: unexpected tensors {unexpected[:3]}.")
     return peft_model, tokenizer
 
 
 @judged
 class improvement:
-    """The fine-tuned model beats its base on held-out questions the grader draws, measured by the grader:
-    the probe sends the adapter's tensors and settings, the judge loads the base model, puts the adapter on
-    it and asks both the questions (the notebook's own numbers are only shown)."""
+    """The fine-tuned model beats its base by more than MIN_GAIN in exact match on held-out questions of the
+    lesson's task that the grader draws, measured by the grader: the probe sends the adapter's tensors and
+    settings, the judge loads the base model, puts the adapter on it (its size from the tensors' validated
+    shapes) and asks both the questions. The visible call asks the same of questions drawn from seed 0."""
     answer = {"adapter": dict, "task": str, "before": object, "after": object}
+    reported = {"task": "the TASK the notebook trained on: shown, the task measured is the drawn one",
+                "before": "the notebook's own score of the base model: shown only",
+                "after": "the notebook's own score after fine-tuning: shown only"}
 
     def draw(rng):
-        return {"seed": rng.new_seed() if rng.grading else 0, "n": N_HELD_OUT,
-                "min_gain": MIN_GAIN if rng.grading else 0.0}
+        return {"seed": rng.new_seed() if rng.grading else 0, "n": N_HELD_OUT, "task": TASK}
 
     def probe(inputs, model, task, before, after):
         expect(hasattr(model, "peft_config"), f"`model` should be the fine-tuned peft model, found {type(model).__name__}.")
@@ -532,12 +568,15 @@ class improvement:
                f"`before` and `after` should be your exact_match_score's scores of the model before and after "
                f"fine-tuning; found {a['before']!r} and {a['after']!r}.",
                "finish Exercise 4 (exact_match_score), then run its cell and the cells after it again.")
-        task = a["task"]
-        expect(task in data.TASKS, f"the task {task!r} is not one of the lesson's tasks {sorted(data.TASKS)}.")
+        task = inputs["task"]
+        expect(a["task"] == task, f"your notebook trained on TASK={a['task']!r}; the graded adapter is measured on the "
+               f"lesson's task, {task!r}.", f"set TASK = {task!r} in the parameters cell.")
         adapter = a["adapter"]
         expect(isinstance(adapter.get("tensors"), dict) and all(isinstance(t, torch.Tensor) for t in adapter["tensors"].values())
-               and type(adapter.get("r")) is int and type(adapter.get("alpha")) in (int, float)
-               and isinstance(adapter.get("quantization"), dict), "the adapter could not be read (tensors, r, alpha).")
+               and type(adapter.get("r")) is int and type(adapter.get("alpha")) in (int, float) and adapter["alpha"] > 0
+               and type(adapter.get("use_rslora")) is bool and isinstance(adapter.get("quantization"), dict)
+               and type(adapter.get("base")) is str, "the adapter could not be read (tensors, r, alpha, use_rslora, "
+               "quantization, base).")
         questions = data.generate_task(task, {"test": inputs["n"]}, seed=inputs["seed"])["test"]
         model, tokenizer = _rebuild(adapter)
         after = data.exact_match(model, tokenizer, questions, progress=False)
@@ -546,7 +585,7 @@ class improvement:
         mine = ""
         if type(a["before"]) in (int, float) and type(a["after"]) in (int, float):
             mine = f"; your notebook measured {a['before']:.1%} -> {a['after']:.1%}"
-        min_gain = inputs["min_gain"]
+        min_gain = MIN_GAIN
         expect(after - before > min_gain,
                f"on {len(questions)} held-out questions the grader drew, exact match went from {before:.1%} (base model) "
                f"to {after:.1%} (with your adapter): expected a gain of more than {min_gain:.0%}{mine}.",

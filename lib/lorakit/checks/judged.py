@@ -28,8 +28,22 @@ written as a class whose body holds the three functions and the answer's shape:
             return "the passed message"
 
 Optional in the class body: `reference`, the kit's objects that answer the exercise (a submission whose
-own code uses one is graded but flagged, see lorakit.grading.reference_use). `draw` can read `rng.grading`
-(True for seed="grading") to ask more of a hidden call.
+own code uses one is graded but flagged, see lorakit.grading.reference_use), and `reported`, the answer's
+items that only the probe can observe ({key: why}: a warning was raised, a file was saved, which names a
+module has). Every other item is *behaviour*: a value the learner's objects computed on the drawn inputs,
+which the judge recomputes with the kit's reference and compares. A reported item is checked (its message
+helps the learner) but never earns points on its own: every test cell also judges behaviour, and a probe
+that only reports what it was expected to report scores nothing. `draw` can read `rng.grading` (True for
+seed="grading") to draw other inputs for a hidden call (larger shapes, more cases), never to change what is
+asked: a visible call of the same check enforces the same requirements with the same thresholds.
+
+A verdict depends on the work and the drawn inputs only. Judges of several submissions run in threads of one
+process, so nothing in `draw` or `judge` may use torch's global generator (shared by every thread): tensors
+come from the Rng's own generator, models the checks build get their weights from `reseed` (an explicit
+generator), and building or loading a module runs in `building()`, which leaves the global generator as it
+was and lets one thread build at a time (see there why). A judge that raises on an answer of the right shape
+is a bug of the kit: its verdict says so (`Verdict.grader_error`), and the grader reports it to the instructor
+instead of failing the learner.
 
 In a notebook, `check.weights_gb(weights_gb)` runs the three parts in the learner's kernel with seed 0: a
 self-check that explains what is wrong. `check.weights_gb(weights_gb, seed="grading")` (a test cell's
@@ -48,9 +62,12 @@ running anything (`lorakit.grading.testcells`) and evaluates each call's argumen
 
 from __future__ import annotations
 
+import contextlib
+import math
 import operator
 import random
 import secrets
+import threading
 from dataclasses import dataclass, field
 
 from . import CheckFailed, passed
@@ -68,8 +85,8 @@ def _torch():
 
 class Rng:
     """The seeded source of a check's inputs: Python's `random` for choices, a torch Generator for tensors.
-    `grading` is True when the seed was drawn for seed="grading" (a hidden call): a check may ask more of
-    the learner there (a stricter threshold), never less."""
+    `grading` is True when the seed was drawn for seed="grading" (a hidden call): a check may draw other
+    inputs there (larger, more of them), never other thresholds."""
 
     def __init__(self, seed: int, grading: bool = False):
         self.seed = int(seed)
@@ -113,6 +130,41 @@ class Rng:
         return _torch().randint(low, high, tuple(shape), generator=self.torch)
 
 
+@contextlib.contextmanager
+def building():
+    """The scope in which a check builds or loads torch modules (its own layers and models, the kit's
+    references). Two things make building process-wide, and judges of several submissions run in threads:
+
+    - torch's layers draw their first weights from the global generator. The scope leaves that generator as
+      it found it (a notebook's random numbers are the same with or without a check), and every value a check
+      keeps is overwritten from an explicit Generator (`reseed`) or a drawn tensor.
+    - transformers turns steps of model building off for every thread while it loads a model
+      (`from_pretrained`): a small Llama with tied embeddings built meanwhile in another thread came out with
+      its lm_head untied, so other weights and other logits. So builds and loads take turns: one lock for the
+      process (re-entrant: builds nest).
+    """
+    with _BUILDING, _torch().random.fork_rng(devices=[]):
+        yield
+
+
+_BUILDING = threading.RLock()
+
+
+def reseed(module, seed: int):
+    """`module` (returned) with every floating-point parameter drawn again from a torch Generator seeded with
+    `seed`, in `named_parameters()` order: a matrix N(0, 1 / fan_in) (activations stay near unit scale, so
+    comparisons of outputs mean something), a vector 1 + N(0, 0.01) (norm scales). The same weights in every
+    process and thread, whatever the global generator holds."""
+    torch = _torch()
+    g = torch.Generator().manual_seed(int(seed))
+    with torch.no_grad():
+        for _, p in module.named_parameters():
+            if p.is_floating_point():
+                noise = torch.randn(p.shape, generator=g, dtype=torch.float32)
+                p.copy_(noise / math.sqrt(p.shape[-1]) if p.dim() > 1 else 1 + 0.1 * noise)
+    return module
+
+
 def draw_seed(seed) -> int:
     """The seed a call asked for: an int as given, "grading" a fresh one from the OS."""
     if seed == GRADING:
@@ -128,7 +180,12 @@ def draw_seed(seed) -> int:
 @dataclass
 class Verdict:
     passed: bool
-    message: str        # for the learner: the passed line, or what is wrong and a hint
+    message: str                # for the learner: the passed line, or what is wrong and a hint
+    grader_error: bool = False  # the judge itself broke on an answer of the right shape: a bug of the kit
+
+
+class GraderError(RuntimeError):
+    """A check's judge raised on an answer of the right shape: the kit's bug, not the learner's mistake."""
 
 
 @dataclass
@@ -142,12 +199,16 @@ class Check:
     doc: str = ""
     reference: tuple = ()         # lorakit objects that answer the exercise ("lorakit.lora.LoRALinear"):
                                   # a submission whose own code uses one is graded but flagged
+    reported: dict = field(default_factory=dict)   # answer key -> why only the probe can observe it
 
     def __call__(self, *objects, seed=0, **kw_objects) -> None:
-        """Draw, probe the learner's objects, judge; print the passed message or raise CheckFailed."""
+        """Draw, probe the learner's objects, judge; print the passed message or raise CheckFailed (GraderError
+        when the judge itself broke)."""
         inputs = self.inputs(draw_seed(seed), grading=seed == GRADING)
         reply = run_probe(self, decode(encode(inputs, where="inputs"), where="inputs"), objects, kw_objects)
         verdict = self.verdict(inputs, decode(reply, where="reply"))
+        if verdict.grader_error:
+            raise GraderError(verdict.message)
         if not verdict.passed:
             raise CheckFailed(verdict.message)
         passed(verdict.message)
@@ -157,8 +218,9 @@ class Check:
         return decode(encode(self.draw(Rng(seed, grading)), where=f"{self.name}: inputs"), where="inputs")
 
     def verdict(self, inputs: dict, reply) -> Verdict:
-        """Judge a probe's reply (decoded data, as `run_probe` builds it). Never raises: whatever the reply
-        holds becomes a Verdict with a message for the learner."""
+        """Judge a probe's reply (decoded data, as `run_probe` builds it). Never raises: a reply of the wrong
+        shape is the learner's failed check; an answer of the right shape that breaks the judge is a grader
+        error (the kit's bug), said as such."""
         try:
             conforms(reply, {"ok": bool}, "the reply")
             if not reply["ok"]:
@@ -166,11 +228,16 @@ class Check:
                 return Verdict(False, _explain_error(reply["error"]["type"], reply["error"]["message"]))
             conforms(reply, {"answer": dict}, "the reply")
             conforms(reply["answer"], self.answer, "the answer")
+        except CheckFailed as e:
+            return Verdict(False, str(e))
+        try:
             message = self.judge(inputs, reply["answer"])
         except CheckFailed as e:
             return Verdict(False, str(e))
-        except Exception as e:  # noqa: BLE001 - data that conforms yet breaks the judge is still a failed check
-            return Verdict(False, f"the answer could not be judged ({type(e).__name__}: {str(e)[:300]}).")
+        except Exception as e:  # noqa: BLE001 - the judge broke on conforming data: the kit's bug, not the learner's
+            return Verdict(False, f"the grader could not judge this answer: {self.name}'s judge raised "
+                                  f"{type(e).__name__}: {str(e)[:300]}. This is a bug of the course kit, not a "
+                                  "mistake of yours; the instructor is told.", grader_error=True)
         return Verdict(True, str(message or f"{self.name} passed"))
 
 
@@ -222,9 +289,21 @@ def judged(cls) -> Check:
     if missing:
         raise TypeError(f"judged check {cls.__name__} needs {', '.join(missing)}")
     reference = body.get("reference", ())
-    return Check(f"{cls.__module__}.{cls.__qualname__}", body["draw"], body["probe"], body["judge"],
-                 body.get("answer", dict), (cls.__doc__ or "").strip(),
-                 (reference,) if isinstance(reference, str) else tuple(reference))
+    reported = dict(body.get("reported", {}))
+    answer = body.get("answer", dict)
+    unknown = sorted(set(reported) - set(answer if isinstance(answer, dict) else ()))
+    if unknown or not all(isinstance(why, str) and why for why in reported.values()):
+        raise TypeError(f"judged check {cls.__name__}: `reported` names keys of `answer`, each with why only the "
+                        f"probe can observe it (unknown: {unknown})")
+    doc = (cls.__doc__ or "").strip()
+    if isinstance(answer, dict):   # the docstring says which items are which
+        recomputed = [k for k in answer if k not in reported]
+        doc += ("\n\nRecomputed by the judge from the drawn inputs: " + (", ".join(recomputed) or "nothing") + ".")
+        if reported:
+            doc += "\nReported by the probe, checked but earning nothing on their own: " + \
+                "; ".join(f"{k} ({why})" for k, why in reported.items()) + "."
+    return Check(f"{cls.__module__}.{cls.__qualname__}", body["draw"], body["probe"], body["judge"], answer, doc,
+                 (reference,) if isinstance(reference, str) else tuple(reference), reported)
 
 
 def find(name: str) -> Check:

@@ -52,6 +52,7 @@ def _value(v):
 class prediction:
     """`my_prediction()`: the three structural predictions about the reduced grid's runs."""
     answer = {"is_dict": bool, "values": dict}
+    reported = {"is_dict": "whether what the function returned is a dict"}
 
     def draw(rng):
         return {"keys": list(GRADED) + list(SHOWN)}  # nothing to draw: predictions are constants
@@ -99,13 +100,16 @@ class verdict:
             [[0.30, 0.33, 0.31], [0.20, 0.22, 0.21], False],              # lower is better: B
             [[0.9, math.nan, math.nan], [0.1, 0.2, 0.15], True],          # one run left of A: None
             [[0.9, math.nan, 0.8], [0.1, 0.2, 0.15], True],               # a failed run, two left: A
+            [[0.1, 0.2, 0.15], [0.9, math.nan, 0.8], True],               # the same on B's side: B
+            [[0.1, 0.2, 0.15], [0.9, math.nan, math.nan], True],          # one run left of B: None
             [[0.5, 0.6, 0.7], [0.7, 0.8, 0.9], True],                     # touching ranges: None
+            [[0.7, 0.8, 0.9], [0.5, 0.6, 0.7], True],                     # touching the other way: None
         ]
         for _ in range(5):  # drawn: centres and widths decide whether the ranges overlap
             a_mid, b_mid, width = rng.uniform(0.1, 0.9), rng.uniform(0.1, 0.9), rng.uniform(0.005, 0.1)
             a, b = _scores(rng, n, a_mid, width), _scores(rng, n, b_mid, width)
             if rng.integer(0, 3) == 0:
-                a[rng.integer(0, n - 1)] = math.nan
+                rng.choice([a, b])[rng.integer(0, n - 1)] = math.nan
             cases.append([a, b, rng.choice([True, False])])
         order = rng.sample(range(len(cases)), len(cases))
         return {"cases": [cases[i] for i in order]}
@@ -139,8 +143,9 @@ def _show(values) -> str:
 # --------------------------------------------------------------------------------------------------
 
 def _summary_rows(rng) -> list[dict]:
-    """A synthetic summary (one row per configuration, as lorakit.lab.summarize gives): a tie on exact match,
-    a configuration whose runs all failed, and one listed under two studies."""
+    """A synthetic summary (one row per configuration, as lorakit.lab.summarize gives): ties on exact match
+    (broken by memory, and by trainable parameters), a configuration whose runs all failed, one with a
+    single successful run, and one listed under two studies."""
     rows = []
     for i in range(rng.integer(6, 9)):
         method = rng.choice(["lora", "qlora"])
@@ -149,12 +154,16 @@ def _summary_rows(rng) -> list[dict]:
                      "method": method, "r": r, "n": 3, "failed": 0,
                      "exact_match": round(rng.uniform(0.05, 0.65), 3),
                      "training_bytes": rng.integer(50, 400) * 100_000, "trainable_params": r * 14_592})
+    rows[1]["exact_match"] = 0.7   # above the others: wherever it and its ties fit, the tie-breaks decide
     tie = dict(rows[1], name=rows[1]["name"] + "_tie", training_bytes=rows[1]["training_bytes"] - 100_000,
                trainable_params=rows[1]["trainable_params"] * 2)
+    smaller = dict(tie, name=tie["name"] + "_smaller", trainable_params=tie["trainable_params"] // 2)
     failed = dict(rows[2], name=rows[2]["name"] + "_failed", n=0, failed=3, exact_match=math.nan,
                   training_bytes=1_000)
+    single = dict(rows[3], name=rows[3]["name"] + "_single", n=1, failed=2, exact_match=0.9,
+                  training_bytes=max(r["training_bytes"] for r in rows) + 100_000)
     shared = dict(rows[0], study="another_study")
-    return rows + [tie, failed, shared]
+    return rows + [tie, smaller, failed, single, shared]
 
 
 @judged
@@ -212,6 +221,7 @@ def _name(row):
 class qlora_overhead:
     """`qlora_overhead(step_times)`: {width: median QLoRA step / median LoRA step - 1} from a benchmark table."""
     answer = {"overheads": dict, "type": str}
+    reported = {"type": "the type of what the function returned"}
 
     def draw(rng):
         rows = []

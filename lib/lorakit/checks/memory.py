@@ -5,7 +5,7 @@ lorakit.memory and with transformers' own count on the meta device."""
 from __future__ import annotations
 
 from . import close, expect
-from .judged import data_or_repr, judged
+from .judged import building, data_or_repr, judged
 
 ADAMW_PARTS = {"weights": 2, "gradients": 2, "master weights": 4, "adam m": 4, "adam v": 4}
 ADAMW_HINTS = {"weights": "the model itself is kept in bf16.", "gradients": "gradients have the dtype of the weights: bf16.",
@@ -79,6 +79,7 @@ class nf4_bits:
 class adamw_bytes:
     """The learner's dict `adamw_bytes`: bytes per trained parameter of each part of mixed-precision AdamW."""
     answer = {"is_dict": bool, "keys": [str], "values": dict}
+    reported = {"is_dict": "whether the learner's object is a dict", "keys": "the names of its keys"}
 
     def draw(rng):
         parts = list(ADAMW_PARTS)
@@ -105,7 +106,7 @@ class adamw_bytes:
 def _meta_num_parameters(cfg) -> int:
     import torch
     from transformers import AutoModelForCausalLM
-    with torch.device("meta"):  # the shapes, no memory
+    with building(), torch.device("meta"):  # the shapes, no memory
         return AutoModelForCausalLM.from_config(cfg).num_parameters()
 
 
@@ -139,7 +140,13 @@ class count_parameters:
 
     def draw(rng):
         if rng.grading:
-            return {"configs": _named(rng.sample(HIDDEN_COUNT_CHECKS + COUNT_CHECKS, 4), rng, 4)}
+            configs = _named(rng.sample(HIDDEN_COUNT_CHECKS + COUNT_CHECKS, 4), rng, 4)
+            # one made-up Qwen2 at least: its q/k/v biases must be counted
+            configs.append(["made-up qwen2", dict(random_config(rng), model_type="qwen2")])
+            # and always one whose head_dim is not hidden / heads (Llama allows it): a count must read head_dim
+            odd = dict(random_config(rng), model_type="llama")
+            odd["head_dim"] = rng.choice([d for d in (16, 32, 64, 128) if d * odd["num_attention_heads"] != odd["hidden_size"]])
+            return {"configs": configs + [["made-up llama with its own head_dim", odd]]}
         return {"configs": _named(COUNT_CHECKS, rng, 0)}
 
     def probe(inputs, fn):

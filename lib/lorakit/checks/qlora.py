@@ -5,7 +5,9 @@ tests the learner's code and nothing else in the notebook's state. The probe ret
 layers computed (outputs, gradients, packed bytes, counts); the judge compares with the real thing on the same
 weights: bitsandbytes' packed bytes and `Linear4bit` outputs, peft's LoRA layer for 4-bit bases, and
 `lorakit.qlora`, the reference. That real thing is built here (`bitsandbytes_lora`, with `copy_adapters` to
-give two layers the same adapters): lesson 04, its tests and the benchmarks compare with it too.
+give two layers the same adapters): lesson 04, its tests and the benchmarks compare with it too. As in
+lesson 02's checks, adapters get drawn non-zero values through the learner's own layers before outputs and
+gradients are compared, and every weight a check keeps comes from a seeded Generator (`judged.reseed`).
 """
 
 from __future__ import annotations
@@ -15,7 +17,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import CheckFailed, close, expect
-from .judged import data_or_repr, judged
+from .judged import data_or_repr, building, judged, reseed
+from .lora import alpha_for, linear_shapes, set_drawn_adapters
 
 D_IN, D_OUT = 192, 128  # multiples of 64, as bitsandbytes' CPU kernels want (`_convert_weight_packed_for_cpu`)
 
@@ -89,7 +92,8 @@ def _dims(rng) -> tuple[int, int]:
 
 def _linear(inputs, bias: bool = False) -> nn.Linear:
     W = inputs["W"]
-    lin = nn.Linear(W.shape[1], W.shape[0], bias=bias)
+    with building():
+        lin = nn.Linear(W.shape[1], W.shape[0], bias=bias)
     with torch.no_grad():
         lin.weight.copy_(W)
         if bias:
@@ -102,10 +106,10 @@ def _packed_and_state(W):
     return quantize_nf4(W.detach(), blocksize=64, double_quant=True)
 
 
-def _bnb_bytes(W) -> torch.Tensor:
+def _bnb_quantized(W):
+    """bitsandbytes' packed NF4 bytes and QuantState of W (blocksize 64, double quantization)."""
     import bitsandbytes.functional as BF
-    packed, _ = BF.quantize_4bit(W.detach().float(), blocksize=64, quant_type="nf4", compress_statistics=True)
-    return packed
+    return BF.quantize_4bit(W.detach().float(), blocksize=64, quant_type="nf4", compress_statistics=True)
 
 
 def _full_size_float_tensors(module: nn.Module, n: int) -> list[str]:
@@ -115,6 +119,10 @@ def _full_size_float_tensors(module: nn.Module, n: int) -> list[str]:
         if t is not None and t.is_floating_point() and t.numel() >= n:
             out.append(f"{name} ({tuple(t.shape)}, {t.dtype})")
     return out
+
+
+def _kind(x) -> str:
+    return f"a {str(x.dtype).removeprefix('torch.')} tensor {tuple(x.shape)}" if isinstance(x, torch.Tensor) else repr(x)[:60]
 
 
 def _diff(a, b) -> float:
@@ -132,14 +140,42 @@ def _dtype(name: str) -> torch.dtype:
     return getattr(torch, name)
 
 
+class _MatmulDtypes(torch.overrides.TorchFunctionMode):
+    """Records the dtypes of the floating-point operands of every matrix product run inside it: the dtype a
+    layer computed in, which its output (cast back to the input's dtype) no longer shows."""
+    PRODUCTS = {F.linear, torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__, torch.mm, torch.bmm, torch.addmm}
+
+    def __init__(self):
+        super().__init__()
+        self.seen: set[str] = set()
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func in self.PRODUCTS:
+            self.seen |= {str(a.dtype).removeprefix("torch.") for a in args
+                          if isinstance(a, torch.Tensor) and a.is_floating_point()}
+        return func(*args, **(kwargs or {}))
+
+
+def _computed(layer, x) -> tuple[object, list[str]]:
+    """`layer(x)` without gradients, as data, and the dtypes its matrix products ran in."""
+    with torch.no_grad(), _MatmulDtypes() as mode:
+        y = layer(x)
+    return data_or_repr(y), sorted(mode.seen)
+
+
+COMPUTE = "bfloat16"   # the compute_dtype the checks ask for, pinned: whatever this CPU would pick by itself
+
+
 # -------------------------------------------------------------------------------------- ex04_matmul_nf4
 
 @judged
 class matmul_nf4:
     """Output and input gradient equal to F.linear with the dequantized weight; the dequantized weight
     is not kept for backward."""
-    answer = {"results": [dict]}
+    answer = {"results": [dict], "saved": [[list]]}
     reference = ("lorakit.qlora.MatMulNF4",)
+    reported = {"saved": "what autograd kept for backward (shapes and bytes), seen by a hook in the learner's "
+                         "process: the grader cannot see that memory"}
 
     def draw(rng):
         d_in, d_out = _dims(rng)
@@ -150,7 +186,7 @@ class matmul_nf4:
     def probe(inputs, fn):
         _callable(getattr(fn, "apply", None), "MatMulNF4.apply")
         packed, state = _packed_and_state(inputs["W"])
-        out = []
+        out, kept = [], []
         for dtype, bias, _ in inputs["cases"]:
             x = inputs["x"].to(_dtype(dtype)).requires_grad_(True)
             saved = []  # (shape, dtype, bytes) of what autograd keeps, leaving out the packed buffer
@@ -161,19 +197,20 @@ class matmul_nf4:
                 return t
             with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
                 y = fn.apply(x, packed, state, inputs["bias"] if bias else None)
-            result = {"y": data_or_repr(y), "saved": saved, "gx": None}
+            result = {"y": data_or_repr(y), "gx": None}
             if isinstance(y, torch.Tensor) and y.requires_grad:
                 (gx,) = torch.autograd.grad(y.float().sum(), x)
                 result["gx"] = data_or_repr(gx)
             out.append(result)
-        return {"results": out}
+            kept.append(saved)
+        return {"results": out, "saved": kept}
 
     def judge(inputs, answer):
         from lorakit.nf4 import dequantize_nf4
         packed, state = _packed_and_state(inputs["W"])
         d_out, d_in = inputs["W"].shape
-        expect(len(answer["results"]) == len(inputs["cases"]), "MatMulNF4 should answer once per call.")
-        for (dtype, bias, tol), got in zip(inputs["cases"], answer["results"]):
+        expect(len(answer["results"]) == len(inputs["cases"]) == len(answer["saved"]), "MatMulNF4 should answer once per call.")
+        for (dtype, bias, tol), got, saved in zip(inputs["cases"], answer["results"], answer["saved"]):
             dt = _dtype(dtype)
             x = inputs["x"].to(dt)
             what = f"x of shape {tuple(x.shape)} in {dt}" + (" with a bias" if bias else "")
@@ -189,7 +226,7 @@ class matmul_nf4:
             ok, err = _close(y, expected, tol)
             expect(ok, f"{what}: the output differs from F.linear(x, dequantize_nf4(weight, state)) by up to {err:.3g}.",
                    "forward is x @ W.T (+ bias) with W the dequantized (out, in) weight.")
-            full = [s[:2] for s in got.get("saved", []) if isinstance(s, list) and s and s[0] in ([d_out, d_in], [d_in, d_out])]
+            full = [s[:2] for s in saved if s and s[0] in ([d_out, d_in], [d_in, d_out])]
             expect(not full, f"{what}: your MatMulNF4 keeps a {d_out} x {d_in} matrix for the backward pass ({full[0] if full else ''}): "
                              f"that is the dequantized weight, the very copy this function exists to avoid.",
                    "save only the packed bytes (ctx.save_for_backward(weight)), keep quant_state on ctx, and "
@@ -197,7 +234,7 @@ class matmul_nf4:
             ok, err = _close(got.get("gx"), torch.ones(*x.shape[:-1], d_out, dtype=dt) @ W, tol)
             expect(ok, f"{what}: the gradient with respect to x differs from grad_output @ W by up to {err:.3g}.",
                    "backward returns (grad_output @ W, None, None, None): one gradient per input of forward.")
-        extra = sum(s[2] for s in answer["results"][-1].get("saved", []) if isinstance(s, list) and len(s) == 3)
+        extra = sum(s[2] for s in answer["saved"][-1] if len(s) == 3 and type(s[2]) is int)
         return (f"MatMulNF4 equals F.linear with the dequantized weight, forward and backward, and keeps no copy of "
                 f"W for backward ({extra:,} extra bytes; a bf16 copy would be {d_in * d_out * 2:,})")
 
@@ -206,30 +243,41 @@ class matmul_nf4:
 
 @judged
 class nf4_linear:
-    """4-bit storage only, bitsandbytes' packed bytes, bitsandbytes' outputs, nothing trainable."""
-    answer = {"is_module": bool, "copies": [str], "packed": object, "double_quant": bool, "trainable": [str],
-              "outputs": [object]}
+    """4-bit storage only, bitsandbytes' packed bytes and double-quantized constants, bitsandbytes' outputs,
+    nothing trainable."""
+    answer = {"is_module": bool, "copies": [str], "packed": object, "state": dict, "trainable": [str],
+              "outputs": [object], "compute_out": object, "compute_dtypes": [str]}
     reference = ("lorakit.qlora.NF4Linear",)
+    reported = {"is_module": "whether the learner's object is an nn.Module",
+                "copies": "which 16/32-bit tensors the layer holds: only the probe sees the learner's object",
+                "trainable": "the names of the parameters that require gradients",
+                "compute_dtypes": "the dtypes the layer's matrix products ran in with compute_dtype set (its output, "
+                                  "cast back to the input's dtype, cannot show it beyond rounding)"}
 
     def draw(rng):
         d_in, d_out = _dims(rng)
-        return {"W": rng.randn(d_out, d_in) / d_in ** 0.5, "x": rng.randn(4, 7, d_in), "dtypes": ["float32", "bfloat16"]}
+        return {"W": rng.randn(d_out, d_in) / d_in ** 0.5, "bias": rng.randn(d_out) * 0.1, "x": rng.randn(4, 7, d_in),
+                "dtypes": ["float32", "bfloat16"], "compute_dtype": COMPUTE}
 
     def probe(inputs, cls):
         _callable(cls, "NF4Linear")
-        lin = _linear(inputs)
+        lin = _linear(inputs, bias=True)
         layer = cls(lin)
         if not isinstance(layer, nn.Module):
-            return {"is_module": False, "copies": [], "packed": None, "double_quant": False, "trainable": [], "outputs": []}
+            return {"is_module": False, "copies": [], "packed": None, "state": {}, "trainable": [], "outputs": [],
+                    "compute_out": None, "compute_dtypes": []}
+        state = getattr(layer, "quant_state", None)
         out = {"is_module": True, "copies": _full_size_float_tensors(layer, lin.weight.numel() // 4),
                "packed": data_or_repr(getattr(layer, "weight", None)),
-               "double_quant": getattr(getattr(layer, "quant_state", None), "offset", None) is not None,
+               "state": {k: data_or_repr(getattr(state, k, None)) for k in ("absmax", "offset", "absmax2")},
                "trainable": [n for n, p in layer.named_parameters() if p.requires_grad], "outputs": []}
         for name in inputs["dtypes"]:
             x = inputs["x"].to(_dtype(name)).requires_grad_(True)
             y = layer(x)
             gx = torch.autograd.grad(y.float().sum(), x)[0] if isinstance(y, torch.Tensor) and y.requires_grad else None
             out["outputs"].append([data_or_repr(y), None if gx is None else bool(torch.isfinite(gx).all())])
+        computing = cls(_linear(inputs, bias=True), compute_dtype=_dtype(inputs["compute_dtype"]))
+        out["compute_out"], out["compute_dtypes"] = _computed(computing, inputs["x"])
         return out
 
     def judge(inputs, a):
@@ -243,18 +291,28 @@ class nf4_linear:
                f"{packed.dtype if isinstance(packed, torch.Tensor) else packed!r}.", "self.register_buffer('weight', packed).")
         expect(tuple(packed.shape) == (d_in * d_out // 2, 1),
                f"packed weight of a {d_out} x {d_in} layer: expected shape ({d_in * d_out // 2}, 1); found {tuple(packed.shape)}.")
-        expect(a["double_quant"], "`layer.quant_state` should be the NF4State from quantize_nf4 with double quantization "
-               "(its `offset` is set).", "quantize_nf4(linear.weight, blocksize, double_quant=True) by default.")
-        expected = _bnb_bytes(inputs["W"])
+        expected, ref_state = _bnb_quantized(inputs["W"])
         expect(torch.equal(packed, expected), f"your packed bytes differ from bitsandbytes' quantize_4bit(nf4) in "
                f"{(packed != expected).sum().item()} of {expected.numel()} bytes.",
                "quantize with lorakit.nf4.quantize_nf4 (blocksize 64), which matches bitsandbytes byte for byte.")
+        st = a["state"]
+        same = all(isinstance(st.get(k), torch.Tensor) for k in ("absmax", "absmax2")) and \
+            st["absmax"].dtype == torch.uint8 and st["absmax"].shape == ref_state.absmax.shape and \
+            torch.equal(st["absmax"], ref_state.absmax) and st["absmax2"].shape == ref_state.state2.absmax.shape and \
+            torch.equal(st["absmax2"].float(), ref_state.state2.absmax) and \
+            close(st.get("offset").item() if isinstance(st.get("offset"), torch.Tensor) and st["offset"].numel() == 1
+                  else st.get("offset"), ref_state.offset.item(), rel=0)
+        expect(same, "`layer.quant_state` should hold bitsandbytes' double-quantized constants (8-bit absmax codes, "
+               "second-level absmax, offset), as quantize_nf4(..., double_quant=True) returns them.",
+               "quantize_nf4(linear.weight, blocksize, double_quant=True) by default.")
         expect(not a["trainable"], f"NF4Linear should have no trainable parameters; found {a['trainable']}.",
                "the 4-bit weight is a buffer, and a bias (if any) gets requires_grad=False.")
-        bnb = bitsandbytes_lora(_linear(inputs)).base_layer
+        with building():
+            bnb = bitsandbytes_lora(_linear(inputs, bias=True)).base_layer
+        expect(len(a["outputs"]) == len(inputs["dtypes"]), "NF4Linear should answer once per input dtype.")
         for name, got, tol in zip(inputs["dtypes"], a["outputs"], (1e-5, 2e-2)):
             dt = _dtype(name)
-            y, finite = got
+            y, finite = got if isinstance(got, list) and len(got) == 2 else (got, None)
             with torch.no_grad():
                 ref = bnb(inputs["x"].to(dt))
             expect(isinstance(y, torch.Tensor) and y.dtype == dt,
@@ -263,6 +321,19 @@ class nf4_linear:
             expect(ok, f"input in {dt}: your layer's output differs from bitsandbytes' Linear4bit by up to {err:.3g}.",
                    "forward should be MatMulNF4.apply(x, self.weight, self.quant_state, self.bias).")
             expect(finite is True, "gradients should flow back to the input x.")
+        compute = inputs["compute_dtype"]
+        with torch.no_grad(), building():
+            bnb_compute = bitsandbytes_lora(_linear(inputs, bias=True), compute_dtype=_dtype(compute)).base_layer
+            ref = bnb_compute(inputs["x"])
+        y = a["compute_out"]
+        ok, err = _close(y, ref, 2e-2)
+        expect(ok and y.dtype == torch.float32, f"with compute_dtype={compute} and a float32 input, the output should be "
+               f"float32 (cast back) and match bitsandbytes' Linear4bit(compute_dtype={compute}); found "
+               f"{_kind(y)}, off by up to {err:.3g}.", "cast x to compute_dtype, apply MatMulNF4, cast the result back "
+               "to the input's dtype.")
+        expect(compute in a["compute_dtypes"], f"with compute_dtype={compute} your layer's matrix products ran in "
+               f"{a['compute_dtypes']}, not in {compute}.", "in forward, x = x.to(self.compute_dtype) when it is set, "
+               "before MatMulNF4.")
         return (f"NF4Linear stores {packed.numel():,} packed bytes, equal to bitsandbytes' to the byte, and its "
                 f"outputs match bitsandbytes' Linear4bit")
 
@@ -273,14 +344,21 @@ class nf4_linear:
 class qlora_linear:
     """A 4-bit base, adapters only trainable, outputs equal to bitsandbytes Linear4bit + peft, merge refuses."""
     answer = {"missing": [str], "copies": [str], "trainable": [str], "scaling": object, "outputs": [object],
-              "merge": [object]}
+              "merge": [object], "compute_out": object, "compute_dtypes": [str]}
     reference = ("lorakit.qlora.QLoRALinear",)
+    reported = {"missing": "which of peft's attribute names the layer lacks",
+                "copies": "which 16/32-bit tensors the base layer holds: only the probe sees the learner's object",
+                "trainable": "the names of the parameters that require gradients",
+                "merge": "the exception merge() raised and its message",
+                "compute_dtypes": "the dtypes the layer's matrix products ran in with compute_dtype set"}
 
     def draw(rng):
         d_in, d_out = _dims(rng)
-        r, alpha = (rng.choice([2, 4, 8, 16]), rng.choice([4, 8, 16, 32])) if rng.grading else (8, 16)
+        r = rng.choice([2, 4, 8, 16]) if rng.grading else 8
+        alpha = alpha_for(rng, r, [4, 8, 16, 32]) if rng.grading else 16
         return {"W": rng.randn(d_out, d_in) / d_in ** 0.5, "x": rng.randn(2, 9, d_in), "r": r, "alpha": alpha,
-                "A": rng.randn(r, d_in) / d_in ** 0.5, "B": rng.randn(d_out, r) * 0.05, "dtypes": ["float32", "bfloat16"]}
+                "A": rng.randn(r, d_in) / d_in ** 0.5, "B": rng.randn(d_out, r) * 0.05, "dtypes": ["float32", "bfloat16"],
+                "compute_dtype": COMPUTE}
 
     def probe(inputs, cls):
         _callable(cls, "QLoRALinear")
@@ -300,6 +378,13 @@ class qlora_linear:
                 layer.lora_B.weight.copy_(inputs["B"])
             with torch.no_grad():
                 out["outputs"] = [data_or_repr(layer(inputs["x"].to(_dtype(name)))) for name in inputs["dtypes"]]
+        out["compute_out"], out["compute_dtypes"] = None, []
+        computing = cls(_linear(inputs), inputs["r"], inputs["alpha"], compute_dtype=_dtype(inputs["compute_dtype"]))
+        if tuple(getattr(getattr(computing, "lora_A", None), "weight", torch.empty(0)).shape) == tuple(inputs["A"].shape):
+            with torch.no_grad():
+                computing.lora_A.weight.copy_(inputs["A"])
+                computing.lora_B.weight.copy_(inputs["B"])
+            out["compute_out"], out["compute_dtypes"] = _computed(computing, inputs["x"])
         try:
             layer.merge()
             out["merge"] = [None, ""]
@@ -315,7 +400,8 @@ class qlora_linear:
                f"only lora_A.weight and lora_B.weight should be trainable; found {a['trainable']}.")
         expect(close(a["scaling"], alpha / r), f"alpha={alpha}, r={r}: scaling should be {alpha / r:g}; found {a['scaling']!r}.")
         expect(len(a["outputs"]) == len(inputs["dtypes"]), f"lora_A and lora_B should have shapes ({r}, in) and (out, {r}).")
-        twin = bitsandbytes_lora(_linear(inputs), r, alpha)
+        with building():
+            twin = bitsandbytes_lora(_linear(inputs), r, alpha)
         with torch.no_grad():
             twin.lora_A["default"].weight.copy_(inputs["A"])
             twin.lora_B["default"].weight.copy_(inputs["B"])
@@ -326,7 +412,22 @@ class qlora_linear:
             expect(ok, f"input in {name}: your QLoRALinear differs from bitsandbytes Linear4bit + peft LoRA by up to {err:.3g}.",
                    "forward is base_layer(x) + lora_B(lora_A(dropout(x))) * scaling: LoRALinear's forward does it "
                    "once base_layer is your NF4Linear.")
-        raised, msg = a["merge"]
+        from lorakit.qlora import QLoRALinear
+        compute = inputs["compute_dtype"]
+        with torch.no_grad(), building():
+            ref_layer = QLoRALinear(_linear(inputs), r, alpha, compute_dtype=_dtype(compute))
+            ref_layer.lora_A.weight.copy_(inputs["A"])
+            ref_layer.lora_B.weight.copy_(inputs["B"])
+            ref = ref_layer(inputs["x"])
+        y = a["compute_out"]
+        ok, err = _close(y, ref, 2e-2)
+        expect(ok and y.dtype == torch.float32, f"QLoRALinear(..., compute_dtype={compute}) on a float32 input should give "
+               f"a float32 output equal to the reference's; found {_kind(y)}, off by up to {err:.3g}.",
+               "pass compute_dtype on to NF4Linear(linear, compute_dtype=compute_dtype).")
+        expect(compute in a["compute_dtypes"], f"QLoRALinear(..., compute_dtype={compute}): the 4-bit base computed in "
+               f"{a['compute_dtypes']}, not in {compute}.", "pass compute_dtype on to NF4Linear.")
+        raised, msg = a["merge"] if len(a["merge"]) == 2 else (None, "")
+        expect(isinstance(msg, str), "merge()'s error should have a message.")
         expect(raised != "NotImplementedError", "merge() raises NotImplementedError: the exercise is not finished yet.")
         expect(raised is not None, "merge() on a 4-bit layer should raise an error that explains why, not merge.",
                "raise an exception whose message says that merging into 4 bits rounds the update away and "
@@ -339,15 +440,20 @@ class qlora_linear:
 
 # ------------------------------------------------------------------------------ ex04_quantize_and_inject
 
+def tiny_config(hidden: int = 128, intermediate: int = 256, layers: int = 2, vocab: int = 256) -> dict:
+    """The config (a dict) of `tiny_llama`: every size a multiple of 64."""
+    return dict(vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
+                num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=128, tie_word_embeddings=False)
+
+
 def tiny_llama(seed: int = 0, hidden: int = 128, intermediate: int = 256, layers: int = 2, vocab: int = 256):
-    """A random-init Llama with every size a multiple of 64, for checks and tests (no download)."""
+    """A random Llama with every size a multiple of 64, weights drawn from `seed` (`judged.reseed`), for checks
+    and tests (no download)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
-                      num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=128,
-                      tie_word_embeddings=False)
-    return LlamaForCausalLM(cfg).eval()
+    with building():
+        model = LlamaForCausalLM(LlamaConfig(**tiny_config(hidden, intermediate, layers, vocab)))
+    return reseed(model, seed).eval()
 
 
 def _llama_inputs(rng, visible_targets) -> dict:
@@ -355,26 +461,52 @@ def _llama_inputs(rng, visible_targets) -> dict:
         sizes = {"hidden": 64 * rng.integer(1, 4), "intermediate": 64 * rng.integer(2, 6), "layers": rng.integer(1, 2)}
         targets = sorted(rng.sample(["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
                                     rng.integer(1, 3)))
-        r, alpha = rng.choice([2, 4, 8]), rng.choice([4, 8, 16])
+        r = rng.choice([2, 4, 8])
+        alpha = alpha_for(rng, r, [4, 8, 16])
     else:
         sizes, targets, r, alpha = {"hidden": 128, "intermediate": 256, "layers": 2}, visible_targets, 4, 8
+    adapters = {name: [rng.randn(r, d_in) / d_in ** 0.5, rng.randn(d_out, r) * 0.3]
+                for name, (d_out, d_in) in linear_shapes(tiny_config(**sizes), targets).items()}
     return {"seed": rng.new_seed(), "sizes": sizes, "targets": targets, "r": r, "alpha": alpha,
-            "ids": rng.randint(0, 256, (2, 12))}
+            "ids": rng.randint(0, 256, (2, 12)), "adapters": adapters}
 
 
-def _reference_model(inputs):
+def _reference_model(inputs, adapters: bool = False):
+    """lorakit.qlora's model for the inputs (with the drawn adapters set when asked); (model, count returned)."""
     from lorakit import qlora
     model = tiny_llama(inputs["seed"], **inputs["sizes"])
-    n = qlora.quantize_and_inject(model, inputs["targets"], inputs["r"], inputs["alpha"])
+    with building():
+        n = qlora.quantize_and_inject(model, inputs["targets"], inputs["r"], inputs["alpha"])
+    if adapters:
+        set_drawn_adapters(model, inputs["adapters"])
     return model, n
+
+
+def _adapter_grads(model, ids) -> dict:
+    """{name: [grad of lora_A, grad of lora_B]} of every layer with adapters after one backward of the loss
+    on `ids` (train mode), None where there is no gradient."""
+    model.train()
+    model.zero_grad(set_to_none=True)
+    model(ids, labels=ids).loss.backward()
+    out = {}
+    for name, m in model.named_modules():
+        if isinstance(getattr(m, "lora_A", None), nn.Linear) and isinstance(getattr(m, "lora_B", None), nn.Linear):
+            out[name] = [None if g is None else _t(g) for g in (m.lora_A.weight.grad, m.lora_B.weight.grad)]
+    return out
 
 
 @judged
 class quantize_and_inject:
-    """Targets replaced, everything else frozen, the right count returned, gradients reach only adapters."""
-    answer = {"n": object, "not_replaced": [str], "others": [str], "trainable": [str], "logits": torch.Tensor,
-              "with_grad": [str], "b_grads": [float]}
+    """Targets replaced, everything else frozen, the right count returned; with drawn non-zero adapters set
+    through the learner's layers, the logits and the adapters' gradients equal the reference QLoRA model's."""
+    answer = {"n": object, "not_replaced": [str], "others": [str], "trainable": [str], "adapters_set": [str],
+              "logits": torch.Tensor, "with_grad": [str], "grads": dict, "suffix_only": [str]}
     reference = ("lorakit.qlora.quantize_and_inject", "lorakit.lora.replace_linears")
+    reported = {"not_replaced": "which targets are not instances of the learner's QLoRALinear: names only",
+                "others": "which other projections changed type", "trainable": "which kinds of parameters train",
+                "adapters_set": "which target layers took the drawn adapters (the logits show whether they work)",
+                "with_grad": "which kinds of parameters hold a gradient after backward",
+                "suffix_only": "which layers target_modules=['proj'] replaced (peft's rule matches none)"}
 
     def draw(rng):
         return _llama_inputs(rng, ["q_proj", "v_proj"])
@@ -385,44 +517,60 @@ class quantize_and_inject:
         model = tiny_llama(inputs["seed"], **inputs["sizes"])
         n = fn(model, targets, inputs["r"], inputs["alpha"])
         names = [name for name, _ in model.named_modules() if name.rsplit(".", 1)[-1] in targets]
-        ids = inputs["ids"]
+        out = {"n": data_or_repr(n),
+               "not_replaced": [name for name in names
+                                if not (isinstance(qlora_cls, type) and isinstance(model.get_submodule(name), qlora_cls))],
+               "others": [name for name, m in model.named_modules() if name.rsplit(".", 1)[-1] not in targets
+                          and name.endswith("_proj") and not isinstance(m, nn.Linear)],
+               "trainable": sorted({n.split(".")[-2] for n, p in model.named_parameters() if p.requires_grad}),
+               "adapters_set": set_drawn_adapters(model, inputs["adapters"])}
         with torch.no_grad():
-            logits = _t(model(ids).logits)
-        model.train()
-        model(ids, labels=ids).loss.backward()
-        return {"n": data_or_repr(n),
-                "not_replaced": [name for name in names
-                                 if not (isinstance(qlora_cls, type) and isinstance(model.get_submodule(name), qlora_cls))],
-                "others": [name for name, m in model.named_modules() if name.rsplit(".", 1)[-1] not in targets
-                           and name.endswith("_proj") and not isinstance(m, nn.Linear)],
-                "trainable": sorted({n.split(".")[-2] for n, p in model.named_parameters() if p.requires_grad}),
-                "logits": logits,
-                "with_grad": sorted({n.split(".")[-2] for n, p in model.named_parameters() if p.grad is not None}),
-                "b_grads": [p.grad.abs().sum().item() for n, p in model.named_parameters()
-                            if n.endswith("lora_B.weight") and p.grad is not None]}
+            out["logits"] = _t(model.eval()(inputs["ids"]).logits)
+        out["grads"] = _adapter_grads(model, inputs["ids"])
+        out["with_grad"] = sorted({n.split(".")[-2] for n, p in model.named_parameters() if p.grad is not None})
+        other = tiny_llama(inputs["seed"], **inputs["sizes"])
+        try:
+            fn(other, ["proj"], inputs["r"], inputs["alpha"])
+        except Exception:  # noqa: BLE001 - raising for targets that match nothing is fine too
+            pass
+        out["suffix_only"] = sorted(name for name, m in other.named_modules() if hasattr(m, "lora_A"))
+        return out
 
     def judge(inputs, a):
         targets, r = inputs["targets"], inputs["r"]
-        model, n_ref = _reference_model(inputs)
+        model, n_ref = _reference_model(inputs, adapters=True)
         what = f"{' and '.join(targets)} of a {inputs['sizes']['layers']}-layer Llama (hidden {inputs['sizes']['hidden']}) at r={r}"
-        expect(a["n"] == n_ref, f"{what}: expected {n_ref:,} trainable parameters to be returned; found {a['n']!r}.",
-               "return sum(p.numel() for p in model.parameters() if p.requires_grad).")
+        expect(a["n"] == n_ref and type(a["n"]) is int, f"{what}: expected {n_ref:,} trainable parameters to be returned; "
+               f"found {a['n']!r}.", "return sum(p.numel() for p in model.parameters() if p.requires_grad).")
         expect(not a["not_replaced"], f"these target layers were not replaced by your QLoRALinear: {a['not_replaced']}.",
                "setattr(parent, child_name, QLoRALinear(module, r, alpha)) for every matching name.")
         expect(not a["others"], f"only {' and '.join(targets)} should change; these changed too: {a['others']}.")
         expect(a["trainable"] == ["lora_A", "lora_B"], f"only lora_A and lora_B should be trainable; trainable: {a['trainable']}.",
                "freeze every parameter of the model first (requires_grad_(False)), then inject.")
+        missing = [name for name in inputs["adapters"] if name not in a["adapters_set"]]
+        expect(not missing, f"these layers have no lora_A / lora_B of shapes (r, in) and (out, r) to take adapters: "
+               f"{missing[:4]}.", "wrap every target with your QLoRALinear(module, r, alpha).")
         with torch.no_grad():
-            ref = model(inputs["ids"]).logits
+            ref = model.eval()(inputs["ids"]).logits
         err = _diff(a["logits"], ref)
-        expect(err < 1e-4, f"at initialisation (B = 0) your model's logits should equal the reference QLoRA model's; "
-                           f"they differ by {err:.3g}.", "quantize with your QLoRALinear, default blocksize 64.")
+        expect(err < 1e-4 * max(1.0, ref.abs().max().item()), f"with non-zero adapters set in your layers, your model's "
+               f"logits differ from the reference QLoRA model's by up to {err:.3g}.",
+               "quantize with your QLoRALinear (NF4, blocksize 64) and keep its scaling alpha / r; if the QLoRALinear "
+               "check fails too, fix QLoRALinear first.")
+        expect(not a["suffix_only"], f"target_modules=['proj'] matches no layer under peft's rule (a full name equals a "
+               f"target or ends with '.' + target), yet your function replaced {a['suffix_only'][:3]}.",
+               "match with name == t or name.endswith('.' + t).")
         expect(a["with_grad"] == ["lora_A", "lora_B"], f"after backward, only adapters should have gradients; found {a['with_grad']}.")
-        n_layers = sum(1 for name, _ in model.named_modules() if name.endswith(".lora_B"))
-        expect(len(a["b_grads"]) == n_layers and all(g > 0 for g in a["b_grads"]),
-               "every lora_B should receive a non-zero gradient after backward.")
-        return (f"quantize_and_inject: {n_layers} layers quantized to NF4 with adapters, {a['n']:,} trainable "
-                f"parameters, gradients reach the adapters only")
+        want = _adapter_grads(model, inputs["ids"])
+        got = a["grads"]
+        for name, (gA, gB) in want.items():
+            mine = got.get(name)
+            ok = isinstance(mine, list) and len(mine) == 2 and all(
+                _close(m, w, 1e-4)[0] for m, w in zip(mine, (gA, gB)))
+            expect(ok, f"{name}: the gradients of lora_A and lora_B differ from the reference QLoRA model's.",
+                   "gradients reach the adapters through your QLoRALinear's forward; the base stays frozen.")
+        return (f"quantize_and_inject: {len(want)} layers quantized to NF4 with adapters, {a['n']:,} trainable "
+                f"parameters; with drawn adapters the logits and the adapters' gradients equal the reference's")
 
 
 # ----------------------------------------------------------------------------------- ex04_stored_bits

@@ -13,6 +13,7 @@ class bytes_per_param:
     """The learner's dict `bytes_per_param`: bytes per parameter of fp32, fp16, bf16, int8 and nf4."""
     answer = {"is_dict": bool, "keys": [str], "values": dict}
     reference = "lorakit.memory.BYTES"
+    reported = {"is_dict": "whether the learner's object is a dict", "keys": "the names of its keys"}
 
     def draw(rng):
         return {"dtypes": list(BITS)}  # nothing to draw: the answer is five constants

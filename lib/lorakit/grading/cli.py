@@ -18,11 +18,14 @@ def _grade(args) -> int:
     from .report import table
     print()
     print(table(results))
-    failed = sum(g.status != "graded" for g in results)
+    failed = sum(g.status == "failed" for g in results)
+    errors = sum(g.status == "grader error" for g in results)
     flagged = sum(bool(g.outcome.flags) for g in results)
-    print(f"\n{len(results) - failed} graded, {failed} failed (see the status and reason columns of grades.csv)"
+    print(f"\n{len(results) - failed - errors} graded, {failed} failed (see the status and reason columns of grades.csv)"
+          + (f", {errors} with a grader error (a check's judge broke: a bug of the kit, reported in the detail "
+             "column; the submissions' other checks are graded)" if errors else "")
           + (f", {flagged} flagged (the flags column)" if flagged else ""))
-    return 1 if failed else 0
+    return 1 if failed or errors else 0
 
 
 def _gradescope(args) -> int:
@@ -66,8 +69,9 @@ def add_commands(sub) -> None:
                        description="Grade every submission (a folder of .ipynb files, notebooks, or an LMS zip) "
                                    "into the nbgrader gradebook, grades.csv, feedback HTML and results.json. "
                                    "Every submission is reported; the exit status is 0 when all were graded, "
-                                   "1 when any could not be graded (a timeout, a crash, an invalid notebook: "
-                                   "see the status and reason columns of grades.csv), 2 for a usage error.")
+                                   "1 when any could not be graded (a timeout, a crash, an invalid notebook, a "
+                                   "grader error: see the status and reason columns of grades.csv), 2 for a usage "
+                                   "error.")
     p.add_argument("lesson", help="lesson name or number, e.g. 00_setup or 0")
     p.add_argument("submissions", nargs="+", help="folders of notebooks, notebooks, or .zip downloads")
     p.add_argument("--workers", type=int, default=2, help="submissions graded at once (default 2)")

@@ -1,8 +1,8 @@
 """What grading leaves behind: the nbgrader gradebook, grades.csv, feedback HTML, Gradescope results.json.
 
 - The gradebook (gradebook.py) is nbgrader's own; only the grader writes to it, never a sandbox.
-- grades.csv has one row per submission with a `status` (graded / failed) and a `reason`, so a timeout is
-  never mistaken for a real zero.
+- grades.csv has one row per submission with a `status` (graded / failed / grader error) and a `reason`, so a
+  timeout is never mistaken for a real zero, nor a judge's bug for the learner's mistake.
 - Feedback HTML shows the learner their notebook with their own outputs and, under every test cell, each
   check's name and the judge's message. Everything in it that came from the submission is inert: markdown
   and HTML pass through an HTML sanitiser (`clean_html`), so a page opened by the instructor, even from a
@@ -132,7 +132,10 @@ def feedback_notebook(g: Graded, merged: nbformat.NotebookNode | None) -> nbform
     """The learner's notebook with outputs and a verdict under each test cell; hidden tests left out."""
     o = g.outcome
     head = [f"# Feedback: {g.lesson}", "", f"**{g.student}** — score **{g.score:g} / {g.max_score:g}**"]
-    if o.status != "graded":
+    if o.status == "grader error":
+        head.append(f"\n**The grader could not judge every check (a bug of the course kit, not yours; your "
+                    f"instructor is told).** {html.escape(redact(o.detail, g.hidden))}")
+    elif o.status != "graded":
         head.append(f"\n**Grading failed: {o.reason}.** {html.escape(redact(o.detail, g.hidden))}")
     for note in o.notes:
         head.append(f"\n- {html.escape(note)}")
