@@ -22,8 +22,9 @@ SHOWN = {"qlora_slower": "True if a QLoRA training step takes longer than a LoRA
 _HINTS = {
     "trainable_r8_over_r2": "every adapted layer trains r x (in + out) numbers: what happens when r is 4x larger?",
     "qlora_over_lora_trainable": "QLoRA quantizes the frozen base weights; are the adapters any different?",
-    "qlora_holds_fewer_bytes": "NF4 stores about 4.1 bits per linear weight instead of 16; some layers "
-                               "(embeddings, norms) are not quantized, but they do not grow.",
+    "qlora_holds_fewer_bytes": "NF4 stores about 4.1 bits per linear weight instead of 16 (bf16) or 32 (float32, "
+                               "what a CPU without native bf16 computes in); some layers (embeddings, norms) are "
+                               "not quantized, but they do not grow.",
 }
 
 
