@@ -188,7 +188,7 @@ def test_improvement_is_measured_by_the_judge_not_reported(small_llama_dir, monk
     with pytest.raises(CheckFailed, match=r"(?s)exact match went from .* \(base model\) to .* \(with your adapter\).*"
                                           r"your notebook measured 0.0% -> 100.0%"):
         check.improvement(model, "who_found", 0.0, 1.0)
-    with pytest.raises(CheckFailed, match="not one of the lesson's tasks"):
+    with pytest.raises(CheckFailed, match=r"(?s)trained on TASK='who_knows'.*measured on the lesson's task, 'who_found'.*set TASK = 'who_found'"):
         check.improvement(model, "who_knows", 0.0, 1.0)
     with pytest.raises(CheckFailed, match="fine-tuned peft model"):
         check.improvement(object(), "who_found", 0.0, 1.0)
