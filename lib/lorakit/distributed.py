@@ -74,7 +74,7 @@ def rank_loss(logits: torch.Tensor, labels: torch.Tensor, n_label_tokens, world_
 
 def split_batch(global_batch_size: int, world_size: int) -> int:
     """Examples per process when `global_batch_size` examples are split over `world_size` processes."""
-    from lorakit.memory import whole_number
+    from lorakit.validate import whole_number
     global_batch_size = whole_number(global_batch_size, "global_batch_size")
     world_size = whole_number(world_size, "world_size")
     if global_batch_size % world_size:

@@ -18,12 +18,13 @@ from __future__ import annotations
 
 import math
 import numbers
-import operator
 import re
 import warnings
 
 import torch
 from torch import nn
+
+from lorakit.validate import whole_number
 
 __all__ = ["break_even_rank", "LoRALinear", "inject_lora", "replace_linears", "lora_state_dict", "merge_lora",
            "trainable_parameters", "concat_lora", "concat_adapters", "check_hyperparameters", "check_rank",
@@ -33,14 +34,10 @@ __all__ = ["break_even_rank", "LoRALinear", "inject_lora", "replace_linears", "l
 def check_rank(r) -> int:
     """The LoRA rank as a Python int: a positive whole number (a numpy integer too), else a clear error."""
     try:
-        if isinstance(r, bool):
-            raise TypeError
-        r = operator.index(r)
-    except TypeError:
-        raise ValueError(f"r (the LoRA rank) must be a positive integer such as 8 or 16; got r={r!r}.") from None
-    if r <= 0:
-        raise ValueError(f"r (the LoRA rank) must be a positive integer such as 8 or 16; got r={r!r}.")
-    return r
+        return whole_number(r, "r")
+    except ValueError:
+        shown = int(r) if hasattr(r, "__index__") and not isinstance(r, bool) else r  # np.int64(0) shows as 0
+        raise ValueError(f"r (the LoRA rank) must be a positive integer such as 8 or 16; got r={shown!r}.") from None
 
 
 def _is_number(x) -> bool:

@@ -31,11 +31,12 @@ from dataclasses import dataclass, field
 
 from lorakit import nf4
 from lorakit.lora import check_rank, check_target_modules, target_matches, unmatched_targets
+from lorakit.validate import whole_number
 
 __all__ = ["METHODS", "BYTES", "ATTENTION", "MLP", "FSDP_SHARDING", "CONFIGS", "PUBLISHED", "config", "sizes",
            "modules", "count_parameters", "quantized_parameters", "packed_parameter_count", "lora_targets",
            "lora_parameters", "bits_per_param", "quantization_constant_bytes", "activation_bytes",
-           "MemoryEstimate", "sharding_stage", "whole_number", "estimate", "quant_state_tensors", "measure",
+           "MemoryEstimate", "sharding_stage", "estimate", "quant_state_tensors", "measure",
            "saved_tensors_meter", "saved_bytes", "measure_training_step"]
 
 SUPPORTED = ("llama", "mistral", "qwen2")
@@ -368,21 +369,6 @@ def sharding_stage(sharding) -> int:
                          "'zero3' (or 'zero2') with world_size = the number of devices per node")
     raise ValueError(f"unknown sharding {sharding!r}: use one of {', '.join(SHARDINGS)} or FSDP's "
                      f"{', '.join(FSDP_SHARDING)}")
-
-
-def whole_number(value, name: str, minimum: int = 1, meaning: str = "") -> int:
-    """`value` as a Python int when it is a whole number >= `minimum` (numpy integers too, through
-    `operator.index`); else a ValueError that names it, says what it is (`meaning`) and what was found."""
-    try:
-        if isinstance(value, bool):
-            raise TypeError
-        n = operator.index(value)
-    except TypeError:
-        n = None
-    if n is None or n < minimum:
-        raise ValueError(f"{name}{' is ' + meaning + ' and' if meaning else ''} must be a whole number >= {minimum}; "
-                         f"found {value!r}")
-    return n
 
 
 def _gathered_bytes(cfg, method: str, wb: int) -> int:
