@@ -208,7 +208,7 @@ def test_loose_arguments_that_agree_with_the_config_are_fine_and_conflicts_say_w
 
 
 @pytest.mark.parametrize("setting, words", [
-    (dict(use_dora=True), "use_dora=True, which lorakit's plain LoRA layers do not build. For DoRA use lorakit.dora"),
+    (dict(use_dora=True), "use_dora=True, which lorakit's layers do not build. For DoRA use lorakit.dora"),
     (dict(bias="all"), "bias='all'"),
     (dict(init_lora_weights="gaussian"), "init_lora_weights='gaussian'"),
     (dict(init_lora_weights=False), "init_lora_weights=False"),

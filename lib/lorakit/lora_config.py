@@ -123,10 +123,9 @@ class LoRAConfig:
                if f.name not in PEFT_READ + PEFT_NOT_MATH + tuple(allow) and getattr(config, f.name) != (
                    f.default if f.default_factory is dataclasses.MISSING else f.default_factory())}
         if odd:
-            name, value = next(iter(odd.items()))
             raise ValueError(f"this peft LoraConfig sets {', '.join(f'{k}={v!r}' for k, v in odd.items())}, which "
-                             f"lorakit's plain LoRA layers do not build. {PEFT_HINTS.get(name, '')}Drop "
-                             f"{name}={value!r}, or build the model with peft's get_peft_model.")
+                             f"lorakit's layers do not build. {PEFT_HINTS.get(next(iter(odd)), '')}Drop "
+                             f"{'it' if len(odd) == 1 else 'them'}, or build the model with peft's get_peft_model.")
         if config.target_modules == "all-linear":
             raise ValueError("target_modules='all-linear' is a peft shortcut; name the layers instead, e.g. "
                              "lorakit.models.ALL_LINEAR for a Llama-like model.")
