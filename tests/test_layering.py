@@ -16,7 +16,7 @@ import lorakit
 
 PACKAGE = Path(lorakit.__file__).parent
 # One module per concept; the models and the environment they need are part of that floor.
-CONCEPTS = {"validate", "install", "env", "models", "data", "memory", "lora", "nf4", "qlora", "dora", "loftq"}
+CONCEPTS = {"validate", "install", "env", "models", "data", "memory", "lora_config", "lora", "nf4", "qlora", "dora", "loftq"}
 COMPOSITIONS = {"train", "viz", "pretrain", "distributed", "course", "sweep", "lab", "checks", "grading", "cli"}
 
 

@@ -32,7 +32,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lorakit.lora import LoRALinear, check_hyperparameters, replace_linears
+from lorakit.lora import LoRALinear, replace_linears
+from lorakit.lora_config import resolve_config
 
 __all__ = ["DoRALinear", "inject_dora", "weight_norm"]
 
@@ -50,12 +51,13 @@ class DoRALinear(LoRALinear):
     r, alpha    LoRA's rank and alpha: lora_A (r x in), lora_B (out x r), scaling = alpha / r
     dropout     on the adapter's input, as in peft (with dropout active, W0 x in the DoRA term sees the
                 dropped-out x too, exactly as peft computes it)
+    config      the knobs in one object instead: a `LoRAConfig`, or peft's `LoraConfig` (use_dora=True or not)
 
     Trainable: lora_A, lora_B and lora_magnitude_vector (out) - r * (in + out) + out numbers per layer.
     """
 
-    def __init__(self, base: nn.Linear, r: int = 8, alpha: float = 8, dropout: float = 0.0,
-                 use_rslora: bool = False):
+    def __init__(self, base: nn.Linear, r: int | None = None, alpha: float | None = None,
+                 dropout: float | None = None, use_rslora: bool | None = None, *, config=None):
         if isinstance(base, LoRALinear):
             raise TypeError(f"this layer already is a {type(base).__name__}: wrap the plain nn.Linear once, not twice.")
         if not isinstance(base, nn.Linear):
@@ -64,7 +66,9 @@ class DoRALinear(LoRALinear):
                             f"weight (out x in); for {kind} layers use peft's LoraConfig(use_dora=True), which has "
                             f"DoRA variants for nn.Embedding and nn.Conv1d/2d/3d, or leave this module out of "
                             f"target_modules.")
-        super().__init__(base, r, alpha, dropout, use_rslora)
+        # peft's use_dora=True is what this layer builds, so a peft config may carry it
+        super().__init__(base, config=resolve_config(config, "DoRALinear", allow=("use_dora",), r=r, alpha=alpha,
+                                                     dropout=dropout, use_rslora=use_rslora))
         # m starts at ||W0 + s B A|| = ||W0|| (B = 0): the layer starts equal to its base. Computed in W0's
         # dtype and then kept in the adapters' (fp32 beside a 16-bit base), as peft does: its adapters are
         # still in the base dtype when DoRA initialises and are upcast afterwards.
@@ -121,10 +125,12 @@ class DoRALinear(LoRALinear):
         self.merged, self._merged_norm = False, None
 
 
-def inject_dora(model: nn.Module, target_modules, r: int = 8, alpha: float = 8, dropout: float = 0.0,
-                use_rslora: bool = False) -> int:
+def inject_dora(model: nn.Module, target_modules=None, r: int | None = None, alpha: float | None = None,
+                dropout: float | None = None, use_rslora: bool | None = None, *, config=None) -> int:
     """Freeze `model` and replace every `nn.Linear` whose name matches `target_modules` by a `DoRALinear`
-    (peft: `LoraConfig(use_dora=True)`). Returns the number of trainable parameters."""
-    check_hyperparameters(r, alpha, dropout)
-    return replace_linears(model, target_modules, lambda m: DoRALinear(m, r, alpha, dropout, use_rslora),
-                           method="DoRA")
+    (peft: `LoraConfig(use_dora=True)`). The knobs come loose or as `config=`, as in `lorakit.lora.inject_lora`.
+    Returns the number of trainable parameters."""
+    cfg = resolve_config(config, "inject_dora", allow=("use_dora",), target_modules=target_modules, r=r, alpha=alpha,
+                         dropout=dropout, use_rslora=use_rslora)
+    return replace_linears(model, cfg.target_modules if target_modules is None else target_modules,
+                           lambda m: DoRALinear(m, config=cfg), method="DoRA")

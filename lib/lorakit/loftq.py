@@ -15,6 +15,9 @@ The NF4 step is `lorakit.nf4.quantize_nf4` (bit-exact with bitsandbytes, blocks 
 quantization: the settings peft's `loftq_init` uses), the SVD split puts sqrt(S) on both sides as peft's
 `_low_rank_decomposition` does: B = U sqrt(S), A = sqrt(S) V^T.
 
+The rank and the scaling come loose (`r`, `scaling`) or from a LoRA config (`config=`: a `LoRAConfig`, or
+peft's `LoraConfig`, `init_lora_weights="loftq"` and its `loftq_config` included), whose scaling is alpha / r.
+
 One difference from peft on purpose: peft's LoftQ ignores the LoRA scaling s = alpha / r (peft issue
 #1982): it sets B A to the residual's rank-r part, so with alpha != r the layer's update s B A starts at s
 times that part. Here the SVD factors are divided by sqrt(s) each, so s B A is the residual's part for any
@@ -29,11 +32,29 @@ from dataclasses import dataclass, field
 import torch
 from torch.overrides import TorchFunctionMode
 
-from lorakit.lora import check_rank
+from lorakit.lora_config import check_rank, resolve_config
 from lorakit.nf4 import NF4State, dequantize_nf4, nf4_code, quantize_nf4
 
 __all__ = ["LoftQResult", "low_rank", "loftq_iteration", "loftq_init", "reconstruction_error", "peft_on_cpu",
            "nfquantizer_roundtrip"]
+
+
+def _rank_and_scaling(r, scaling, config, who: str) -> tuple[int, float]:
+    """(r, scaling) from the loose arguments (scaling 1.0 when not given) or from `config`, whose scaling is
+    alpha / r; a loose value the config disagrees with is an error, as in `lorakit.lora_config.resolve_config`."""
+    if config is None:
+        if r is None:
+            raise TypeError(f"{who} needs the LoRA rank: pass r (e.g. r=16) or config=LoRAConfig(r=16, ...).")
+        return r, 1.0 if scaling is None else scaling
+    cfg = resolve_config(config, who, allow=("init_lora_weights", "loftq_config"), r=r)
+    init, bits = getattr(config, "init_lora_weights", True), getattr(config, "loftq_config", {}).get("loftq_bits", 4)
+    if init not in (True, "loftq") or bits != 4:
+        raise ValueError(f"{who} builds LoftQ with 4-bit NF4; this peft LoraConfig asks for init_lora_weights="
+                         f"{init!r} with {bits} bits. Use init_lora_weights='loftq' and loftq_bits=4, or peft.")
+    if scaling is not None and scaling != cfg.scaling:
+        raise ValueError(f"{who} got config= with scaling {cfg.scaling!r} (alpha / r) and also scaling={scaling!r}: "
+                         f"drop scaling={scaling!r} (the config carries it), or drop config=.")
+    return cfg.r, cfg.scaling
 
 
 def _check(weight: torch.Tensor, r: int, scaling: float) -> None:
@@ -51,21 +72,25 @@ def _check(weight: torch.Tensor, r: int, scaling: float) -> None:
         raise ValueError(f"scaling (alpha / r) must be positive; got {scaling!r}.")
 
 
-def low_rank(residual: torch.Tensor, r: int, scaling: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+def low_rank(residual: torch.Tensor, r: int | None = None, scaling: float | None = None, *,
+             config=None) -> tuple[torch.Tensor, torch.Tensor]:
     """The best rank-r approximation of `residual` (out, in) as LoRA factors, so that scaling * B @ A is
     it: lora_A (r, in) = sqrt(S/s) V^T and lora_B (out, r) = U sqrt(S/s), from the truncated SVD (fp32)."""
+    r, scaling = _rank_and_scaling(r, scaling, config, "low_rank")
     _check(residual, r, scaling)
     U, S, Vh = torch.linalg.svd(residual.float(), full_matrices=False)         # (out, k), (k,), (k, in)
     root = torch.sqrt(S[:r] / scaling)                                          # (r,)
     return root.unsqueeze(1) * Vh[:r], U[:, :r] * root                          # A (r, in), B (out, r)
 
 
-def loftq_iteration(weight: torch.Tensor, lora_A: torch.Tensor | None, lora_B: torch.Tensor | None, r: int,
-                    scaling: float = 1.0, blocksize: int = 64) -> tuple[torch.Tensor, NF4State, torch.Tensor, torch.Tensor]:
+def loftq_iteration(weight: torch.Tensor, lora_A: torch.Tensor | None, lora_B: torch.Tensor | None,
+                    r: int | None = None, scaling: float | None = None, blocksize: int = 64, *,
+                    config=None) -> tuple[torch.Tensor, NF4State, torch.Tensor, torch.Tensor]:
     """One LoftQ step: Q = NF4(W - s B A), then A, B = rank-r SVD of (W - dequant(Q)) / s.
 
     `lora_A`, `lora_B` are the previous step's factors (None, None for the first step: B A = 0).
     Returns (packed NF4 bytes, NF4State, new lora_A (r, in), new lora_B (out, r))."""
+    r, scaling = _rank_and_scaling(r, scaling, config, "loftq_iteration")
     _check(weight, r, scaling)
     W = weight.detach().float()                                                 # (out, in), fp32 like peft
     target = W if lora_A is None else W - scaling * (lora_B.float() @ lora_A.float())
@@ -102,12 +127,18 @@ class LoftQResult:
         return dequantize_nf4(self.packed, self.quant_state, dtype=dtype)
 
 
-def loftq_init(weight: torch.Tensor, r: int, scaling: float = 1.0, num_iter: int = 1,
-               blocksize: int = 64) -> LoftQResult:
+def loftq_init(weight: torch.Tensor, r: int | None = None, scaling: float | None = None, num_iter: int | None = None,
+               blocksize: int = 64, *, config=None) -> LoftQResult:
     """LoftQ (Algorithm 1): `num_iter` alternating steps of NF4 quantization and a rank-r SVD of the rest.
 
     With scaling = 1 (alpha = r) this is peft's `loftq_init(weight, num_bits=4, reduced_rank=r, num_iter)`:
-    the same quantized weight and the same B A."""
+    the same quantized weight and the same B A. num_iter: 1 unless given, or a peft config's loftq_iter."""
+    r, scaling = _rank_and_scaling(r, scaling, config, "loftq_init")
+    peft_iter = getattr(config, "loftq_config", {}).get("loftq_iter")
+    if num_iter is not None and peft_iter is not None and num_iter != peft_iter:
+        raise ValueError(f"loftq_init got num_iter={num_iter} and a peft config with loftq_iter={peft_iter}: drop one.")
+    if num_iter is None:
+        num_iter = 1 if peft_iter is None else peft_iter
     if isinstance(num_iter, bool) or not isinstance(num_iter, int) or num_iter < 1:
         raise ValueError(f"num_iter must be a positive integer (LoftQ's paper uses 1 to 5); got {num_iter!r}.")
     _check(weight, r, scaling)

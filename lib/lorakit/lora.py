@@ -11,50 +11,27 @@ After training, B A can be added into W0 ("merged"), so inference costs nothing 
 This file is lesson 02's reference and speaks peft's vocabulary (peft/tuners/lora/layer.py):
 `base_layer`, `lora_A`, `lora_B`, `lora_dropout`, `scaling`, `merge()`, `unmerge()`, so that a learner
 moving to `peft.get_peft_model(model, LoraConfig(...))` recognises every name, and the lesson proves
-the two numerically equal. `lorakit.qlora` builds its 4-bit layer on `LoRALinear`.
+the two numerically equal. The knobs travel together in `LoRAConfig` (peft's field names); every layer and
+function that takes them accepts `config=`, a `LoRAConfig` or peft's `LoraConfig`, beside the loose
+arguments. `lorakit.qlora` builds its 4-bit layer on `LoRALinear`.
 """
 
 from __future__ import annotations
 
 import math
-import numbers
 import re
 import warnings
 
 import torch
 from torch import nn
 
-from lorakit.validate import whole_number
+# The knobs and their checks live in lora_config; LoRAConfig is re-exported because lessons and peft users look
+# for it beside the layer, lora_scaling because lesson 06 imports it from here.
+from lorakit.lora_config import LoRAConfig, check_target_modules, lora_scaling, resolve_config
 
-__all__ = ["break_even_rank", "LoRALinear", "inject_lora", "replace_linears", "lora_state_dict", "merge_lora",
-           "trainable_parameters", "concat_lora", "concat_adapters", "check_hyperparameters", "check_rank",
-           "lora_scaling", "check_target_modules", "target_matches", "unmatched_targets"]
-
-
-def check_rank(r) -> int:
-    """The LoRA rank as a Python int: a positive whole number (a numpy integer too), else a clear error."""
-    try:
-        return whole_number(r, "r")
-    except ValueError:
-        shown = int(r) if hasattr(r, "__index__") and not isinstance(r, bool) else r  # np.int64(0) shows as 0
-        raise ValueError(f"r (the LoRA rank) must be a positive integer such as 8 or 16; got r={shown!r}.") from None
-
-
-def _is_number(x) -> bool:
-    return isinstance(x, numbers.Real) and not isinstance(x, bool)
-
-
-def check_hyperparameters(r, alpha, dropout) -> int:
-    """Clear errors for values LoRA cannot use: what was given and what is accepted. Integers may be numpy
-    integers (anything `operator.index` accepts); alpha and dropout may be numpy floats too. Returns the
-    rank as a Python int."""
-    r = check_rank(r)
-    if not _is_number(alpha) or not alpha > 0:
-        raise ValueError(f"alpha must be a positive number (peft's default is alpha = r = 8); got alpha={alpha!r}.")
-    if not _is_number(dropout) or not 0 <= dropout < 1:
-        raise ValueError(f"dropout is a probability in [0, 1) (0.0 = no dropout, QLoRA used 0.05-0.1); "
-                         f"got dropout={dropout!r}.")
-    return r
+__all__ = ["break_even_rank", "LoRAConfig", "LoRALinear", "inject_lora", "replace_linears", "lora_state_dict",
+           "merge_lora", "trainable_parameters", "concat_lora", "concat_adapters", "lora_scaling", "target_matches",
+           "unmatched_targets"]
 
 
 def break_even_rank(d_in: int, d_out: int) -> int:
@@ -62,12 +39,6 @@ def break_even_rank(d_in: int, d_out: int) -> int:
     weight they adapt: r * (d_in + d_out) < d_in * d_out. At higher ranks LoRA stores more than W itself (0: no
     rank saves anything)."""
     return (d_in * d_out - 1) // (d_in + d_out)
-
-
-def lora_scaling(r: int, alpha: float, use_rslora: bool = False) -> float:
-    """What multiplies B @ A: alpha / r, or alpha / sqrt(r) with rank-stabilised LoRA (Kalajdzievski 2023,
-    arXiv 2312.03732), peft's `scaling`. The one place where r, alpha and rsLoRA become behaviour."""
-    return alpha / math.sqrt(r) if use_rslora else alpha / r
 
 
 class LoRALinear(nn.Module):
@@ -78,22 +49,25 @@ class LoRALinear(nn.Module):
     alpha       the update is scaled by alpha / r (by alpha / sqrt(r) with `use_rslora`, rank-stabilised
                 LoRA), so changing r does not change the step size the optimizer needs
     dropout     dropout probability on the adapter's input only; the frozen path sees x unchanged
+    config      the same knobs in one object (`LoRAConfig` or peft's `LoraConfig`) instead of r, alpha,
+                dropout, use_rslora (None: not given; defaults 8, 8, 0.0, False)
     """
 
-    def __init__(self, base: nn.Linear, r: int = 8, alpha: float = 8, dropout: float = 0.0,
-                 use_rslora: bool = False):
+    def __init__(self, base: nn.Linear, r: int | None = None, alpha: float | None = None,
+                 dropout: float | None = None, use_rslora: bool | None = None, *, config=None):
         super().__init__()
         if isinstance(base, LoRALinear):
             raise TypeError("this layer already is a LoRALinear: wrap the plain nn.Linear once, not twice.")
         if not isinstance(base, nn.Linear):
             raise TypeError(f"LoRALinear wraps an nn.Linear (a layer with in_features x out_features weights); "
                             f"got {type(base).__name__}.")
-        r = check_hyperparameters(r, alpha, dropout)
+        cfg = resolve_config(config, type(self).__name__, r=r, alpha=alpha, dropout=dropout, use_rslora=use_rslora)
+        r = cfg.r
         self.base_layer = base
         self.in_features, self.out_features = base.in_features, base.out_features
-        self.r, self.lora_alpha, self.use_rslora = r, alpha, use_rslora
-        self.scaling = lora_scaling(r, alpha, use_rslora)
-        self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.r, self.lora_alpha, self.use_rslora = r, cfg.lora_alpha, cfg.use_rslora
+        self.scaling = cfg.scaling
+        self.lora_dropout = nn.Dropout(cfg.lora_dropout) if cfg.lora_dropout > 0 else nn.Identity()
         # Adapters live on the base weight's device; fp32 even beside a 16-bit or 4-bit base, as in peft
         # (its default autocast_adapter_dtype=True), so small updates are not rounded away.
         weight = base.weight
@@ -154,19 +128,6 @@ class LoRALinear(nn.Module):
 
 # ------------------------------------------------------------------------------- which modules to adapt
 
-def check_target_modules(target_modules):
-    """`target_modules` as peft takes it: one regular expression string (returned as is), or a non-empty
-    list, tuple or set of module names (returned as a list). Anything else gets a clear error."""
-    if isinstance(target_modules, str):
-        return target_modules
-    if isinstance(target_modules, (list, tuple, set)) and not target_modules:
-        raise ValueError("target_modules is empty: name at least one module, e.g. ['q_proj', 'v_proj'].")
-    if isinstance(target_modules, (list, tuple, set)) and all(isinstance(t, str) and t for t in target_modules):
-        return list(target_modules)
-    raise TypeError(f"target_modules is a list of module names such as ['q_proj', 'v_proj'] (or one regular "
-                    f"expression string); got {target_modules!r}.")
-
-
 def target_matches(name: str, target_modules) -> bool:
     """peft's rule (`check_target_module_exists`): a string is a regular expression the full module name
     must match; a list of names matches a module whose full name is one of them or ends with '.' + one of
@@ -183,20 +144,25 @@ def unmatched_targets(names, target_modules: list[str]) -> list[str]:
     return [t for t in target_modules if not any(target_matches(n, [t]) for n in names)]
 
 
-def inject_lora(model: nn.Module, target_modules, r: int = 8, alpha: float = 8, dropout: float = 0.0,
-                use_rslora: bool = False) -> int:
+def inject_lora(model: nn.Module, target_modules=None, r: int | None = None, alpha: float | None = None,
+                dropout: float | None = None, use_rslora: bool | None = None, *, config=None) -> int:
     """Freeze `model` and replace every `nn.Linear` whose name matches `target_modules` by a `LoRALinear`,
-    in place. Returns the number of trainable parameters (the adapters' r * (in + out) per layer)."""
-    check_hyperparameters(r, alpha, dropout)
-    return replace_linears(model, target_modules, lambda m: LoRALinear(m, r, alpha, dropout, use_rslora))
+    in place. The knobs come loose (defaults as `LoRALinear`'s) or as `config=` (a `LoRAConfig` or peft's
+    `LoraConfig`, target_modules included). Returns the number of trainable parameters (the adapters'
+    r * (in + out) per layer)."""
+    cfg = resolve_config(config, "inject_lora", target_modules=target_modules, r=r, alpha=alpha, dropout=dropout,
+                         use_rslora=use_rslora)
+    # the loose target_modules as given (error messages quote them so); the config's are sorted
+    targets = cfg.target_modules if target_modules is None else target_modules
+    return replace_linears(model, targets, lambda m: LoRALinear(m, config=cfg))
 
 
 def replace_linears(model: nn.Module, target_modules, make_layer, adapted: tuple = (LoRALinear,),
                     method: str = "LoRA") -> int:
-    """The injection both LoRA and QLoRA use: check `target_modules` (peft's rule: a list of name
+    """The injection LoRA, QLoRA and DoRA use: check `target_modules` (peft's rule: a list of name
     suffixes or one regular expression), freeze every parameter, then swap each matching `nn.Linear`
-    for `make_layer(linear)`. Layers of the `adapted` types are refused (inject once). Returns the count
-    of trainable parameters."""
+    for `make_layer(linear)` (which holds the other knobs). Layers of the `adapted` types are refused
+    (inject once). Returns the count of trainable parameters."""
     targets = check_target_modules(target_modules)
     found = [(name, m) for name, m in model.named_modules() if name and target_matches(name, targets)]
     if not found:

@@ -30,7 +30,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 from lorakit import nf4
-from lorakit.lora import check_rank, check_target_modules, target_matches, unmatched_targets
+from lorakit.lora import target_matches, unmatched_targets
+from lorakit.lora_config import check_rank, check_target_modules
 from lorakit.validate import whole_number
 
 __all__ = ["METHODS", "BYTES", "ATTENTION", "MLP", "FSDP_SHARDING", "CONFIGS", "PUBLISHED", "config", "sizes",

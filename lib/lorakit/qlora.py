@@ -23,7 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lorakit.lora import LoRALinear, check_hyperparameters, replace_linears
+from lorakit.lora import LoRALinear, replace_linears
+from lorakit.lora_config import resolve_config
 from lorakit.nf4 import BLOCKSIZES, NF4State, dequantize_nf4, quantize_nf4
 
 __all__ = ["MatMulNF4", "NF4Linear", "QLoRALinear", "QLoRAMergeError", "quantize_and_inject",
@@ -136,25 +137,28 @@ class QLoRALinear(LoRALinear):
     """LoRA adapters (lesson 02's `LoRALinear`) around a frozen `NF4Linear`:
     base_layer(x) + lora_B(lora_A(dropout(x))) * scaling, where only lora_A and lora_B train.
 
-    The adapters are fp32 (like peft's), the base computes in `compute_dtype`."""
+    The adapters are fp32 (like peft's), the base computes in `compute_dtype`. The LoRA knobs come loose (r,
+    alpha, dropout, use_rslora: defaults 8, 8, 0.0, False) or as `config=` (a `LoRAConfig` or peft's
+    `LoraConfig`); blocksize, double_quant and compute_dtype are the quantization's (peft: BitsAndBytesConfig)."""
 
-    def __init__(self, linear: nn.Linear, r: int = 8, alpha: float = 8, dropout: float = 0.0,
-                 blocksize: int = 64, double_quant: bool = True, compute_dtype: torch.dtype | None = None,
-                 use_rslora: bool = False):
+    def __init__(self, linear: nn.Linear, r: int | None = None, alpha: float | None = None,
+                 dropout: float | None = None, blocksize: int = 64, double_quant: bool = True,
+                 compute_dtype: torch.dtype | None = None, use_rslora: bool | None = None, *, config=None):
         if isinstance(linear, (LoRALinear, NF4Linear)):
             raise TypeError(f"this layer already is a {type(linear).__name__}: build a QLoRALinear from the "
                             f"plain 16/32-bit nn.Linear, once.")
-        check_hyperparameters(r, alpha, dropout)
+        cfg = resolve_config(config, type(self).__name__, r=r, alpha=alpha, dropout=dropout, use_rslora=use_rslora)
         base = NF4Linear(linear, blocksize, double_quant, compute_dtype)          # validates the layer
-        super().__init__(linear, r, alpha, dropout, use_rslora)                  # adapters, scaling, as in LoRA
+        super().__init__(linear, config=cfg)                                     # adapters, scaling, as in LoRA
         self.base_layer = base                                                   # the 16-bit weight is dropped
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, r: int = 8, alpha: float = 8, dropout: float = 0.0, blocksize: int = 64,
-                    double_quant: bool = True, compute_dtype: torch.dtype | None = None,
-                    use_rslora: bool = False) -> "QLoRALinear":
+    def from_linear(cls, linear: nn.Linear, r: int | None = None, alpha: float | None = None,
+                    dropout: float | None = None, blocksize: int = 64, double_quant: bool = True,
+                    compute_dtype: torch.dtype | None = None, use_rslora: bool | None = None, *,
+                    config=None) -> "QLoRALinear":
         """Quantize `linear`'s weight to NF4 and put fresh LoRA adapters (B = 0) beside it."""
-        return cls(linear, r, alpha, dropout, blocksize, double_quant, compute_dtype, use_rslora)
+        return cls(linear, r, alpha, dropout, blocksize, double_quant, compute_dtype, use_rslora, config=config)
 
     def merge(self) -> None:
         raise QLoRAMergeError(
@@ -175,16 +179,20 @@ class QLoRALinear(LoRALinear):
 
 # ----------------------------------------------------------------------------------------- the model
 
-def quantize_and_inject(model: nn.Module, target_modules, r: int = 8, alpha: float = 8, dropout: float = 0.0,
-                        blocksize: int = 64, double_quant: bool = True, compute_dtype: torch.dtype | None = None,
-                        use_rslora: bool = False) -> int:
+def quantize_and_inject(model: nn.Module, target_modules=None, r: int | None = None, alpha: float | None = None,
+                        dropout: float | None = None, blocksize: int = 64, double_quant: bool = True,
+                        compute_dtype: torch.dtype | None = None, use_rslora: bool | None = None, *,
+                        config=None) -> int:
     """Freeze `model` and replace every `nn.Linear` whose name matches `target_modules` (peft's rule: a
-    list of name suffixes or one regular expression) by a `QLoRALinear`, in place. Returns the number of
+    list of name suffixes or one regular expression) by a `QLoRALinear`, in place. The LoRA knobs come loose
+    or as `config=` (target_modules included), as in `lorakit.lora.inject_lora`. Returns the number of
     trainable parameters: the adapters only."""
-    check_hyperparameters(r, alpha, dropout)
+    cfg = resolve_config(config, "quantize_and_inject", target_modules=target_modules, r=r, alpha=alpha,
+                         dropout=dropout, use_rslora=use_rslora)
     return replace_linears(
-        model, target_modules,
-        lambda m: QLoRALinear(m, r, alpha, dropout, blocksize, double_quant, compute_dtype, use_rslora),
+        model, cfg.target_modules if target_modules is None else target_modules,
+        lambda m: QLoRALinear(m, blocksize=blocksize, double_quant=double_quant, compute_dtype=compute_dtype,
+                              config=cfg),
         adapted=(LoRALinear, NF4Linear), method="QLoRA")
 
 

@@ -246,7 +246,7 @@ def _config(raw: dict, where: str) -> Config:
     if unknown:
         raise SweepError(f"{where}: unknown field(s) {unknown}; a configuration has {list(FIELDS)} and "
                          f"UPPER_CASE experiment parameters such as N_TRAIN")
-    from .lora import check_hyperparameters, check_rank, check_target_modules
+    from lorakit.lora_config import check_hyperparameters, check_rank, check_target_modules
 
     method = raw["method"]
     if method not in METHODS:
