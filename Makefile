@@ -49,7 +49,7 @@ test-fast: $(VENV)/.installed-dev
 	$(OFFLINE) $(BIN)/python -m pytest -m "$(FAST)" --slow-after=$(SLOW_AFTER) $(PYTEST_ARGS)
 
 course: $(VENV)/.installed-dev
-	$(BIN)/lorakit run --params grading/ci_params.yml
+	$(BIN)/lorakit run --params .ci/params.yml
 
 lessons: $(VENV)/.installed-dev
 	$(BIN)/lorakit lessons
@@ -86,4 +86,4 @@ lock:
 	@echo "wrote $(LOCK) and environment.yml; the next make reinstalls $(VENV) with them"
 
 clean:
-	rm -rf build grading/work
+	rm -rf build nbgrader_course/work

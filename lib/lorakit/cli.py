@@ -131,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
 
     p = sub.add_parser("run", help="execute solution notebooks headless with papermill and print a table")
     p.add_argument("lesson", nargs="*", help="lesson names (default: all)")
-    p.add_argument("--params", help="parameters file (YAML: lesson or 'all' -> NAME: value), e.g. grading/ci_params.yml")
+    p.add_argument("--params", help="parameters file (YAML: lesson or 'all' -> NAME: value), e.g. .ci/params.yml")
     p.add_argument("--out", help="folder for executed copies (default build/solutions)")
     p.add_argument("--student", action="store_true", help="run the student versions from lessons/ instead, past errors")
     p.set_defaults(func=_run)

@@ -10,7 +10,7 @@ The zip (`build()`):
     install.py, pyproject.toml        the kit's installer (what `make` runs) and the project file it reads
     tested.txt, wheels/lorakit-*.whl  the kit, installed at the versions CI tested
     course/solutions/LESSON/...       the instructor's key, hidden tests included; the course's nbgrader
-    course/grading/nbgrader_config.py config (`course_root()` finds the course there)
+    course/nbgrader_course/nbgrader_config.py config (`course_root()` finds the course there)
     lorakit-gradescope.json           the lesson and the grading options (`Options`)
 
 In the container, `prepare()` (setup.sh's last step) registers the key in the course's gradebook and makes
@@ -97,13 +97,13 @@ def _setuptools_ok() -> bool:
 
 
 def build(options: Options, out: str | os.PathLike | None = None, root: Path | None = None) -> Path:
-    """Write the autograder zip for `options.lesson` (default grading/work/gradescope/LESSON.zip) and return
+    """Write the autograder zip for `options.lesson` (default nbgrader_course/work/gradescope/LESSON.zip) and return
     its path. The lesson's key is checked first: a test cell the grader cannot read stops the build here,
     not on Gradescope."""
     root = root or course.course_root()
     [lesson] = course.select([options.lesson], root)
     options = Options(**{**asdict(options), "lesson": lesson})
-    out = Path(out) if out else root / "grading" / "work" / "gradescope" / f"{lesson}.zip"
+    out = Path(out) if out else course.work_dir(root) / "gradescope" / f"{lesson}.zip"
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="lorakit-gradescope-") as tmp:
         tmp = Path(tmp)
@@ -117,7 +117,7 @@ def build(options: Options, out: str | os.PathLike | None = None, root: Path | N
             "tested.txt": install.LOCK,
             f"wheels/{wheel.name}": wheel,
             f"{COURSE}/solutions/{lesson}/{lesson}.ipynb": course.solution_path(lesson, root),
-            f"{COURSE}/grading/nbgrader_config.py": root / "grading" / "nbgrader_config.py",
+            f"{COURSE}/{course.NBGRADER_DIR}/nbgrader_config.py": root / course.NBGRADER_DIR / "nbgrader_config.py",
         }
         partial = out.with_name(out.name + ".partial")
         with zipfile.ZipFile(partial, "w", zipfile.ZIP_DEFLATED) as zf:
@@ -147,7 +147,7 @@ def prepare(autograder: Path) -> None:
     cannot read them even where the container allows no private filesystem."""
     from .batch import default_db_url
     _, root, options = _paths(autograder)
-    (root / "grading" / "work").mkdir(parents=True, exist_ok=True)
+    course.work_dir(root).mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="lorakit-key-") as tmp:
         key = submission.build_key(options.lesson, default_db_url(root), Path(tmp), root)
     lock_key(root)
@@ -156,11 +156,11 @@ def prepare(autograder: Path) -> None:
 
 
 def lock_key(root: Path) -> None:
-    """solutions/ and the gradebook: root only. grading/work stays passable (not listable), since the
+    """solutions/ and the gradebook: root only. nbgrader_course/work stays passable (not listable), since the
     submissions' job folders live below it."""
     for path in [root / "solutions", *(root / "solutions").rglob("*")]:
         os.chmod(path, 0o700 if path.is_dir() else 0o600)
-    work = root / "grading" / "work"
+    work = course.work_dir(root)
     work.mkdir(parents=True, exist_ok=True)
     os.chmod(work, 0o711)
     for path in work.iterdir():
