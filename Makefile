@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 # The versions CI tested (pip constraints; `make lock` rewrites it). Every install here uses it.
 LOCK ?= lib/lorakit/tested.txt
 # Extra pip arguments, e.g. PIP_ARGS="--index-url https://my.mirror/simple". Without a GPU, the install
-# adds PyTorch's CPU index by itself when it answers within a few seconds (lib/lorakit/install.py).
+# adds PyTorch's CPU index by itself when it answers within a few seconds (lib/lorakit/bootstrap.py).
 PIP_ARGS ?=
 PORT ?= 8888
 # Jupyter refuses to run as root unless told (containers, Colab-like VMs, CI machines).
@@ -32,7 +32,7 @@ SLOW_AFTER ?= 5
 # written only after a whole, checked install: an interrupted or failed one leaves none, and the next make
 # installs again.
 $(VENV)/.installed-%: pyproject.toml $(LOCK)
-	@$(PYTHON) lib/lorakit/install.py venv --venv $(VENV) --extra $* --lock $(LOCK) --python-name $(PYTHON) -- $(PIP_ARGS)
+	@$(PYTHON) lib/lorakit/bootstrap.py venv --venv $(VENV) --extra $* --lock $(LOCK) --python-name $(PYTHON) -- $(PIP_ARGS)
 	@touch $@ $(if $(filter dev instructor,$*),$(VENV)/.installed-lab)
 
 install: $(VENV)/.installed-$(or $(EXTRA),lab)  ## make install EXTRA=instructor: the kit with an extra, nothing started
@@ -49,7 +49,7 @@ test-fast: $(VENV)/.installed-dev
 	$(OFFLINE) $(BIN)/python -m pytest -m "$(FAST)" --slow-after=$(SLOW_AFTER) $(PYTEST_ARGS)
 
 course: $(VENV)/.installed-dev
-	$(BIN)/lorakit run --params grading/ci_params.yml
+	$(BIN)/lorakit run --params .ci/params.yml
 
 lessons: $(VENV)/.installed-dev
 	$(BIN)/lorakit lessons
@@ -76,14 +76,14 @@ HOLD ?= soupsieve<3
 lock:
 	rm -rf build/lock && mkdir -p build/lock
 	cp $(LOCK) build/lock/previous.txt && cp environment.yml build/lock/previous.yml
-	$(PYTHON) lib/lorakit/install.py keep --upgrade "$(UPGRADE)" --hold "$(HOLD)" > build/lock/keep.txt
+	$(PYTHON) lib/lorakit/bootstrap.py keep --upgrade "$(UPGRADE)" --hold "$(HOLD)" > build/lock/keep.txt
 	$(MAKE) --no-print-directory VENV=build/lock/venv LOCK=build/lock/keep.txt build/lock/venv/.installed-dev
-	build/lock/venv/bin/python -m lorakit.install freeze --out $(LOCK)
-	build/lock/venv/bin/python -m lorakit.install environment > environment.yml
+	build/lock/venv/bin/python -m lorakit.bootstrap freeze --out $(LOCK)
+	build/lock/venv/bin/python -m lorakit.bootstrap environment > environment.yml
 	$(MAKE) --no-print-directory VENV=build/lock/venv $(LOCK_TEST) || { cp build/lock/previous.txt $(LOCK); \
 		cp build/lock/previous.yml environment.yml; echo "make lock: the tests failed on the new versions: $(LOCK) is unchanged"; exit 1; }
 	@git diff --stat -- $(LOCK) environment.yml 2>/dev/null || true
 	@echo "wrote $(LOCK) and environment.yml; the next make reinstalls $(VENV) with them"
 
 clean:
-	rm -rf build grading/work
+	rm -rf build nbgrader_course/work

@@ -4,7 +4,7 @@ instructor's own solution handed in as a learner would (the student version with
 
     python benchmarks/bench_gradescope.py                      # 00_setup and 02_lora, as `make bench` runs it
     python benchmarks/bench_gradescope.py 00_setup 02_lora --runs 3
-    python benchmarks/bench_gradescope.py 05_qlora_finetune --params grading/ci_params.yml --runs 2
+    python benchmarks/bench_gradescope.py 05_qlora_finetune --params .ci/params.yml --runs 2
 
 Prints, per lesson, setup.sh's seconds and run_autograder's seconds per upload (mean and range over the runs)
 with the score, and the peak resident memory of the largest process of the runs (the sandboxed notebook).
@@ -40,7 +40,7 @@ def main() -> int:
     ap.add_argument("lessons", nargs="*", default=["00_setup", "02_lora"],
                     help="lessons to time (default: 00_setup 02_lora, what `make bench` runs)")
     ap.add_argument("--runs", type=int, default=3)
-    ap.add_argument("--params", help="parameters file injected into the upload (e.g. grading/ci_params.yml)")
+    ap.add_argument("--params", help="parameters file injected into the upload (e.g. .ci/params.yml)")
     args = ap.parse_args()
     python = _base_python(for_other_users=True) or _base_python(for_other_users=False)
     rows = []

@@ -44,7 +44,7 @@ def main() -> int:
     args = ap.parse_args()
     args.minimal = not args.full
     root = course.course_root()
-    tmp = Path(tempfile.mkdtemp(prefix="bench-grading-", dir=root / "grading" / "work"))
+    tmp = Path(tempfile.mkdtemp(prefix="bench-grading-", dir=root / "nbgrader_course" / "work"))
     try:
         kinds = ["all", {"ex00_bytes_per_param"}, set(), "all"]
         subs = tmp / "subs"

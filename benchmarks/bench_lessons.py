@@ -1,5 +1,5 @@
 """How long each lesson takes, cell by cell: every solution notebook run top to bottom with papermill, at its
-default parameters or at CI's (grading/ci_params.yml), on this CPU as it is or as a plain AVX2 CPU.
+default parameters or at CI's (.ci/params.yml), on this CPU as it is or as a plain AVX2 CPU.
 
 The course promises that every lesson runs on a laptop CPU, and most laptops compute bf16 only by emulation
 (no AVX512-BF16, no AMX). `--cpu avx2` turns this machine into such a CPU for the notebooks' kernels
@@ -169,7 +169,7 @@ def missed_goals(run: dict) -> list[str]:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--params", choices=("default", "ci"), default="default",
-                    help="the notebooks' own parameters, or CI's (grading/ci_params.yml)")
+                    help="the notebooks' own parameters, or CI's (.ci/params.yml)")
     ap.add_argument("--cpu", choices=("native", "avx2"), default="native",
                     help="this CPU as it is, or switched to AVX2 only (no native bf16) for the kernels")
     ap.add_argument("--lessons", nargs="*", help="lesson names (default: all)")
@@ -187,7 +187,7 @@ def main(argv=None) -> int:
     cpu = probe(environ)
     if args.cpu == "avx2":
         check_avx2(cpu)
-    params_file = course.course_root() / "grading" / "ci_params.yml" if args.params == "ci" else None
+    params_file = course.course_root() / ".ci" / "params.yml" if args.params == "ci" else None
     params = course.load_params(params_file)
     out_dir = args.out or course.course_root() / "build" / "bench_lessons" / f"{args.params}-{args.cpu}"
     print(f"{args.params} parameters, {args.cpu} CPU: torch {cpu['capability']}, oneDNN bf16 {cpu['onednn_bf16']}, "

@@ -4,7 +4,7 @@ papermill:
 - with the notebook's default parameters, held-out exact match goes from <= 5% to >= 90% within
   3 minutes of training (`transformers.Trainer`, QLoRA: NF4 + double quantization, LoRA r=16 on every
   linear layer of the blocks);
-- with the CI parameters (grading/ci_params.yml) the whole notebook finishes in <= 3 minutes.
+- with the CI parameters (.ci/params.yml) the whole notebook finishes in <= 3 minutes.
 
     python benchmarks/bench_qlora_finetune.py              # both runs; exits 1 when the promise is not met
     python benchmarks/bench_qlora_finetune.py --only ci    # just the CI-parameter run
@@ -45,7 +45,7 @@ def run(name: str, params: dict, out: Path) -> dict:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--only", choices=["default", "ci"], help="run one of the two")
-    p.add_argument("--params", default=str(course.course_root() / "grading" / "ci_params.yml"))
+    p.add_argument("--params", default=str(course.course_root() / ".ci" / "params.yml"))
     args = p.parse_args(argv)
 
     ci = course.params_for(LESSON, course.load_params(args.params))

@@ -74,7 +74,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--budget", type=float, default=450, help="seconds for the whole run (default 450)")
     p.add_argument("--out", default=os.environ.get("OUT", "build/gpu/out"), help="folder for JSON and executed notebooks")
     p.add_argument("--lessons", nargs="+", metavar="LESSON", help="lessons to run (default: every lesson)")
-    p.add_argument("--params", help="a parameters file for the lessons (e.g. grading/ci_params.yml, shorter); "
+    p.add_argument("--params", help="a parameters file for the lessons (e.g. .ci/params.yml, shorter); "
                                     "DEVICE is set to cuda in any case")
     p.add_argument("--cell-timeout", type=int, default=300, help="seconds one notebook cell may take")
     p.add_argument("--reps", type=int, default=20, help="timed repeats per shape in the speed section")

@@ -14,7 +14,7 @@
 #   the packages fetch asks for:              bash benchmarks/gpu_run.sh pins
 #
 # Options after the command go to gpu_checks.py, e.g. `bash benchmarks/gpu_run.sh --only nf4 speed` or
-# `--params grading/ci_params.yml` (shorter lessons). GPU_BUDGET (seconds, default 450) bounds the checks so
+# `--params .ci/params.yml` (shorter lessons). GPU_BUDGET (seconds, default 450) bounds the checks so
 # that the setup (about a minute) and the checks end within the device's 10 minutes.
 #
 # The GPU image has torch, transformers, accelerate, safetensors, tokenizers, pandas, matplotlib... but not

@@ -87,7 +87,7 @@ class SolutionRuns:
     def get(self, lesson: str):
         if lesson not in self.results:
             from lorakit import course
-            [result] = course.run_lessons([lesson], str(ROOT / "grading" / "ci_params.yml"), self.folder, echo=None)
+            [result] = course.run_lessons([lesson], str(ROOT / ".ci" / "params.yml"), self.folder, echo=None)
             self.put(result, "papermill (lorakit.course.run_lessons)")
         return self.results[lesson]
 

@@ -82,7 +82,7 @@ def test_the_avx2_check_refuses_a_cpu_that_is_not_on_the_slow_path():
 
 @pytest.mark.notebooks
 def test_a_real_run_times_every_code_cell(tmp_path):
-    params = course.params_for("00_setup", course.load_params(course.course_root() / "grading" / "ci_params.yml"))
+    params = course.params_for("00_setup", course.load_params(course.course_root() / ".ci" / "params.yml"))
     row = bench.run_lesson("00_setup", params, tmp_path, {})
     nb = nbformat.read(course.solution_path("00_setup"), as_version=4)
     assert row["status"] == "ok", row["error"]

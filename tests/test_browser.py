@@ -22,7 +22,7 @@ download is not used). Without it, or without Playwright, the test skips and say
 Knobs (environment variables):
     LORAKIT_CHROMIUM         the browser binary (default /usr/bin/chromium)
     LORAKIT_BROWSER_LESSONS  which lessons: "all" (default), or names/numbers separated by commas or spaces
-    LORAKIT_BROWSER_PARAMS   a YAML parameters file applied on top of grading/ci_params.yml (its runs are then
+    LORAKIT_BROWSER_PARAMS   a YAML parameters file applied on top of .ci/params.yml (its runs are then
                              not shared with tests/test_notebooks.py)
     LORAKIT_BROWSER_TIMEOUT  seconds one lesson may take to run all cells (default 300)
 """
@@ -193,7 +193,7 @@ def _prepare(lesson: str, folder: Path) -> tuple[Path, nbformat.NotebookNode]:
     """Copy the solution notebook with the CI parameters injected after its `parameters` cell."""
     from papermill.iorw import load_notebook_node
     from papermill.parameterize import parameterize_notebook
-    params = course.params_for(lesson, course.load_params(ROOT / "grading" / "ci_params.yml"))
+    params = course.params_for(lesson, course.load_params(ROOT / ".ci" / "params.yml"))
     if EXTRA_PARAMS:
         params.update(course.params_for(lesson, course.load_params(EXTRA_PARAMS)))
     nb = load_notebook_node(str(course.solution_path(lesson)))  # papermill's reader (it normalises tags)

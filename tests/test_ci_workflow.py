@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from lorakit import course, install
+from lorakit import bootstrap, course, install
 
 ROOT = course.course_root()
 WORKFLOWS = ROOT / ".github" / "workflows"
@@ -58,7 +58,7 @@ def test_the_job_runs_a_python_the_lock_was_tested_with(ci):
     assert m, f"{image}: a Debian image of the python Docker library (.ci/run's install scripts use apt and Debian's packages)"
     locked = re.search(r"with Python (\d+)\.(\d+)", install.LOCK.read_text())
     assert (m.group(1), m.group(2)) == locked.groups(), (image, locked.group(0))
-    assert tuple(map(int, m.groups()[:2])) >= install.requires_python(ROOT)
+    assert tuple(map(int, m.groups()[:2])) >= bootstrap.requires_python(ROOT)
     assert "--privileged" in job["container"].get("options", ""), "the sandbox needs namespaces and cgroups"
 
 

@@ -184,7 +184,7 @@ def test_installed_package_ships_every_file_the_lessons_need(wheel):
     missing = sorted(on_disk - shipped)
     assert not missing, (f"{len(missing)} file(s) of lib/lorakit are not in the installed package (Colab would "
                          f"not have them); add them to [tool.setuptools.package-data]: {missing[:10]}")
-    assert any(n.startswith("lorakit/data/") for n in shipped), "the bundled datasets are not in the package"
+    assert any(n.startswith("lorakit/assets/tasks/") for n in shipped), "the bundled datasets are not in the package"
 
 
 def test_installed_package_pins_the_tested_stack(wheel):

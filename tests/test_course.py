@@ -36,8 +36,8 @@ def test_lesson_selection_accepts_numbers_and_topics():
 def tiny_course(tmp_path, monkeypatch):
     """A course folder with one lesson whose second exercise is broken."""
     root = course.course_root()
-    (tmp_path / "grading").mkdir()
-    shutil.copy(root / "grading" / "nbgrader_config.py", tmp_path / "grading")
+    (tmp_path / "nbgrader_course").mkdir()
+    shutil.copy(root / "nbgrader_course" / "nbgrader_config.py", tmp_path / "nbgrader_course")
     nb = course.notebook([
         course.markdown("# Lesson 98 — broken"),
         course.code("", tags=["setup"]),

@@ -390,7 +390,7 @@ def test_a_class_graded_four_at_a_time_gets_full_marks(tmp_path):
     """Four copies of the lesson 02 and lesson 04 solutions (whole notebooks, CI parameters), graded with four
     workers: judges of different submissions run in threads at once, each copy earns every point."""
     from lorakit import grading
-    params = course.load_params(ROOT / "grading" / "ci_params.yml")
+    params = course.load_params(ROOT / ".ci" / "params.yml")
     for lesson in ("02_lora", "04_qlora_from_scratch"):
         subs = {f"copy{i}": (adversarial.student_notebook(lesson), None) for i in range(4)}
         adversarial.write(subs, tmp_path / lesson)

@@ -33,7 +33,7 @@ def test_the_plan_runs_every_lesson_on_cuda_and_lesson_05_reports(tmp_path):
     assert sorted(plan) == course.lessons() and list(plan)[0] == "05_qlora_finetune", "lesson 05 runs first"
     assert all(p["DEVICE"] == "cuda" for p in plan.values())
     assert plan["05_qlora_finetune"]["RESULTS_JSON"] == str((tmp_path / "05_qlora_finetune.json").resolve())
-    shorter = dict(gpu_checks.lesson_plan(gpu_checks.parse_args(["--params", str(ROOT / "grading/ci_params.yml")]), tmp_path))
+    shorter = dict(gpu_checks.lesson_plan(gpu_checks.parse_args(["--params", str(ROOT / ".ci/params.yml")]), tmp_path))
     assert shorter["02_lora"]["MAX_STEPS"] == 40 and shorter["02_lora"]["DEVICE"] == "cuda"
 
 

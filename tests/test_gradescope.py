@@ -186,10 +186,11 @@ def test_the_zip_is_laid_out_as_gradescope_expects(autograder):
                    and b"BEGIN HIDDEN TESTS" in zf.read(n)]
         assert holders == [f"course/solutions/{LESSON}/{LESSON}.ipynb"], holders   # the key, and only the key
         assert zf.read("tested.txt") == Path(course.course_root() / "lib/lorakit/tested.txt").read_bytes()
+        assert {"bootstrap.py", "install.py", "pyproject.toml"} <= set(infos), "the installer setup.sh runs, and what it imports"
     # the key and the gradebook are root's alone after setup
     key = autograder.root / "source" / "course" / "solutions"
     assert stat.S_IMODE(key.stat().st_mode) == 0o700
-    db = autograder.root / "source" / "course" / "grading" / "work" / "gradebook.db"
+    db = autograder.root / "source" / "course" / "nbgrader_course" / "work" / "gradebook.db"
     assert db.is_file() and stat.S_IMODE(db.stat().st_mode) == 0o600
     assert "every locked package at its tested version" in autograder.setup.stderr + autograder.setup.stdout
 
@@ -250,7 +251,7 @@ def test_an_upload_without_one_notebook_is_told_what_to_upload(autograder):
 def _snooping_upload(autograder) -> str:
     """Correct work that answers wrongly when it could read the key, the gradebook, or write the results."""
     course_dir = autograder.root / "source" / "course"
-    paths = [str(course_dir / "solutions" / LESSON / f"{LESSON}.ipynb"), str(course_dir / "grading" / "work" / "gradebook.db")]
+    paths = [str(course_dir / "solutions" / LESSON / f"{LESSON}.ipynb"), str(course_dir / "nbgrader_course" / "work" / "gradebook.db")]
     forged = str(autograder.root / "results" / "forged.json")
     probe = (f"# ex00_bytes_per_param\nLEAKED = []\nfor p in {paths!r}:\n    try:\n        open(p, 'rb').read(1)\n"
              f"        LEAKED.append(p)\n    except OSError:\n        pass\ntry:\n    open({forged!r}, 'w').write('{{}}')\n"

@@ -769,7 +769,7 @@ def test_a_lesson_with_tensors_is_graded_end_to_end(tmp_path):
     lesson = "03_nf4"
     subs = {"solved": adversarial.student_notebook(lesson), "untouched": adversarial.student_notebook(lesson, solved=set())}
     adversarial.write({k: (v, None) for k, v in subs.items()}, tmp_path / "in")
-    params = course.params_for(lesson, course.load_params(course.course_root() / "grading" / "ci_params.yml"))
+    params = course.params_for(lesson, course.load_params(course.course_root() / ".ci" / "params.yml"))
     res = {g.student: g for g in grading.grade(lesson, [tmp_path / "in"], db=f"sqlite:///{tmp_path / 'gb.db'}",
                                                out=tmp_path / "out", params=params, echo=None)}
     solved, untouched = res["solved"], res["untouched"]

@@ -1,6 +1,6 @@
-"""How the kit installs (lib/lorakit/install.py, the Makefile, pyproject.toml, environment.yml): the learner's
-install is light, a machine without a GPU gets the CPU build of torch, the lock is what runs here, bad input
-gets one line naming the fix, and offline is set only where it belongs (tests and CI)."""
+"""How the kit installs (lib/lorakit/install.py and bootstrap.py, the Makefile, pyproject.toml, environment.yml):
+the learner's install is light, a machine without a GPU gets the CPU build of torch, the lock is what runs here,
+bad input gets one line naming the fix, and offline is set only where it belongs (tests and CI)."""
 
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ import pytest
 from packaging.requirements import Requirement
 
 import lorakit
-from lorakit import cli, course, env, install, sweep
+from lorakit import bootstrap, cli, course, env, install, sweep
 
 ROOT = course.course_root()
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
@@ -46,11 +46,11 @@ def test_one_version_string_a_license_and_the_python_the_code_needs():
     assert PYPROJECT["tool"]["setuptools"]["dynamic"]["version"] == {"attr": "lorakit.__version__"}
     assert md.version("lorakit") == lorakit.__version__
     assert PROJECT["license"] == "MIT" and "MIT License" in (ROOT / "LICENSE").read_text()
-    need = install.requires_python()
+    need = bootstrap.requires_python()
     assert PROJECT["requires-python"] == f">={need[0]}.{need[1]}"
     # Every locked package must install on the lowest Python the kit claims (numpy 2.3+ and pandas 3 need
     # 3.11), and the tests use tomllib (3.11).
-    too_new = install.too_new_for(need)
+    too_new = bootstrap.too_new_for(need)
     assert not too_new, (f"these installed (locked) packages cannot install on Python {need[0]}.{need[1]}.0, "
                          f"which requires-python admits: {too_new}: add them to HOLD in the Makefile, `make lock`")
 
@@ -99,7 +99,8 @@ def test_every_import_is_declared_where_it_is_used():
         code = "\n".join(c.source for c in nb.cells if c.cell_type == "code" and not c.source.lstrip().startswith(("%", "!")))
         sources.append((nb_path, code, base))
     for path, source, allowed in sources:
-        for module in _imports(source):
+        # bootstrap.py, run as a script before the kit is installed, imports install.py beside it as `install`
+        for module in _imports(source) - {p.stem for p in path.parent.glob("*.py")}:
             dist = _distribution(module)
             if dist and dist not in allowed:
                 undeclared.append(f"{path.relative_to(ROOT)}: {module} ({dist})")
@@ -114,7 +115,7 @@ def test_this_environment_runs_the_lock():
     lock_path = install.LOCK
     lock = install.read_lock(lock_path)
     running = {install.normalize(d.metadata["Name"]): d.version for d in install.installed()
-               if install.normalize(d.metadata["Name"]) not in install.NOT_LOCKED}
+               if install.normalize(d.metadata["Name"]) not in bootstrap.NOT_LOCKED}
     assert len(running) > 100, "the environment's site-packages were not found"
     unlocked = sorted(set(running) - set(lock))
     assert not unlocked, f"installed but not in {lock_path.name}: {unlocked}: run `make lock` (or remove them)"
@@ -135,24 +136,24 @@ def test_lock_files_are_read_strictly_and_upgrades_free_named_pins(tmp_path):
     good = tmp_path / "lock.txt"
     good.write_text("torch==2.13.0\nTransformers==5.24.0\npeft==0.21.2  # a comment\n")
     assert install.read_lock(good) == {"torch": "2.13.0", "transformers": "5.24.0", "peft": "0.21.2"}
-    assert install.pins_to_keep("peft", good) == "torch==2.13.0\ntransformers==5.24.0\n"
-    assert install.pins_to_keep("all", good) == "torch==2.13.0\n", "UPGRADE=all keeps torch unless named"
-    assert install.pins_to_keep("all torch", good) == ""
-    assert install.pins_to_keep("all", good, hold="soupsieve<3  bar>1") == "torch==2.13.0\nsoupsieve<3\nbar>1\n"
+    assert bootstrap.pins_to_keep("peft", good) == "torch==2.13.0\ntransformers==5.24.0\n"
+    assert bootstrap.pins_to_keep("all", good) == "torch==2.13.0\n", "UPGRADE=all keeps torch unless named"
+    assert bootstrap.pins_to_keep("all torch", good) == ""
+    assert bootstrap.pins_to_keep("all", good, hold="soupsieve<3  bar>1") == "torch==2.13.0\nsoupsieve<3\nbar>1\n"
     with pytest.raises(install.InstallError, match="does not pin"):
-        install.pins_to_keep("nosuch", good)
+        bootstrap.pins_to_keep("nosuch", good)
 
 
 def test_environment_yml_is_generated_from_pyproject():
     committed = (ROOT / "environment.yml").read_text()
-    assert committed == install.environment_yml(), \
-        "environment.yml differs from what pyproject.toml gives: run `make lock` (or lib/lorakit/install.py environment)"
+    assert committed == bootstrap.environment_yml(), \
+        "environment.yml differs from what pyproject.toml gives: run `make lock` (or lib/lorakit/bootstrap.py environment)"
     import yaml
     spec = yaml.safe_load(committed)
     conda = {d.split()[0] for d in spec["dependencies"] if isinstance(d, str)}
     declared = _names(PROJECT["dependencies"] + PROJECT["optional-dependencies"]["lab"])
-    assert {install.CONDA_NAMES.get(n, n) for n in declared if n not in install.PIP_ONLY} <= conda
-    assert not set(install.PIP_ONLY) & conda, "bitsandbytes: conda-forge has linux-64 builds only; pip installs it"
+    assert {bootstrap.CONDA_NAMES.get(n, n) for n in declared if n not in bootstrap.PIP_ONLY} <= conda
+    assert not set(bootstrap.PIP_ONLY) & conda, "bitsandbytes: conda-forge has linux-64 builds only; pip installs it"
     assert spec["dependencies"][-1] == {"pip": ["-e .[lab]"]} and "conda-forge" in spec["channels"]
 
 
@@ -160,7 +161,7 @@ def test_environment_yml_is_generated_from_pyproject():
 
 def _resolve(tmp_path, requirement: str) -> dict[str, str]:
     """pip's resolution of `requirement` from scratch, with exactly the arguments `make` uses."""
-    args, why = install.pip_args(install.LOCK)
+    args, why = bootstrap.pip_args(install.LOCK)
     report = tmp_path / "report.json"
     res = subprocess.run([sys.executable, "-m", "pip", "install", "--dry-run", "--ignore-installed", "--quiet",
                           "--report", str(report), *args, requirement],
@@ -220,26 +221,26 @@ def test_cpu_index_is_added_when_it_answers_and_skipped_quickly_when_not(monkeyp
     up, hung = _Server(), _Server(hang=10)
     try:
         monkeypatch.setattr(install, "CPU_INDEX", up.url)
-        args, why = install.pip_args("L.txt")
+        args, why = bootstrap.pip_args("L.txt")
         assert args == ["-c", "L.txt", "--extra-index-url", up.url] and "CPU build" in why
         # the hung index would answer after 10 s: "did not answer" means the 1 s probe gave up without it
         monkeypatch.setattr(install, "CPU_INDEX", hung.url)
-        args, why = install.pip_args("L.txt", timeout=1.0)
+        args, why = bootstrap.pip_args("L.txt", timeout=1.0)
         assert args == ["-c", "L.txt"] and "did not answer" in why and "rm -rf .venv" in why
         monkeypatch.setattr(install, "CPU_INDEX", "http://nonexistent.invalid/whl/cpu")
-        args, why = install.pip_args("L.txt", timeout=1.0)
+        args, why = bootstrap.pip_args("L.txt", timeout=1.0)
         assert args == ["-c", "L.txt"] and "did not answer" in why
     finally:
         up.close()
         hung.close()
     # a GPU machine, macOS, or the user's own indexes: no probe, no CPU index
-    monkeypatch.setattr(install, "answers", lambda *a: pytest.fail("probed although it should not"))
-    assert install.pip_args("L.txt", ["--index-url", "https://mirror/simple"])[0] == ["-c", "L.txt", "--index-url", "https://mirror/simple"]
+    monkeypatch.setattr(bootstrap, "answers", lambda *a: pytest.fail("probed although it should not"))
+    assert bootstrap.pip_args("L.txt", ["--index-url", "https://mirror/simple"])[0] == ["-c", "L.txt", "--index-url", "https://mirror/simple"]
     monkeypatch.setattr(sys, "platform", "darwin")
-    assert install.pip_args("L.txt")[0] == ["-c", "L.txt"]
+    assert bootstrap.pip_args("L.txt")[0] == ["-c", "L.txt"]
     monkeypatch.setattr(sys, "platform", "linux")
     monkeypatch.setattr(install, "has_nvidia_gpu", lambda: True)
-    assert install.torch_index() == (None, "an NVIDIA GPU is present: pip's default torch (the CUDA build)")
+    assert bootstrap.torch_index() == (None, "an NVIDIA GPU is present: pip's default torch (the CUDA build)")
 
 
 def test_gpu_is_detected_with_nvidia_smi(tmp_path, monkeypatch):
@@ -255,8 +256,10 @@ def test_gpu_is_detected_with_nvidia_smi(tmp_path, monkeypatch):
 # ------------------------------------------------------------------------------------- bad input
 
 def _installer(*args, python=sys.executable, env=None) -> subprocess.CompletedProcess:
-    return subprocess.run([python, str(ROOT / "lib/lorakit/install.py"), *args], capture_output=True, text=True,
-                          timeout=120, env=env)
+    """bootstrap.py as make runs it: a script, and with -S (no site-packages) as on a system Python before .venv
+    exists, so that nothing but the standard library and install.py beside it can be imported."""
+    return subprocess.run([python, "-S", str(ROOT / "lib/lorakit/bootstrap.py"), *args], capture_output=True,
+                          text=True, timeout=120, env=env)
 
 
 def test_bad_input_gets_one_line_naming_the_fix_and_no_venv(tmp_path):
@@ -271,30 +274,48 @@ def test_bad_input_gets_one_line_naming_the_fix_and_no_venv(tmp_path):
 
 def test_a_too_old_python_is_told_which_to_use():
     with pytest.raises(install.InstallError, match=r"needs Python 3\.11 or newer, and python3 is 3\.10\.13: .*PYTHON=python3\.11"):
-        install.check_python((3, 10, 13))
-    install.check_python((3, 11, 0))
+        bootstrap.check_python((3, 10, 13))
+    bootstrap.check_python((3, 11, 0))
     old = shutil.which("python3.10") and subprocess.run(["python3.10", "-c", "pass"], capture_output=True).returncode == 0
     if old:  # the real thing, where an older Python is at hand: the installer itself runs on it to say so
         res = _installer("venv", "--venv", "/nonexistent/venv", "--python-name", "python3.10", python="python3.10")
         assert res.returncode == 2 and "needs Python 3.11 or newer" in res.stderr
 
 
+def test_the_running_kit_does_not_import_the_make_only_tooling():
+    """install.py answers what a running kit needs; bootstrap.py (the venv, `make lock`) builds on it, never the
+    other way round, and the two share no code: bootstrap imports install's lock reader and error type."""
+    tree = ast.parse(Path(install.__file__).read_text())
+    imported = {a.name for n in ast.walk(tree) if isinstance(n, (ast.Import, ast.ImportFrom)) for a in n.names}
+    imported |= {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
+    assert not {m for m in imported if "bootstrap" in m or m.startswith("lorakit")}, imported
+    defined = {n.name for n in ast.parse(Path(bootstrap.__file__).read_text()).body if isinstance(n, ast.FunctionDef)}
+    assert not defined & set(install.__all__) - {"main"}, f"defined in both: {defined & set(install.__all__)}"
+
+
+def test_verify_after_an_install(capsys):
+    """`python -m lorakit.install verify` (what make runs in a new .venv; `check` is its earlier name)."""
+    assert install.main(["verify"]) == 0
+    assert "every locked package at its tested version" in capsys.readouterr().err
+    assert install.main(["check"]) == 0
+
+
 def test_half_built_venv_is_not_trusted(tmp_path):
     venv = tmp_path / "venv"
     (venv / "bin").mkdir(parents=True)
-    assert not install.usable(venv)  # no python at all
+    assert not bootstrap.usable(venv)  # no python at all
     (venv / "bin" / "python").write_text("#!/bin/sh\nexit 1\n")
     (venv / "bin" / "python").chmod(0o755)
-    assert not install.usable(venv)  # a python that cannot import pip (interrupted `python -m venv`)
+    assert not bootstrap.usable(venv)  # a python that cannot import pip (interrupted `python -m venv`)
     (venv / "bin" / "python").unlink()
     (venv / "bin" / "python").symlink_to(sys.executable)
-    assert install.usable(venv)
+    assert bootstrap.usable(venv)
 
 
 def test_pip_failures_are_explained():
-    assert "make lock" in install._hint("ERROR: ResolutionImpossible: ... conflict is caused by")
-    assert "torch" in install._hint("ERROR: No matching distribution found for torch==9.9")
-    assert "network" in install._hint("Connection to pypi.org timed out")
+    assert "make lock" in bootstrap._hint("ERROR: ResolutionImpossible: ... conflict is caused by")
+    assert "torch" in bootstrap._hint("ERROR: No matching distribution found for torch==9.9")
+    assert "network" in bootstrap._hint("Connection to pypi.org timed out")
 
 
 def test_missing_extra_names_the_extra(monkeypatch, capsys):

@@ -8,7 +8,7 @@ instructor collects both lessons (`nbgrader collect`: submitted/STUDENT/LESSON/L
 `lorakit grade 00_setup SUBMITTED` on that folder as it is. The grades must be in the gradebook nbgrader reads
 (`nbgrader export`, the same Gradebook API the formgrader uses), and lesson 01's notebook must not have been
 graded as a lesson 00 submission. The exchange, the submitted folder and the gradebook live in a temporary
-folder (the course's own grading/work is not touched); the commands are the ones docs/grading-elsewhere.md
+folder (the course's own nbgrader_course/work is not touched); the commands are the ones docs/grading-elsewhere.md
 shows, with these three locations added.
 """
 
@@ -48,9 +48,9 @@ def test_the_course_config_and_lorakit_grade_use_one_gradebook():
     submitted/ folder the docs tell the instructor to grade."""
     from traitlets.config.loader import PyFileConfigLoader
     root = course.course_root()
-    cfg = PyFileConfigLoader("nbgrader_config.py", path=str(root / "grading")).load_config()
+    cfg = PyFileConfigLoader("nbgrader_config.py", path=str(root / "nbgrader_course")).load_config()
     assert cfg.CourseDirectory.db_url == batch.default_db_url(root)
-    assert Path(root, cfg.CourseDirectory.submitted_directory) == root / "grading" / "work" / "submitted"
+    assert Path(root, cfg.CourseDirectory.submitted_directory) == root / "nbgrader_course" / "work" / "submitted"
 
 
 def test_release_fetch_submit_collect_then_lorakit_grade(tmp_path):
@@ -60,7 +60,7 @@ def test_release_fetch_submit_collect_then_lorakit_grade(tmp_path):
     instructor = [f"--Exchange.root={exchange}", f"--CourseDirectory.submitted_directory={submitted}",
                   f"--CourseDirectory.db_url={db}"]
     for lesson in (LESSON, OTHER):
-        _nbgrader("release_assignment", lesson, *instructor, cwd=root / "grading")
+        _nbgrader("release_assignment", lesson, *instructor, cwd=root / "nbgrader_course")
 
     for student, (solved, _) in WORK.items():
         home = tmp_path / "home" / student
@@ -76,7 +76,7 @@ def test_release_fetch_submit_collect_then_lorakit_grade(tmp_path):
                       cwd=home, home=home)
 
     for lesson in (LESSON, OTHER):
-        _nbgrader("collect", lesson, *instructor, cwd=root / "grading")
+        _nbgrader("collect", lesson, *instructor, cwd=root / "nbgrader_course")
     assert sorted(p.relative_to(submitted).as_posix() for p in submitted.rglob("*.ipynb")) == [
         f"alice/{LESSON}/{LESSON}.ipynb", f"alice/{OTHER}/{OTHER}.ipynb", f"bob/{LESSON}/{LESSON}.ipynb"]
 
@@ -89,7 +89,7 @@ def test_release_fetch_submit_collect_then_lorakit_grade(tmp_path):
     assert gradebook.read_gradebook(db, LESSON) == {s: score for s, (_, score) in WORK.items()}
 
     exported = tmp_path / "export.csv"
-    _nbgrader("export", f"--CourseDirectory.db_url={db}", f"--to={exported}", cwd=root / "grading")
+    _nbgrader("export", f"--CourseDirectory.db_url={db}", f"--to={exported}", cwd=root / "nbgrader_course")
     rows = {r["student_id"]: r for r in csv.DictReader(exported.open()) if r["assignment"] == LESSON}
     assert {s: float(r["score"]) for s, r in rows.items()} == {s: score for s, (_, score) in WORK.items()}, rows
     assert all(float(r["max_score"]) == 2 for r in rows.values()), rows

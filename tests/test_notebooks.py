@@ -12,7 +12,7 @@ import pytest
 from lorakit import course
 
 LESSONS = course.lessons()
-CI_PARAMS = str(course.course_root() / "grading" / "ci_params.yml")
+CI_PARAMS = str(course.course_root() / ".ci" / "params.yml")
 pytestmark = pytest.mark.notebooks
 
 

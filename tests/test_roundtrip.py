@@ -144,7 +144,7 @@ def test_lorakit_grade_gives_full_marks(saved, capsys):
     out_dir = saved["tmp"] / "grades"
     db = saved["tmp"] / "gradebook.db"
     status = cli.main(["grade", LESSON, str(saved["dir"]), "--db", f"sqlite:///{db}", "--out", str(out_dir),
-                       "--params", str(course.course_root() / "grading" / "ci_params.yml"), "--timeout", "300"])
+                       "--params", str(course.course_root() / ".ci" / "params.yml"), "--timeout", "300"])
     log = capsys.readouterr().out
     assert status == 0, log
     rows = {r["student"]: r for r in csv.DictReader(open(out_dir / "grades.csv"))}

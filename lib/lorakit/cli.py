@@ -13,14 +13,14 @@ NEEDS_EXTRA = {"lessons": "instructor", "grade": "instructor", "gradescope": "in
 
 
 def _lessons(args) -> int:
-    from . import course
+    from lorakit import course
     for p in course.generate_lessons(args.lesson or None):
         print(f"wrote {p.relative_to(course.course_root())}")
     return 0
 
 
 def _run(args) -> int:
-    from . import course
+    from lorakit import course
     results = course.run_lessons(args.lesson or None, args.params, args.out, student=args.student)
     print()
     print(course.table(results))
@@ -28,7 +28,7 @@ def _run(args) -> int:
 
 
 def _env(args) -> int:
-    from . import env
+    from lorakit import env
     lines = env.report(args.device)
     return 1 if any(l.status == "missing" for l in lines) else 0
 
@@ -36,7 +36,7 @@ def _env(args) -> int:
 def _sweep(args) -> int:
     import time
 
-    from . import lab, sweep
+    from lorakit import lab, sweep
     if args.workers < 1:
         raise sweep.SweepError(f"--workers {args.workers}: at least 1")
     which = args.grid or ("full" if args.full else "reduced")
@@ -82,7 +82,7 @@ def _sweep(args) -> int:
 def _parse_overrides(items: list[str]) -> dict:
     import yaml
 
-    from .sweep import SweepError
+    from lorakit.sweep import SweepError
     out = {}
     for item in items:
         name, sep, value = item.partition("=")
@@ -131,19 +131,19 @@ def main(argv: list[str] | None = None) -> int:
 
     p = sub.add_parser("run", help="execute solution notebooks headless with papermill and print a table")
     p.add_argument("lesson", nargs="*", help="lesson names (default: all)")
-    p.add_argument("--params", help="parameters file (YAML: lesson or 'all' -> NAME: value), e.g. grading/ci_params.yml")
+    p.add_argument("--params", help="parameters file (YAML: lesson or 'all' -> NAME: value), e.g. .ci/params.yml")
     p.add_argument("--out", help="folder for executed copies (default build/solutions)")
     p.add_argument("--student", action="store_true", help="run the student versions from lessons/ instead, past errors")
     p.set_defaults(func=_run)
 
-    from .grading import cli as grading_cli
+    from lorakit.grading import cli as grading_cli
     grading_cli.add_commands(sub)  # `grade`, `gradescope` and `check`
     _add_sweep(sub)                # `sweep`
 
     args = parser.parse_args(argv)
     args.command_line = "lorakit " + " ".join(sys.argv[1:] if argv is None else argv)
-    from .course import CourseError
-    from .install import InstallError, require_extra
+    from lorakit.course import CourseError
+    from lorakit.install import InstallError, require_extra
     try:
         if args.command in NEEDS_EXTRA:
             require_extra(NEEDS_EXTRA[args.command])

@@ -3,7 +3,7 @@
 - `generate_lessons()` stamps each solution's header (Colab badge, setup cell), then runs nbgrader's
   generate_assignment so lessons/NN_topic/NN_topic.ipynb is the student version (outputs cleared,
   solutions stubbed, hidden tests removed).
-- `run_lessons()` executes notebooks headless with papermill, injecting parameters (grading/ci_params.yml
+- `run_lessons()` executes notebooks headless with papermill, injecting parameters (.ci/params.yml
   shrinks them for CI), writes executed copies to build/, and returns a table of lesson, status, seconds.
 - `graded_cells()` reads an executed notebook back: which graded test cells passed; `stopped_cells()` which other
   cells raised (where Run All on a student version would stop before its end).
@@ -23,17 +23,22 @@ from pathlib import Path
 
 import nbformat
 
-__all__ = ["REPOSITORY", "BRANCH", "BADGE_IMAGE", "KERNEL", "CourseError", "course_root", "lessons", "select",
-           "solution_path", "lesson_path", "markdown", "code", "parameters", "exercise", "test", "notebook",
-           "colab_url", "colab_badge", "colab_requirement", "colab_install_commands", "setup_source", "stamp",
-           "tools_env", "run_nbgrader", "generate_assignment", "generate_lessons", "write_clean", "load_params",
-           "params_for", "RunResult", "execute", "graded_cells", "stopped_cells", "run_lessons", "describe_failure",
-           "table"]
+__all__ = ["REPOSITORY", "BRANCH", "BADGE_IMAGE", "KERNEL", "NBGRADER_DIR", "CourseError", "course_root", "work_dir",
+           "lessons", "select", "solution_path", "lesson_path", "markdown", "code", "parameters", "exercise", "test",
+           "notebook", "colab_url", "colab_badge", "colab_requirement", "colab_install_commands", "setup_source",
+           "stamp", "tools_env", "run_nbgrader", "generate_assignment", "generate_lessons", "write_clean",
+           "load_params", "params_for", "RunResult", "execute", "graded_cells", "stopped_cells", "run_lessons",
+           "describe_failure", "table"]
 
 REPOSITORY = "https://github.com/lorakit/lorakit"  # the one place the course's public URL is configured
 BRANCH = "main"
 BADGE_IMAGE = "https://colab.research.google.com/assets/colab-badge.svg"
 KERNEL = {"name": "python3", "display_name": "Python 3 (ipykernel)", "language": "python"}
+# The course's nbgrader folder: nbgrader_config.py (nbgrader reads it from its working directory) and, in
+# work/, what grading writes (gradebook, submissions, feedback, job folders; ignored by git). The name says
+# whose configuration it is and is no package's name: a folder named nbgrader/ would shadow the nbgrader
+# package for anything that puts the course folder on sys.path.
+NBGRADER_DIR = "nbgrader_course"
 
 
 class CourseError(Exception):
@@ -44,17 +49,22 @@ class CourseError(Exception):
 
 def course_root(start: str | os.PathLike | None = None) -> Path:
     """The course directory: $LORAKIT_COURSE_DIR, or the nearest folder above `start` (default: the
-    current directory, then this package) that holds solutions/ and grading/nbgrader_config.py."""
+    current directory, then this package) that holds solutions/ and nbgrader_course/nbgrader_config.py."""
     env = os.environ.get("LORAKIT_COURSE_DIR")
     if env:
         return Path(env).resolve()
     candidates = [Path(start or os.getcwd()).resolve(), Path(__file__).resolve()]
     for c in candidates:
         for d in (c, *c.parents):
-            if (d / "solutions").is_dir() and (d / "grading" / "nbgrader_config.py").is_file():
+            if (d / "solutions").is_dir() and (d / NBGRADER_DIR / "nbgrader_config.py").is_file():
                 return d
-    raise CourseError("could not find the course folder (one with solutions/ and grading/nbgrader_config.py): "
+    raise CourseError(f"could not find the course folder (one with solutions/ and {NBGRADER_DIR}/nbgrader_config.py): "
                       "run this from inside the lorakit repository or set LORAKIT_COURSE_DIR")
+
+
+def work_dir(root: Path | None = None) -> Path:
+    """Where grading writes (nbgrader_course/work/: gradebook, submissions, feedback, job folders)."""
+    return (root or course_root()) / NBGRADER_DIR / "work"
 
 
 def lessons(root: Path | None = None) -> list[str]:
@@ -214,9 +224,9 @@ def tools_env() -> dict:
 
 
 def run_nbgrader(*args: str, root: Path | None = None) -> subprocess.CompletedProcess:
-    """Run nbgrader in grading/ (it reads nbgrader_config.py from its working directory), in `tools_env()`."""
+    """Run nbgrader in nbgrader_course/ (it reads nbgrader_config.py from its working directory), in `tools_env()`."""
     root = root or course_root()
-    return subprocess.run([sys.executable, "-m", "nbgrader", *args], cwd=root / "grading", env=tools_env(),
+    return subprocess.run([sys.executable, "-m", "nbgrader", *args], cwd=root / NBGRADER_DIR, env=tools_env(),
                           capture_output=True, text=True)
 
 
@@ -274,7 +284,7 @@ def load_params(path: str | os.PathLike | None) -> dict:
         return {}
     p = Path(path)
     if not p.is_file():
-        raise CourseError(f"parameters file {str(path)!r} not found; the CI one is grading/ci_params.yml")
+        raise CourseError(f"parameters file {str(path)!r} not found; the CI one is .ci/params.yml")
     import yaml
     data = yaml.safe_load(p.read_text()) or {}
     if not isinstance(data, dict) or not all(isinstance(v, dict) for v in data.values()):

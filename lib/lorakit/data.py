@@ -22,7 +22,7 @@ starts with a space right after the response marker, so it tokenizes exactly lik
 and the loss is computed on the answer only (`tokenize_with_masking` sets every prompt and padding label
 to -100).
 
-`python -m lorakit.data` rewrites the JSON Lines files shipped under lib/lorakit/data/ from the
+`python -m lorakit.data` rewrites the JSON Lines files shipped under lib/lorakit/assets/tasks/ from the
 generator; a test checks that the shipped files are what the generator writes.
 """
 
@@ -40,7 +40,7 @@ __all__ = ["DATA_DIR", "NAMES", "TASKS", "SPLITS", "PROMPT_TEMPLATE", "CHAT_TEMP
            "format_answer", "chat_messages", "tokenize_with_masking", "collate", "generate_answers",
            "exact_match", "answer_loss", "main"]
 
-DATA_DIR = Path(__file__).parent / "data"
+DATA_DIR = Path(__file__).parent / "assets" / "tasks"
 
 # --------------------------------------------------------------------------------------------------
 # The story world
@@ -196,7 +196,7 @@ def load_task(name: str = "who_found", sizes: dict | None = None, seed: int = 0,
     """The `name` task as a `datasets.DatasetDict` with train / validation / test splits, loaded with
     `datasets.load_dataset("json", ...)` the way a learner loads their own data.
 
-    The default sizes and seed load the JSON Lines files shipped under lib/lorakit/data/<name>/; any
+    The default sizes and seed load the JSON Lines files shipped under lib/lorakit/assets/tasks/<name>/; any
     other `sizes` (e.g. {"train": 200, "test": 50}) or `seed` generates them into `data_dir` (a
     temporary folder by default). Columns: instruction, input, output.
     """
@@ -403,7 +403,7 @@ def answer_loss(model, tokenizer, dataset, batch_size: int = 32, max_length: int
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description="Write the course datasets as JSON Lines under lib/lorakit/data/.")
+    p = argparse.ArgumentParser(description="Write the course datasets as JSON Lines under lib/lorakit/assets/tasks/.")
     p.add_argument("--out", default=str(DATA_DIR))
     args = p.parse_args(argv)
     for task in TASKS:

@@ -23,7 +23,7 @@ from lorakit import install
 __all__ = ["INSTRUCTOR_TOOLS", "pick_device", "cpu_capabilities", "avx512_bf16", "cpu_bf16", "cpu_class",
            "bf16_matmul_times", "bf16_supported", "compute_dtype", "check_dtype", "versions", "tested_versions",
            "differs", "print_versions", "scoped_environ", "import_bitsandbytes", "four_bit_works", "memory_available",
-           "Line", "version_lines", "check", "report"]
+           "Line", "version_lines", "checklist", "report"]
 
 # What the lessons run on (the learner's install), then what only instructors install (lorakit[instructor]).
 STACK = ("torch", "transformers", "peft", "bitsandbytes", "datasets", "accelerate",
@@ -300,8 +300,8 @@ def version_lines() -> list[Line]:
     return lines
 
 
-def check(device: str | torch.device = "auto") -> list[Line]:
-    """The environment check as lines of (item, value, status)."""
+def checklist(device: str | torch.device = "auto") -> list[Line]:
+    """The environment check as lines of (item, value, status); `report()` prints them."""
     lines = version_lines()
     dev = pick_device(device)
     if dev.type == "cuda":
@@ -327,7 +327,7 @@ def check(device: str | torch.device = "auto") -> list[Line]:
 
 def report(device: str | torch.device = "auto") -> list[Line]:
     """Print the environment check as a table; returns its lines."""
-    lines = check(device)
+    lines = checklist(device)
     w = max(len(l.item) for l in lines)
     for l in lines:
         mark = {"OK": "OK     ", "missing": "MISSING", "warning": "WARNING"}[l.status]

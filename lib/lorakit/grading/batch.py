@@ -20,8 +20,8 @@ SYSTEM_DIRS = {"/", "/usr", "/lib", "/lib64", "/bin", "/sbin", "/etc", "/proc", 
 
 
 def default_db_url(root: Path | None = None) -> str:
-    """The course's gradebook, as configured in grading/nbgrader_config.py."""
-    return "sqlite:///" + str((root or course.course_root()) / "grading" / "work" / "gradebook.db")
+    """The course's gradebook, as configured in nbgrader_course/nbgrader_config.py."""
+    return "sqlite:///" + str(course.work_dir(root) / "gradebook.db")
 
 
 def _outside_course_sources(path: Path, root: Path) -> None:
@@ -39,10 +39,10 @@ def grade(lesson: str, submissions: list[str | Path], *, workers: int = 2, db: s
     root = root or course.course_root()
     [lesson] = course.select([lesson], root)
     db_url = db or default_db_url(root)
-    out = Path(out or root / "grading" / "work" / "grades" / lesson).resolve()
+    out = Path(out or course.work_dir(root) / "grades" / lesson).resolve()
     _outside_course_sources(out, root)
     run_id = f"{lesson}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
-    run_dir = root / "grading" / "work" / "jobs" / run_id
+    run_dir = course.work_dir(root) / "jobs" / run_id
     run_dir.mkdir(parents=True, exist_ok=True)
     echo = echo or (lambda *a, **k: None)
     try:

@@ -75,12 +75,12 @@ def add_commands(sub) -> None:
     p.add_argument("lesson", help="lesson name or number, e.g. 00_setup or 0")
     p.add_argument("submissions", nargs="+", help="folders of notebooks, notebooks, or .zip downloads")
     p.add_argument("--workers", type=int, default=2, help="submissions graded at once (default 2)")
-    p.add_argument("--db", help="gradebook SQLAlchemy URL (default: sqlite in grading/work/gradebook.db)")
+    p.add_argument("--db", help="gradebook SQLAlchemy URL (default: sqlite in nbgrader_course/work/gradebook.db)")
     p.add_argument("--timeout", type=float, default=600, help="seconds per submission (default 600)")
     p.add_argument("--cell-timeout", type=float, default=120, help="seconds per cell (default 120)")
-    p.add_argument("--out", help="folder for grades.csv, feedback/ and results/ (default grading/work/grades/LESSON)")
+    p.add_argument("--out", help="folder for grades.csv, feedback/ and results/ (default nbgrader_course/work/grades/LESSON)")
     p.add_argument("--shard", help="i/n: grade only the i-th of n deterministic slices (one per machine)")
-    p.add_argument("--params", help="parameters file (e.g. grading/ci_params.yml) injected after the parameters cell")
+    p.add_argument("--params", help="parameters file (e.g. .ci/params.yml) injected after the parameters cell")
     p.add_argument("--memory", type=int, default=4096,
                    help="MB of memory per submission, all its processes together where a cgroup is available, "
                         "else per process (default 4096)")
@@ -89,7 +89,7 @@ def add_commands(sub) -> None:
     p.add_argument("--disk", type=int, default=512, help="MB a submission may write in all (its job folder, default 512)")
     p.add_argument("--threads", type=int, default=1, help="OMP threads, and CPUs with a cgroup, per submission (default 1)")
     p.add_argument("--no-sandbox", action="store_true", help="run without namespaces, uid and limits (trusted code only)")
-    p.add_argument("--keep-work", action="store_true", help="keep the job folders under grading/work/jobs")
+    p.add_argument("--keep-work", action="store_true", help="keep the job folders under nbgrader_course/work/jobs")
     p.set_defaults(func=_grade)
 
     p = sub.add_parser("gradescope", help="build the Gradescope autograder zip of a lesson (same sandbox and judge)",
@@ -98,7 +98,7 @@ def add_commands(sub) -> None:
                                    "own container with `lorakit grade`'s sandbox and trusted judge and shows the "
                                    "score, one test per test cell, and the checks on inputs drawn when graded.")
     p.add_argument("lesson", help="lesson name or number, e.g. 02_lora or 2")
-    p.add_argument("--out", help="the zip to write (default grading/work/gradescope/LESSON.zip)")
+    p.add_argument("--out", help="the zip to write (default nbgrader_course/work/gradescope/LESSON.zip)")
     p.add_argument("--hidden-names", default="hidden",
                    help="when students see the names and messages of the checks on inputs drawn when graded: "
                         "hidden (default: never; the cell's test says how many passed), after_due_date, "
@@ -108,7 +108,7 @@ def add_commands(sub) -> None:
     p.add_argument("--cell-timeout", type=float, default=120, help="seconds per cell (default 120)")
     p.add_argument("--memory", type=int, default=4096, help="MB of address space for the submission (default 4096)")
     p.add_argument("--threads", type=int, default=1, help="OMP threads for the submission (default 1)")
-    p.add_argument("--params", help="parameters file (e.g. grading/ci_params.yml) injected after the parameters cell")
+    p.add_argument("--params", help="parameters file (e.g. .ci/params.yml) injected after the parameters cell")
     p.set_defaults(func=_gradescope)
 
     p = sub.add_parser("shards", help="write a Slurm array script or a Kubernetes Indexed Job that grades a class in "

@@ -7,10 +7,11 @@ a fresh container of that image: the upload is in /autograder/submission, and ru
 The zip (`build()`):
 
     setup.sh, run_autograder          lorakit/assets/gradescope/
-    install.py, pyproject.toml        the kit's installer (what `make` runs) and the project file it reads
+    bootstrap.py, install.py          the kit's installer (what `make` runs; it imports install.py beside it)
+    pyproject.toml                    the project file the installer reads
     tested.txt, wheels/lorakit-*.whl  the kit, installed at the versions CI tested
-    course/solutions/LESSON/...       the instructor's key, hidden tests included; the course's nbgrader
-    course/grading/nbgrader_config.py config (`course_root()` finds the course there)
+    course/solutions/LESSON/...       the instructor's key, hidden tests included, and the course's nbgrader
+    course/nbgrader_course/...        config (`course_root()` finds the course there)
     lorakit-gradescope.json           the lesson and the grading options (`Options`)
 
 In the container, `prepare()` (setup.sh's last step) registers the key in the course's gradebook and makes
@@ -36,9 +37,9 @@ import zipfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from .. import course, install
-from . import report, submission
-from .report import VISIBILITIES
+from lorakit import bootstrap, course, install
+from lorakit.grading import report, submission
+from lorakit.grading.report import VISIBILITIES
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets" / "gradescope"
 OPTIONS = "lorakit-gradescope.json"
@@ -97,13 +98,13 @@ def _setuptools_ok() -> bool:
 
 
 def build(options: Options, out: str | os.PathLike | None = None, root: Path | None = None) -> Path:
-    """Write the autograder zip for `options.lesson` (default grading/work/gradescope/LESSON.zip) and return
-    its path. The lesson's key is checked first: a test cell the grader cannot read stops the build here,
+    """Write the autograder zip for `options.lesson` (default nbgrader_course/work/gradescope/LESSON.zip) and
+    return its path. The lesson's key is checked first: a test cell the grader cannot read stops the build here,
     not on Gradescope."""
     root = root or course.course_root()
     [lesson] = course.select([options.lesson], root)
     options = Options(**{**asdict(options), "lesson": lesson})
-    out = Path(out) if out else root / "grading" / "work" / "gradescope" / f"{lesson}.zip"
+    out = Path(out) if out else course.work_dir(root) / "gradescope" / f"{lesson}.zip"
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="lorakit-gradescope-") as tmp:
         tmp = Path(tmp)
@@ -112,12 +113,13 @@ def build(options: Options, out: str | os.PathLike | None = None, root: Path | N
         files = {
             "setup.sh": ASSETS / "setup.sh",
             "run_autograder": ASSETS / "run_autograder",
+            "bootstrap.py": Path(bootstrap.__file__),
             "install.py": Path(install.__file__),
             "pyproject.toml": root / "pyproject.toml",
             "tested.txt": install.LOCK,
             f"wheels/{wheel.name}": wheel,
             f"{COURSE}/solutions/{lesson}/{lesson}.ipynb": course.solution_path(lesson, root),
-            f"{COURSE}/grading/nbgrader_config.py": root / "grading" / "nbgrader_config.py",
+            f"{COURSE}/{course.NBGRADER_DIR}/nbgrader_config.py": root / course.NBGRADER_DIR / "nbgrader_config.py",
         }
         partial = out.with_name(out.name + ".partial")
         with zipfile.ZipFile(partial, "w", zipfile.ZIP_DEFLATED) as zf:
@@ -145,9 +147,9 @@ def prepare(autograder: Path) -> None:
     """setup.sh's last step: register the key in the course's gradebook (so that no upload waits for
     nbgrader), then leave the key and the gradebook to root: a submission running under its own user id
     cannot read them even where the container allows no private filesystem."""
-    from .batch import default_db_url
+    from lorakit.grading.batch import default_db_url
     _, root, options = _paths(autograder)
-    (root / "grading" / "work").mkdir(parents=True, exist_ok=True)
+    course.work_dir(root).mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="lorakit-key-") as tmp:
         key = submission.build_key(options.lesson, default_db_url(root), Path(tmp), root)
     lock_key(root)
@@ -156,11 +158,11 @@ def prepare(autograder: Path) -> None:
 
 
 def lock_key(root: Path) -> None:
-    """solutions/ and the gradebook: root only. grading/work stays passable (not listable), since the
+    """solutions/ and the gradebook: root only. nbgrader_course/work stays passable (not listable), since the
     submissions' job folders live below it."""
     for path in [root / "solutions", *(root / "solutions").rglob("*")]:
         os.chmod(path, 0o700 if path.is_dir() else 0o600)
-    work = root / "grading" / "work"
+    work = course.work_dir(root)
     work.mkdir(parents=True, exist_ok=True)
     os.chmod(work, 0o711)
     for path in work.iterdir():
@@ -187,7 +189,7 @@ def find_notebook(folder: Path, lesson: str) -> tuple[Path | None, str]:
 
 def protections_note(limits) -> list[str]:
     """What the results' output says about the sandbox this container allowed."""
-    from .sandbox import detect
+    from lorakit.grading.sandbox import detect
     p = detect()
     lines = [p.describe(limits)]
     if not p.namespaces:
@@ -200,8 +202,8 @@ def protections_note(limits) -> list[str]:
 
 def run(autograder: Path) -> int:
     """Grade /autograder/submission into /autograder/results/results.json (see the module docstring)."""
-    from . import grade
-    from .sandbox import Limits
+    from lorakit.grading import grade
+    from lorakit.grading.sandbox import Limits
     autograder = Path(autograder)
     results = autograder / "results"
     results.mkdir(parents=True, exist_ok=True)
@@ -242,8 +244,8 @@ def _submitter(autograder: Path) -> str:
 
 def _not_graded(root: Path, lesson: str, reason: str, detail: str) -> report.Graded:
     """A zero with its reason, every test cell listed as not run (the key is read from the gradebook)."""
-    from .batch import default_db_url
-    from .session import Outcome
+    from lorakit.grading.batch import default_db_url
+    from lorakit.grading.session import Outcome
     try:
         with tempfile.TemporaryDirectory(prefix="lorakit-key-") as tmp:
             key = submission.build_key(lesson, default_db_url(root), Path(tmp), root)

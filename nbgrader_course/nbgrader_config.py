@@ -1,11 +1,11 @@
 # nbgrader configuration for the lorakit course.
 # solutions/ is nbgrader's source directory and lessons/ its release directory, so
 # `nbgrader generate_assignment` (run by `make lessons`) writes the student versions into lessons/.
-# Everything nbgrader writes while grading lives in grading/work/ (ignored by git).
+# Everything nbgrader writes while grading lives in nbgrader_course/work/ (ignored by git).
 import os
 
 _root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-_work = os.path.join("grading", "work")
+_work = os.path.join("nbgrader_course", "work")
 
 c = get_config()  # noqa: F821  (provided by traitlets when nbgrader loads this file)
 
