@@ -68,7 +68,7 @@ def test_grouped_query_attention_shrinks_k_and_v():
 
 
 def test_llama2_7b_counts_from_facts():
-    cfg = check.llama2_7b_config()
+    cfg = memory.config("llama-2-7b")
     assert check._lora_count(cfg, 8, ["q_proj", "v_proj"]) == 4_194_304
     assert check._lora_count(cfg, 64, check.PREFERENCE) == 159_907_840
 
@@ -106,7 +106,7 @@ def test_targets_check():
 
 
 def test_targets_reference_is_the_longest_prefix_that_fits():
-    cfg = check.llama2_7b_config()
+    cfg = memory.config("llama-2-7b")
     assert check._targets_for_budget(cfg, 8, 4_194_304) == ["q_proj", "v_proj"]
     assert check._targets_for_budget(cfg, 8, 4_194_303) == ["q_proj"]
     assert check._targets_for_budget(cfg, 8, 0) == []

@@ -118,7 +118,7 @@ def test_a_learner_exception_is_a_failed_check_with_a_hint():
 
 
 def test_the_probe_gets_its_own_copy_of_the_inputs():
-    @judged.judged
+    @judged.judged_check
     class mutating:
         answer = {"ok": bool}
 

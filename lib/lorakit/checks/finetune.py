@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import torch
 
-from . import CheckFailed, expect, passed
-from .judged import building, data_or_repr, judged
+from lorakit.checks import CheckFailed, expect, passed
+from lorakit.checks.judged import data_or_repr, judged_check
+from lorakit.memory import CONFIGS
+from lorakit.models import building, tiny_config
 
 # QLoRA's order of preference when a budget allows only some layers: attention first (the LoRA paper's
 # q and v, then k and o), then the MLP. The exercise picks the longest prefix that fits.
@@ -70,27 +72,14 @@ def _lora_count(config, r: int, target_modules) -> int:
     return lora_parameters(config, r, list(target_modules)) if target_modules else 0
 
 
-def llama2_7b_config():
-    """Llama-2-7B's shapes (no download): 32 blocks, hidden 4096, intermediate 11008, 32 heads."""
-    from transformers import LlamaConfig
-
-    return LlamaConfig(**LLAMA2_7B)
-
-
-LLAMA2_7B = dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
-                 num_key_value_heads=32, vocab_size=32000)
-SMOLLM2_135M = dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
-                    num_key_value_heads=3, vocab_size=49152)
+def _architecture(name: str) -> dict:
+    """A published architecture of `lorakit.memory.CONFIGS` as `LlamaConfig`'s keyword arguments (a dict: it
+    travels as data)."""
+    return {k: v for k, v in CONFIGS[name].items() if k != "model_type"}
 
 
-def _tiny() -> dict:
-    """The embedded model's shapes (the lesson's default MODEL_ID)."""
-    import json
-
-    from lorakit.models import TINY_PATH
-    cfg = json.loads((TINY_PATH / "config.json").read_text())
-    return {k: cfg[k] for k in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-                                "num_key_value_heads", "head_dim", "vocab_size")}
+LLAMA2_7B = _architecture("llama-2-7b")
+SMOLLM2_135M = _architecture("smollm2-135m")
 
 
 def _config(d: dict):
@@ -117,7 +106,7 @@ def _call(fn, *args, what: str):
         raise CheckFailed(f"`{what}` still raises NotImplementedError.",) from None
 
 
-@judged
+@judged_check
 class trainable_count:
     """`predict_trainable(config, r, target_modules)` against lorakit.memory.lora_parameters and peft's count,
     for the lesson's recipe and for all linear layers."""
@@ -132,7 +121,7 @@ class trainable_count:
             cases += [[f"made-up model #{i + 1}", _made_up(rng, own_head_dim=i == 0), rng.choice([1, 4, 8, 16, 64]),
                        rng.sample(PREFERENCE, rng.integer(1, 7))] for i in range(3)]
         else:
-            cases = [["the embedded model", _tiny(), 16, list(ALL_LINEAR)], ["the embedded model", _tiny(), 16, ["q_proj", "v_proj"]],
+            cases = [["the embedded model", tiny_config(), 16, list(ALL_LINEAR)], ["the embedded model", tiny_config(), 16, ["q_proj", "v_proj"]],
                      ["Llama-2-7B", LLAMA2_7B, 8, ["q_proj", "v_proj"]]]
         return {"cases": cases}
 
@@ -182,13 +171,13 @@ def _targets_for_budget(config, r, budget, preference=PREFERENCE):
     return chosen
 
 
-@judged
+@judged_check
 class targets:
     """`targets_for_budget(config, r, budget)`: the longest prefix of PREFERENCE that fits."""
     answer = {"choices": [object]}
 
     def draw(rng):
-        tiny = _tiny()
+        tiny = tiny_config()
         source_budget = _lora_count(_config(tiny), 8, ["q_proj", "v_proj"])
         if rng.grading:
             cases = [[LLAMA2_7B, r, b] for r, b in [(8, 4_194_304), (64, 4_194_304), (2, 10**9), (16, 50_000_000), (1, 10)]]
@@ -219,7 +208,7 @@ class targets:
             expect(got == expected, f"r={r}, budget {budget:,}: expected {expected}, found {got}.",
                    "walk PREFERENCE in order and keep adding modules while the total still fits; return the list "
                    "(empty when not even the first fits).")
-        budget, tiny = inputs["source_budget"], _config(_tiny())
+        budget, tiny = inputs["source_budget"], _config(tiny_config())
         return (f"targets for a budget of {budget:,} (what r=8 on q_proj, v_proj costs): "
                 + "; ".join(f"r={r}: {len(_targets_for_budget(tiny, r, budget))} kinds" for r in (8, 4, 2, 1)))
 
@@ -309,7 +298,7 @@ def _judge_tokenized(inputs, answer):
     return tokenizer
 
 
-@judged
+@judged_check
 class masking:
     """`tokenize_with_masking(example, tokenizer, max_length, padding)` against lorakit.data.tokenize_with_masking
     on a few examples, padded and unpadded; says what the loss sees."""
@@ -336,7 +325,7 @@ class masking:
                 f"{tokenizer.decode(seen)!r} (expected answer {ex['output']!r})")
 
 
-@judged
+@judged_check
 class truncation:
     """A max_length too short for the example: the prompt loses its start, the answer stays whole."""
     answer = {"results": [object]}
@@ -381,7 +370,7 @@ def _share(answers, outputs) -> float:
     return sum(a.strip() == o.strip() for a, o in zip(answers, outputs)) / len(answers)
 
 
-@judged
+@judged_check
 class exact_match:
     """`exact_match_score(answers, dataset)` on hand-made cases (and made-up ones when graded)."""
     answer = {"scores": [object]}
@@ -415,7 +404,7 @@ class exact_match:
         return "exact_match_score agrees on hand-made cases (stripped, case-sensitive, no extra words)"
 
 
-@judged
+@judged_check
 class before_eval:
     """`before` is the share of the base model's answers that match the held-out outputs (the rule of
     lorakit.data.exact_match). Only a consistency check of the notebook's numbers: `improvement` measures
@@ -544,7 +533,7 @@ def _rebuild(adapter: dict):
     return peft_model, tokenizer
 
 
-@judged
+@judged_check
 class improvement:
     """The fine-tuned model beats its base by more than MIN_GAIN in exact match on held-out questions of the
     lesson's task that the grader draws, measured by the grader: the probe sends the adapter's tensors and

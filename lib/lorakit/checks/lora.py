@@ -5,8 +5,8 @@ notebook's own call; other shapes when graded), from weights and seeds drawn by 
 the learner's code on them and returns what came out (outputs, gradients, weights, names); the judge builds
 the same layers with lorakit.lora, the lesson's reference, and compares. Adapters are set to drawn non-zero
 values through the learner's own objects before outputs are compared: with B = 0 doing nothing gives the
-right answer. Every weight a check keeps comes from a seeded torch Generator (`judged.reseed`, drawn
-tensors), never from torch's global generator, so that judging many submissions at once in threads gives
+right answer. Every weight a check keeps comes from a seeded torch Generator (`lorakit.models.seeded_llama`,
+drawn tensors), never from torch's global generator, so that judging many submissions at once in threads gives
 the verdicts each gets alone.
 """
 
@@ -19,50 +19,24 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import CheckFailed, close, expect
-from .judged import data_or_repr, building, judged, reseed
-
-SMALL = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
-         "head_dim", "vocab_size", "max_position_embeddings", "rms_norm_eps", "tie_word_embeddings",
-         "bos_token_id", "eos_token_id", "pad_token_id")
-
-
-def _callable(obj, name: str) -> None:
-    expect(callable(obj), f"`{name}` should be a function or class; found {type(obj).__name__}.",
-           "run the exercise cell above first.")
-
-
-def _t(x) -> torch.Tensor:
-    return x.detach().to("cpu").clone()
+from lorakit.checks import CheckFailed, close, expect
+from lorakit.checks.judged import as_tensor, data_or_repr, expect_callable, judged_check
+from lorakit.models import building, seeded_llama, tiny_config
 
 
 # ----------------------------------------------------------------------------------------- small models
 
-def small_config(rng=None, layers: int = 2, vocab: int = 256) -> dict:
-    """A small Llama config as a dict: the embedded model's shapes with `layers` blocks and a `vocab`-token
-    vocabulary; with an Rng, made-up shapes (grouped-query attention sometimes)."""
+def small_config(rng=None) -> dict:
+    """A small Llama config as a dict: the embedded model's shapes with two blocks and a 256-token vocabulary;
+    with an Rng, made-up shapes (grouped-query attention sometimes)."""
     if rng is None:
-        import json
-
-        from lorakit.models import TINY_PATH
-        d = {k: v for k, v in json.loads((TINY_PATH / "config.json").read_text()).items() if k in SMALL}
-        d.update(num_hidden_layers=layers, vocab_size=vocab)
-        return d
+        return tiny_config(num_hidden_layers=2, vocab_size=256)
     heads = rng.choice([2, 3, 4])
     head_dim = rng.choice([16, 32])
     return dict(hidden_size=heads * head_dim, intermediate_size=64 * rng.integer(1, 4), num_hidden_layers=rng.integer(1, 2),
                 num_attention_heads=heads, num_key_value_heads=rng.choice([k for k in (1, heads) if heads % k == 0]),
                 head_dim=head_dim, vocab_size=rng.integer(128, 300), max_position_embeddings=64,
                 tie_word_embeddings=rng.choice([True, False]), bos_token_id=0, eos_token_id=0, pad_token_id=1)
-
-
-def small_model(config: dict, seed: int = 0):
-    """A float32 Llama of `config` (a dict) with weights drawn from `seed` (`judged.reseed`), in eval mode: the
-    same weights in every process and thread."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-    with building():
-        model = LlamaForCausalLM(LlamaConfig(**config))
-    return reseed(model, seed).float().eval()
 
 
 def linear_shapes(config: dict, targets) -> dict[str, list[int]]:
@@ -102,7 +76,7 @@ def expected_trainable(config: dict, r: int, target_modules) -> int:
 
     with warnings.catch_warnings(), building():
         warnings.simplefilter("ignore")
-        peft_model = get_peft_model(small_model(config), LoraConfig(r=r, lora_alpha=r, target_modules=list(target_modules)))
+        peft_model = get_peft_model(seeded_llama(config), LoraConfig(r=r, lora_alpha=r, target_modules=list(target_modules)))
     trainable, _ = peft_model.get_nb_trainable_parameters()
     counted = lora_parameters(LlamaConfig(**config), r, list(target_modules))
     if trainable != counted:  # the kit disagrees with peft: a grader error, never the learner's failed check
@@ -128,7 +102,7 @@ def _model_inputs(rng, grading_targets) -> dict:
 
 # ---------------------------------------------------------------------------------- ex02_break_even_rank
 
-@judged
+@judged_check
 class break_even_rank:
     """`break_even_rank(d_in, d_out)`: the largest rank at which A (r x d_in) and B (d_out x r) hold fewer numbers
     than the d_out x d_in weight W, built on lesson 01's count r * (d_in + d_out)."""
@@ -147,7 +121,7 @@ class break_even_rank:
         return {"cases": cases}
 
     def probe(inputs, fn):
-        _callable(fn, "break_even_rank")
+        expect_callable(fn, "break_even_rank")
         return {"ranks": [data_or_repr(fn(*case)) for case in inputs["cases"]]}
 
     def judge(inputs, answer):
@@ -234,7 +208,7 @@ DROPOUT = 0.5     # the dropout the check asks for: a row keeps its feature (x 2
 INIT_SHAPE = (64, 256, 16)   # (out, in, r) of the layer whose lora_A is checked for kaiming-uniform: 4,096 draws
 
 
-@judged
+@judged_check
 class lora_linear:
     """Shapes, peft's initialisation, scaling (and rsLoRA's), outputs and gradients with drawn non-zero adapters,
     dropout on the adapter's input only (train vs eval), and what trains."""
@@ -260,7 +234,7 @@ class lora_linear:
         return inputs
 
     def probe(inputs, cls):
-        _callable(cls, "LoRALinear")
+        expect_callable(cls, "LoRALinear")
         r, alpha, x = inputs["r"], inputs["alpha"], inputs["x"]
         base = _base(inputs)
         layer = _build(cls, base, r, alpha)
@@ -269,21 +243,21 @@ class lora_linear:
         big = _build(cls, nn.Linear(in_f, out_f), big_r, big_r)
         _has(big, ("lora_A",))
         rs = _build(cls, _base(inputs), r, alpha, use_rslora=True)
-        out = {"same_base": layer.base_layer is base, "A_init": _t(layer.lora_A.weight), "B_init": _t(layer.lora_B.weight),
-               "A_big": _t(big.lora_A.weight), "no_bias": [layer.lora_A.bias is None, layer.lora_B.bias is None],
+        out = {"same_base": layer.base_layer is base, "A_init": as_tensor(layer.lora_A.weight), "B_init": as_tensor(layer.lora_B.weight),
+               "A_big": as_tensor(big.lora_A.weight), "no_bias": [layer.lora_A.bias is None, layer.lora_B.bias is None],
                "scaling": data_or_repr(layer.scaling), "rs_scaling": data_or_repr(getattr(rs, "scaling", None)),
-               "y_init": _t(layer(x)), "y": None, "grads": None, "y_rs": None}
+               "y_init": as_tensor(layer(x)), "y": None, "grads": None, "y_rs": None}
         if _set_adapters(layer, inputs["A"], inputs["B"]):
             layer.zero_grad(set_to_none=True)
             y = layer(x)
             y.square().mean().backward()
-            out["y"] = _t(y)
-            out["grads"] = {k: None if g is None else _t(g) for k, g in
+            out["y"] = as_tensor(y)
+            out["grads"] = {k: None if g is None else as_tensor(g) for k, g in
                             (("A", layer.lora_A.weight.grad), ("B", layer.lora_B.weight.grad))}
         _has(rs, ("lora_A", "lora_B"))
         if _set_adapters(rs, inputs["A"], inputs["B"]):
             with torch.no_grad():
-                out["y_rs"] = _t(rs(x))
+                out["y_rs"] = as_tensor(rs(x))
         out["frozen"] = [n for n, p in layer.base_layer.named_parameters() if p.requires_grad or p.grad is not None]
         out["trainable"] = sorted(n for n, p in layer.named_parameters() if p.requires_grad)
         elsewhere = _build(cls, nn.Linear(inputs["d_in"], inputs["d_out"], device="meta"), r, alpha)
@@ -292,13 +266,13 @@ class lora_linear:
         drop = _build(cls, _base(inputs), r, alpha, dropout=DROPOUT)
         _has(drop, ("lora_A", "lora_B"))
         drop.train()
-        out["y_drop0"] = _t(drop(x))
+        out["y_drop0"] = as_tensor(drop(x))
         out["y_train"] = out["y_eval"] = None
         if _set_adapters(drop, inputs["A"], inputs["B"]):
             with torch.no_grad():
-                out["y_train"] = _t(drop(inputs["x_drop"]))
+                out["y_train"] = as_tensor(drop(inputs["x_drop"]))
                 drop.eval()
-                out["y_eval"] = _t(drop(x))
+                out["y_eval"] = as_tensor(drop(x))
         return out
 
     def judge(inputs, a):
@@ -388,7 +362,7 @@ def _same(got, want: torch.Tensor, atol: float, rtol: float = 1e-5) -> bool:
             and (atol == float("inf") or torch.allclose(got.float(), want.float(), atol=atol, rtol=rtol)))
 
 
-@judged
+@judged_check
 class lora_merge:
     """merge() folds B A into the base weight without changing outputs; twice warns; unmerge() undoes it."""
     answer = {"adapters_set": bool, "y0": torch.Tensor, "merged": object, "W_merged": torch.Tensor, "y_merged": torch.Tensor,
@@ -405,22 +379,22 @@ class lora_merge:
         return _layer_inputs(rng, 64, 48, 4, 8)
 
     def probe(inputs, cls):
-        _callable(cls, "LoRALinear")
+        expect_callable(cls, "LoRALinear")
         x = inputs["x"]
         base = _base(inputs)
         layer = _build(cls, base, inputs["r"], inputs["alpha"])
         _has(layer, ("base_layer", "lora_A", "lora_B", "scaling"))
         out = {"adapters_set": _set_adapters(layer, inputs["A"], inputs["B"])}
         layer.eval()
-        out["y0"] = _t(layer(x))
+        out["y0"] = as_tensor(layer(x))
         layer.merge()
-        out.update(merged=data_or_repr(getattr(layer, "merged", None)), W_merged=_t(base.weight), y_merged=_t(layer(x)))
+        out.update(merged=data_or_repr(getattr(layer, "merged", None)), W_merged=as_tensor(base.weight), y_merged=as_tensor(layer(x)))
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             layer.merge()
-        out.update(W_twice=_t(base.weight), warned=bool(caught))
+        out.update(W_twice=as_tensor(base.weight), warned=bool(caught))
         layer.unmerge()
-        out.update(unmerged=data_or_repr(getattr(layer, "merged", None)), W_unmerged=_t(base.weight), y_unmerged=_t(layer(x)))
+        out.update(unmerged=data_or_repr(getattr(layer, "merged", None)), W_unmerged=as_tensor(base.weight), y_unmerged=as_tensor(layer(x)))
         return out
 
     def judge(inputs, a):
@@ -449,7 +423,7 @@ class lora_merge:
 
 def _logits(model, ids) -> torch.Tensor:
     with torch.no_grad():
-        return _t(model(ids).logits)
+        return as_tensor(model(ids).logits)
 
 
 def set_drawn_adapters(model, adapters: dict) -> list[str]:
@@ -470,7 +444,7 @@ def set_drawn_adapters(model, adapters: dict) -> list[str]:
 def _reference_model(inputs):
     """The inputs' small Llama with lorakit.lora's adapters on the targets, set to the drawn adapters."""
     from lorakit.lora import inject_lora as reference_inject
-    model = small_model(inputs["config"], inputs["seed"])
+    model = seeded_llama(inputs["config"], inputs["seed"])
     with building():
         reference_inject(model, inputs["targets"], r=inputs["r"], alpha=inputs["alpha"])
     set_drawn_adapters(model, inputs["adapters"])
@@ -480,7 +454,7 @@ def _reference_model(inputs):
 NO_MATCH = (("no_such_layer",), ("proj",))   # targets that match no layer of a Llama under peft's rule
 
 
-@judged
+@judged_check
 class inject_lora:
     """On a small Llama: the count returned and the parameters that train, drawn non-zero adapters set through
     the learner's layers give the reference's logits, logits unchanged right after injection (B = 0), and a
@@ -501,8 +475,8 @@ class inject_lora:
         return inputs
 
     def probe(inputs, fn, cls):
-        _callable(fn, "inject_lora")
-        model = small_model(inputs["config"], inputs["seed"])
+        expect_callable(fn, "inject_lora")
+        model = seeded_llama(inputs["config"], inputs["seed"])
         before = _logits(model, inputs["ids"])
         n = fn(model, inputs["targets"], r=inputs["r"], alpha=inputs["alpha"])
         out = {"n": data_or_repr(n), "before": before,
@@ -514,7 +488,7 @@ class inject_lora:
         out["raised"] = []
         for targets in NO_MATCH:
             try:
-                fn(small_model(inputs["config"], inputs["seed"]), list(targets), r=inputs["r"], alpha=inputs["alpha"])
+                fn(seeded_llama(inputs["config"], inputs["seed"]), list(targets), r=inputs["r"], alpha=inputs["alpha"])
                 out["raised"].append(None)
             except Exception as e:  # noqa: BLE001 - the learner may pick the exception type
                 out["raised"].append(type(e).__name__)
@@ -536,7 +510,7 @@ class inject_lora:
         stray = [name for name in a["trainable"] if ".lora_A." not in name and ".lora_B." not in name]
         expect(not stray, f"only the adapters should train, but these require gradients too: {stray[:4]}.",
                "freeze every parameter of the model first (requires_grad_(False)), then wrap the targets.")
-        base = _logits(small_model(cfg, inputs["seed"]), inputs["ids"])
+        base = _logits(seeded_llama(cfg, inputs["seed"]), inputs["ids"])
         expect(_same(a["before"], base, 1e-5), "the model the check built gave other logits than the same model built "
                "by the grader.")
         expect(_same(a["after"], base, 1e-5), "right after inject_lora the model's logits changed: B starts at zero, so "
@@ -571,7 +545,7 @@ def _optimizer(name: str, params, lr: float):
 def _trained(inputs, step):
     """Run `step` (the learner's training_step, or the reference) on the inputs' model; (model, results)."""
     from lorakit.lora import inject_lora as reference_inject
-    model = small_model(inputs["config"], inputs["seed"]).train()
+    model = seeded_llama(inputs["config"], inputs["seed"]).train()
     with building():
         reference_inject(model, inputs["targets"], r=inputs["r"], alpha=inputs["alpha"])
     _seed_adapters(model, inputs["seed"] + 1)
@@ -581,15 +555,7 @@ def _trained(inputs, step):
     return model, [step(model, batch, opt) for _ in range(inputs["steps"])]
 
 
-def _reference_step(model, batch, optimizer) -> float:
-    loss = model(**batch).loss
-    loss.backward()
-    optimizer.step()
-    optimizer.zero_grad()
-    return loss.item()
-
-
-@judged
+@judged_check
 class training_step:
     """A few steps on one batch: the loss of each step, the adapters and the model's logits after them, only
     the adapters move, gradients are cleared."""
@@ -609,25 +575,26 @@ class training_step:
 
     def probe(inputs, fn):
         from lorakit.lora import lora_state_dict
-        _callable(fn, "training_step")
-        frozen = {n: _t(p) for n, p in small_model(inputs["config"], inputs["seed"]).named_parameters()}
+        expect_callable(fn, "training_step")
+        frozen = {n: as_tensor(p) for n, p in seeded_llama(inputs["config"], inputs["seed"]).named_parameters()}
         model, losses = _trained(inputs, fn)
         return {"losses": [data_or_repr(v) for v in losses],
                 "leftover": [n for n, p in model.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0],
                 "moved": [n for n, p in model.named_parameters()
                           if not p.requires_grad and n in frozen and not torch.equal(p, frozen[n])],
-                "adapters": {k: _t(v) for k, v in lora_state_dict(model).items()},
+                "adapters": {k: as_tensor(v) for k, v in lora_state_dict(model).items()},
                 "logits": _logits(model.eval(), inputs["ids"])}
 
     def judge(inputs, a):
         from lorakit.lora import lora_state_dict
+        from lorakit.train import training_step as reference_step
         losses = a["losses"]
         expect(len(losses) == inputs["steps"] and all(type(v) is float for v in losses), "training_step should return "
                f"the loss as a Python float (loss.item()); found {type(losses[0]).__name__ if losses else 'nothing'}.")
         expect(not a["leftover"], f"gradients are left over after the step ({a['leftover'][:2]}...): the next step would "
                "add to them.", "call optimizer.zero_grad() after optimizer.step().")
         expect(not a["moved"], f"frozen weights changed: {a['moved'][:3]}.")
-        model, want = _trained(inputs, _reference_step)
+        model, want = _trained(inputs, reference_step)
         expect(all(math.isclose(g, w, rel_tol=1e-3, abs_tol=1e-5) for g, w in zip(losses, want)),
                f"the losses of the {len(want)} steps should be {', '.join(f'{w:.4f}' for w in want)}; found "
                f"{', '.join(f'{g:.4f}' for g in losses)}.", "forward, loss.backward(), optimizer.step(), optimizer.zero_grad().")
@@ -646,7 +613,7 @@ class training_step:
 
 # ---------------------------------------------------------------------------------------- ex02_peft_copy
 
-@judged
+@judged_check
 class peft_equal:
     """After copying the learner's A and B into a peft model of the same base, both give the same logits."""
     answer = {"copied": dict, "logits": torch.Tensor}
@@ -661,25 +628,25 @@ class peft_equal:
         from peft import LoraConfig, get_peft_model
 
         from lorakit.lora import replace_linears
-        _callable(fn, "copy_into_peft")
-        _callable(cls, "LoRALinear")
+        expect_callable(fn, "copy_into_peft")
+        expect_callable(cls, "LoRALinear")
         r, alpha = inputs["r"], inputs["alpha"]
-        mine = small_model(inputs["config"], inputs["seed"])
+        mine = seeded_llama(inputs["config"], inputs["seed"])
         replace_linears(mine, inputs["targets"], lambda m: cls(m, r, alpha), adapted=(cls,))
         with torch.no_grad():
             for name, (A, B) in inputs["adapters"].items():
                 _set_adapters(mine.get_submodule(name), A, B)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            peft_model = get_peft_model(small_model(inputs["config"], inputs["seed"]),
+            peft_model = get_peft_model(seeded_llama(inputs["config"], inputs["seed"]),
                                         LoraConfig(r=r, lora_alpha=alpha, target_modules=inputs["targets"], lora_dropout=0.0))
         fn(mine, peft_model)
         peft_model.eval()
         inner = peft_model.base_model.model
-        copied = {name: [_t(inner.get_submodule(name).lora_A["default"].weight),
-                         _t(inner.get_submodule(name).lora_B["default"].weight)] for name in inputs["adapters"]}
+        copied = {name: [as_tensor(inner.get_submodule(name).lora_A["default"].weight),
+                         as_tensor(inner.get_submodule(name).lora_B["default"].weight)] for name in inputs["adapters"]}
         with torch.no_grad():
-            return {"copied": copied, "logits": _t(peft_model(input_ids=inputs["ids"]).logits)}
+            return {"copied": copied, "logits": as_tensor(peft_model(input_ids=inputs["ids"]).logits)}
 
     def judge(inputs, a):
         for name, (A, B) in inputs["adapters"].items():

@@ -36,9 +36,9 @@ import zipfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from .. import course, install
-from . import report, submission
-from .report import VISIBILITIES
+from lorakit import course, install
+from lorakit.grading import report, submission
+from lorakit.grading.report import VISIBILITIES
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets" / "gradescope"
 OPTIONS = "lorakit-gradescope.json"
@@ -145,7 +145,7 @@ def prepare(autograder: Path) -> None:
     """setup.sh's last step: register the key in the course's gradebook (so that no upload waits for
     nbgrader), then leave the key and the gradebook to root: a submission running under its own user id
     cannot read them even where the container allows no private filesystem."""
-    from .batch import default_db_url
+    from lorakit.grading.batch import default_db_url
     _, root, options = _paths(autograder)
     (root / "grading" / "work").mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="lorakit-key-") as tmp:
@@ -187,7 +187,7 @@ def find_notebook(folder: Path, lesson: str) -> tuple[Path | None, str]:
 
 def protections_note(limits) -> list[str]:
     """What the results' output says about the sandbox this container allowed."""
-    from .sandbox import detect
+    from lorakit.grading.sandbox import detect
     p = detect()
     lines = [p.describe(limits)]
     if not p.namespaces:
@@ -200,8 +200,8 @@ def protections_note(limits) -> list[str]:
 
 def run(autograder: Path) -> int:
     """Grade /autograder/submission into /autograder/results/results.json (see the module docstring)."""
-    from . import grade
-    from .sandbox import Limits
+    from lorakit.grading import grade
+    from lorakit.grading.sandbox import Limits
     autograder = Path(autograder)
     results = autograder / "results"
     results.mkdir(parents=True, exist_ok=True)
@@ -242,8 +242,8 @@ def _submitter(autograder: Path) -> str:
 
 def _not_graded(root: Path, lesson: str, reason: str, detail: str) -> report.Graded:
     """A zero with its reason, every test cell listed as not run (the key is read from the gradebook)."""
-    from .batch import default_db_url
-    from .session import Outcome
+    from lorakit.grading.batch import default_db_url
+    from lorakit.grading.session import Outcome
     try:
         with tempfile.TemporaryDirectory(prefix="lorakit-key-") as tmp:
             key = submission.build_key(lesson, default_db_url(root), Path(tmp), root)
