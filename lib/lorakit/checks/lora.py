@@ -21,39 +21,12 @@ from torch import nn
 
 from lorakit.checks import CheckFailed, close, expect
 from lorakit.checks.judged import as_tensor, data_or_repr, expect_callable, judged_check
-from lorakit.models import building, seeded_llama, tiny_config
+from lorakit.checks.llama import (alpha_for, draw_adapters, has_adapters, linear_shapes, logits, set_adapters,
+                                  set_drawn_adapters, small_config)
+from lorakit.models import building, seeded_llama
 
 
-# ----------------------------------------------------------------------------------------- small models
-
-def small_config(rng=None) -> dict:
-    """A small Llama config as a dict: the embedded model's shapes with two blocks and a 256-token vocabulary;
-    with an Rng, made-up shapes (grouped-query attention sometimes)."""
-    if rng is None:
-        return tiny_config(num_hidden_layers=2, vocab_size=256)
-    heads = rng.choice([2, 3, 4])
-    head_dim = rng.choice([16, 32])
-    return dict(hidden_size=heads * head_dim, intermediate_size=64 * rng.integer(1, 4), num_hidden_layers=rng.integer(1, 2),
-                num_attention_heads=heads, num_key_value_heads=rng.choice([k for k in (1, heads) if heads % k == 0]),
-                head_dim=head_dim, vocab_size=rng.integer(128, 300), max_position_embeddings=64,
-                tie_word_embeddings=rng.choice([True, False]), bos_token_id=0, eos_token_id=0, pad_token_id=1)
-
-
-def linear_shapes(config: dict, targets) -> dict[str, list[int]]:
-    """{name: [out, in]} of the `targets` linear layers of a Llama of `config`, sorted by name (shapes only:
-    built on the meta device, no weights)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-    with building(), torch.device("meta"):
-        model = LlamaForCausalLM(LlamaConfig(**config))
-    return {name: [m.out_features, m.in_features] for name, m in sorted(model.named_modules())
-            if isinstance(m, nn.Linear) and name.rsplit(".", 1)[-1] in targets}
-
-
-def _draw_adapters(rng, config: dict, targets, r: int) -> dict[str, list]:
-    """Non-zero adapters for every target layer: {name: [A (r, in), B (out, r)]}, as if trained."""
-    return {name: [rng.randn(r, d_in) / math.sqrt(d_in), rng.randn(d_out, r) * 0.3]
-            for name, (d_out, d_in) in linear_shapes(config, targets).items()}
-
+# ------------------------------------------------------------------------------- small models, adapters
 
 def _seed_adapters(model, seed: int) -> None:
     """LoRA's initialisation (A kaiming-uniform in +-1/sqrt(in), B zero) for every layer with adapters, drawn
@@ -61,7 +34,7 @@ def _seed_adapters(model, seed: int) -> None:
     g = torch.Generator().manual_seed(int(seed))
     with torch.no_grad():
         for _, m in sorted(model.named_modules(), key=lambda nm: nm[0]):
-            if isinstance(getattr(m, "lora_A", None), nn.Linear) and isinstance(getattr(m, "lora_B", None), nn.Linear):
+            if has_adapters(m):
                 A = m.lora_A.weight
                 A.copy_((torch.rand(A.shape, generator=g) * 2 - 1) / math.sqrt(A.shape[1]))
                 m.lora_B.weight.zero_()
@@ -82,12 +55,6 @@ def expected_trainable(config: dict, r: int, target_modules) -> int:
     if trainable != counted:  # the kit disagrees with peft: a grader error, never the learner's failed check
         raise RuntimeError(f"lorakit.memory.lora_parameters says {counted:,} but peft trains {trainable:,}")
     return counted
-
-
-def alpha_for(rng, r: int, choices) -> int:
-    """An alpha from `choices` that r does not divide (else one other than r): with alpha = r the scaling is 1,
-    so multiplying by it and dividing by it give the same numbers, and alpha // r would equal alpha / r."""
-    return rng.choice([a for a in choices if a % r] or [a for a in choices if a != r])
 
 
 def _model_inputs(rng, grading_targets) -> dict:
@@ -183,16 +150,6 @@ def _has(layer, names) -> None:
                    f"`{name}` should be an nn.Linear; found {type(getattr(layer, name)).__name__}.")
 
 
-def _set_adapters(layer, A, B) -> bool:
-    """Put the drawn A and B into the learner's layer (when the shapes allow); whether it was done."""
-    if tuple(layer.lora_A.weight.shape) != tuple(A.shape) or tuple(layer.lora_B.weight.shape) != tuple(B.shape):
-        return False
-    with torch.no_grad():
-        layer.lora_A.weight.copy_(A)
-        layer.lora_B.weight.copy_(B)
-    return True
-
-
 def _reference(inputs, A=None, B=None, **kw):
     """lorakit.lora's LoRALinear on the same base weights, with the given adapters."""
     from lorakit.lora import LoRALinear
@@ -247,7 +204,7 @@ class lora_linear:
                "A_big": as_tensor(big.lora_A.weight), "no_bias": [layer.lora_A.bias is None, layer.lora_B.bias is None],
                "scaling": data_or_repr(layer.scaling), "rs_scaling": data_or_repr(getattr(rs, "scaling", None)),
                "y_init": as_tensor(layer(x)), "y": None, "grads": None, "y_rs": None}
-        if _set_adapters(layer, inputs["A"], inputs["B"]):
+        if set_adapters(layer, inputs["A"], inputs["B"]):
             layer.zero_grad(set_to_none=True)
             y = layer(x)
             y.square().mean().backward()
@@ -255,7 +212,7 @@ class lora_linear:
             out["grads"] = {k: None if g is None else as_tensor(g) for k, g in
                             (("A", layer.lora_A.weight.grad), ("B", layer.lora_B.weight.grad))}
         _has(rs, ("lora_A", "lora_B"))
-        if _set_adapters(rs, inputs["A"], inputs["B"]):
+        if set_adapters(rs, inputs["A"], inputs["B"]):
             with torch.no_grad():
                 out["y_rs"] = as_tensor(rs(x))
         out["frozen"] = [n for n, p in layer.base_layer.named_parameters() if p.requires_grad or p.grad is not None]
@@ -268,7 +225,7 @@ class lora_linear:
         drop.train()
         out["y_drop0"] = as_tensor(drop(x))
         out["y_train"] = out["y_eval"] = None
-        if _set_adapters(drop, inputs["A"], inputs["B"]):
+        if set_adapters(drop, inputs["A"], inputs["B"]):
             with torch.no_grad():
                 out["y_train"] = as_tensor(drop(inputs["x_drop"]))
                 drop.eval()
@@ -384,7 +341,7 @@ class lora_merge:
         base = _base(inputs)
         layer = _build(cls, base, inputs["r"], inputs["alpha"])
         _has(layer, ("base_layer", "lora_A", "lora_B", "scaling"))
-        out = {"adapters_set": _set_adapters(layer, inputs["A"], inputs["B"])}
+        out = {"adapters_set": set_adapters(layer, inputs["A"], inputs["B"])}
         layer.eval()
         out["y0"] = as_tensor(layer(x))
         layer.merge()
@@ -421,26 +378,6 @@ class lora_merge:
 
 # ------------------------------------------------------------------------------------- ex02_inject_lora
 
-def _logits(model, ids) -> torch.Tensor:
-    with torch.no_grad():
-        return as_tensor(model(ids).logits)
-
-
-def set_drawn_adapters(model, adapters: dict) -> list[str]:
-    """Set each drawn (A, B) through the layer of that name in `model` (the learner's own adapter modules);
-    the names that took them (a layer that is missing, has no lora_A / lora_B or other shapes does not)."""
-    done = []
-    for name, (A, B) in adapters.items():
-        try:
-            layer = model.get_submodule(name)
-            if isinstance(getattr(layer, "lora_A", None), nn.Linear) and isinstance(getattr(layer, "lora_B", None), nn.Linear) \
-                    and _set_adapters(layer, A, B):
-                done.append(name)
-        except AttributeError:
-            continue
-    return done
-
-
 def _reference_model(inputs):
     """The inputs' small Llama with lorakit.lora's adapters on the targets, set to the drawn adapters."""
     from lorakit.lora import inject_lora as reference_inject
@@ -471,20 +408,20 @@ class inject_lora:
 
     def draw(rng):
         inputs = _model_inputs(rng, ["q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj"])
-        inputs["adapters"] = _draw_adapters(rng, inputs["config"], inputs["targets"], inputs["r"])
+        inputs["adapters"] = draw_adapters(rng, inputs["config"], inputs["targets"], inputs["r"])
         return inputs
 
     def probe(inputs, fn, cls):
         expect_callable(fn, "inject_lora")
         model = seeded_llama(inputs["config"], inputs["seed"])
-        before = _logits(model, inputs["ids"])
+        before = logits(model, inputs["ids"])
         n = fn(model, inputs["targets"], r=inputs["r"], alpha=inputs["alpha"])
         out = {"n": data_or_repr(n), "before": before,
                "wrapped": sorted(name for name, m in model.named_modules() if isinstance(cls, type) and isinstance(m, cls)),
                "trainable": [name for name, p in model.named_parameters() if p.requires_grad],
                "n_trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
-               "after": _logits(model, inputs["ids"]), "adapters_set": set_drawn_adapters(model, inputs["adapters"])}
-        out["adapted"] = _logits(model, inputs["ids"])
+               "after": logits(model, inputs["ids"]), "adapters_set": set_drawn_adapters(model, inputs["adapters"])}
+        out["adapted"] = logits(model, inputs["ids"])
         out["raised"] = []
         for targets in NO_MATCH:
             try:
@@ -510,7 +447,7 @@ class inject_lora:
         stray = [name for name in a["trainable"] if ".lora_A." not in name and ".lora_B." not in name]
         expect(not stray, f"only the adapters should train, but these require gradients too: {stray[:4]}.",
                "freeze every parameter of the model first (requires_grad_(False)), then wrap the targets.")
-        base = _logits(seeded_llama(cfg, inputs["seed"]), inputs["ids"])
+        base = logits(seeded_llama(cfg, inputs["seed"]), inputs["ids"])
         expect(_same(a["before"], base, 1e-5), "the model the check built gave other logits than the same model built "
                "by the grader.")
         expect(_same(a["after"], base, 1e-5), "right after inject_lora the model's logits changed: B starts at zero, so "
@@ -518,7 +455,7 @@ class inject_lora:
         missing = [name for name in want if name not in a["adapters_set"]]
         expect(not missing, f"these layers have no lora_A / lora_B of shapes (r, in) and (out, r) to take adapters: "
                f"{missing[:4]}.", "wrap every target with your LoRALinear(module, r, alpha).")
-        ref = _logits(_reference_model(inputs), inputs["ids"])
+        ref = logits(_reference_model(inputs), inputs["ids"])
         diff = (a["adapted"].float() - ref).abs().max().item() if _same(a["adapted"], ref, float("inf")) else float("inf")
         expect(diff <= 1e-4 * max(1.0, ref.abs().max().item()), f"with non-zero adapters set in your layers, the "
                f"model's logits differ from the reference LoRA model's by up to {diff:.3g}.",
@@ -583,7 +520,7 @@ class training_step:
                 "moved": [n for n, p in model.named_parameters()
                           if not p.requires_grad and n in frozen and not torch.equal(p, frozen[n])],
                 "adapters": {k: as_tensor(v) for k, v in lora_state_dict(model).items()},
-                "logits": _logits(model.eval(), inputs["ids"])}
+                "logits": logits(model.eval(), inputs["ids"])}
 
     def judge(inputs, a):
         from lorakit.lora import lora_state_dict
@@ -604,7 +541,7 @@ class training_step:
                "optimizer should update lora_A and lora_B once per call.")
         expect(any(torch.count_nonzero(v) for k, v in a["adapters"].items() if "lora_B" in k),
                "lora_B is still zero after the steps: the optimizer did not update the adapters.")
-        want_logits = _logits(model.eval(), inputs["ids"])
+        want_logits = logits(model.eval(), inputs["ids"])
         expect(_same(a["logits"], want_logits, 1e-4, rtol=1e-3), "after the steps the model's logits differ from the "
                "reference's: something besides the adapters changed.", "step only the optimizer you were given.")
         return (f"training_step: loss {losses[0]:.3f} -> {losses[-1]:.3f} in {len(losses)} steps on one batch, only the "
@@ -635,7 +572,7 @@ class peft_equal:
         replace_linears(mine, inputs["targets"], lambda m: cls(m, r, alpha), adapted=(cls,))
         with torch.no_grad():
             for name, (A, B) in inputs["adapters"].items():
-                _set_adapters(mine.get_submodule(name), A, B)
+                set_adapters(mine.get_submodule(name), A, B)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             peft_model = get_peft_model(seeded_llama(inputs["config"], inputs["seed"]),
@@ -657,7 +594,7 @@ class peft_equal:
             expect(ok, f"peft's {name} does not hold your adapter after copy_into_peft.",
                    "for every LoRALinear named `name` in your model, copy its lora_A.weight and lora_B.weight into "
                    "peft_model.base_model.model.get_submodule(name).lora_A['default'] / lora_B['default'].")
-        want = _logits(_reference_model(inputs), inputs["ids"]).float()
+        want = logits(_reference_model(inputs), inputs["ids"]).float()
         got = a["logits"]
         diff = (got.float() - want).abs().max().item() if _same(got, want, float("inf")) else float("inf")
         expect(diff <= 1e-4 + 1e-4 * want.abs().max().item(), f"the logits differ by up to {diff:.3g} after copying: "

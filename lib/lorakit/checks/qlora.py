@@ -18,7 +18,7 @@ from torch import nn
 
 from lorakit.checks import CheckFailed, close, expect
 from lorakit.checks.judged import as_tensor, data_or_repr, expect_callable, judged_check
-from lorakit.checks.lora import alpha_for, linear_shapes, set_drawn_adapters
+from lorakit.checks.llama import adapter_grads, alpha_for, draw_adapters, set_drawn_adapters
 from lorakit.models import building, seeded_llama
 
 D_IN, D_OUT = 192, 128  # multiples of 64, as bitsandbytes' CPU kernels want (`_convert_weight_packed_for_cpu`)
@@ -402,8 +402,7 @@ def _llama_inputs(rng, visible_targets) -> dict:
         alpha = alpha_for(rng, r, [4, 8, 16])
     else:
         sizes, targets, r, alpha = {"hidden": 128, "intermediate": 256, "layers": 2}, visible_targets, 4, 8
-    adapters = {name: [rng.randn(r, d_in) / d_in ** 0.5, rng.randn(d_out, r) * 0.3]
-                for name, (d_out, d_in) in linear_shapes(_llama_config(**sizes), targets).items()}
+    adapters = draw_adapters(rng, _llama_config(**sizes), targets, r)
     return {"seed": rng.new_seed(), "sizes": sizes, "targets": targets, "r": r, "alpha": alpha,
             "ids": rng.randint(0, 256, (2, 12)), "adapters": adapters}
 
@@ -417,19 +416,6 @@ def _reference_model(inputs, adapters: bool = False):
     if adapters:
         set_drawn_adapters(model, inputs["adapters"])
     return model, n
-
-
-def _adapter_grads(model, ids) -> dict:
-    """{name: [grad of lora_A, grad of lora_B]} of every layer with adapters after one backward of the loss
-    on `ids` (train mode), None where there is no gradient."""
-    model.train()
-    model.zero_grad(set_to_none=True)
-    model(ids, labels=ids).loss.backward()
-    out = {}
-    for name, m in model.named_modules():
-        if isinstance(getattr(m, "lora_A", None), nn.Linear) and isinstance(getattr(m, "lora_B", None), nn.Linear):
-            out[name] = [None if g is None else as_tensor(g) for g in (m.lora_A.weight.grad, m.lora_B.weight.grad)]
-    return out
 
 
 @judged_check
@@ -463,7 +449,7 @@ class quantize_and_inject:
                "adapters_set": set_drawn_adapters(model, inputs["adapters"])}
         with torch.no_grad():
             out["logits"] = as_tensor(model.eval()(inputs["ids"]).logits)
-        out["grads"] = _adapter_grads(model, inputs["ids"])
+        out["grads"] = adapter_grads(model, inputs["ids"])
         out["with_grad"] = sorted({n.split(".")[-2] for n, p in model.named_parameters() if p.grad is not None})
         other = _llama(inputs)
         try:
@@ -498,7 +484,7 @@ class quantize_and_inject:
                f"target or ends with '.' + target), yet your function replaced {a['suffix_only'][:3]}.",
                "match with name == t or name.endswith('.' + t).")
         expect(a["with_grad"] == ["lora_A", "lora_B"], f"after backward, only adapters should have gradients; found {a['with_grad']}.")
-        want = _adapter_grads(model, inputs["ids"])
+        want = adapter_grads(model, inputs["ids"])
         got = a["grads"]
         for name, (gA, gB) in want.items():
             mine = got.get(name)
