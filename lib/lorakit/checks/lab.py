@@ -172,7 +172,9 @@ def _summary_rows(rng) -> list[dict]:
 class best_under_budget:
     """`best_under_budget(summary, budget_bytes, memory="training_bytes")` on drawn summaries."""
     answer = {"names": [(str, None)]}
-    reference = ("lorakit.lab.best_under_budget",)
+    # lorakit.lab.best_under_budget answers this exercise, but is not named as its reference: the lesson's own
+    # answer shares 90% of its code's fingerprints with it, so the flagger (grading.reference_use.SIMILAR) would
+    # call every honest answer a copy.
 
     def draw(rng):
         rows = _summary_rows(rng)
