@@ -12,6 +12,7 @@ import torch
 from lorakit import env, memory, models
 from lorakit.checks import CheckFailed
 from lorakit.checks import finetune as check
+from lorakit.checks.adapter import rebuild
 
 SMOLLM2 = dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
                num_key_value_heads=3, vocab_size=49152)
@@ -204,7 +205,7 @@ def test_improvement_refuses_a_base_it_may_not_load():
     adapter = {"tensors": {}, "r": 4, "alpha": 8, "use_rslora": False, "target_modules": ["q_proj"],
                "base": "/etc/somewhere", "quantization": {}}
     with pytest.raises(CheckFailed, match="grader evaluates adapters of the embedded model"):
-        check._rebuild(adapter)
+        rebuild(adapter, check.PREFERENCE)
 
 
 # ---------------------------------------------------------------- trap 1: gradients after evaluation
