@@ -32,7 +32,6 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 from lorakit import env, nf4, qlora  # noqa: E402
-from lorakit.checks import qlora as compare  # noqa: E402
 from lorakit.memory import quant_state_tensors  # noqa: E402
 
 PROMISE = {"speed_ratio_max": 1.2, "bits_ratio_max": 1.05}
@@ -63,8 +62,8 @@ def speed(reps: int, rank: int, dtype: torch.dtype) -> list[dict]:
         torch.manual_seed(0)
         lin = nn.Linear(d_in, d_out, bias=False)
         ours = qlora.QLoRALinear.from_linear(lin, rank, 2 * rank, compute_dtype=dtype)
-        theirs = compare.bitsandbytes_lora(lin, rank, 2 * rank, compute_dtype=dtype)
-        compare.copy_adapters(ours, theirs)
+        theirs = qlora.bitsandbytes_lora(lin, rank, 2 * rank, compute_dtype=dtype)
+        qlora.copy_adapters(ours, theirs)
         x = torch.randn(tokens, d_in, dtype=dtype, requires_grad=True)
 
         def step(layer):
@@ -92,7 +91,7 @@ def bits() -> dict:
     model = LlamaForCausalLM(LlamaConfig(**MODEL_CONFIG))
     linears = {n: m for n, m in model.named_modules() if n.split(".")[-1] in ALL_LINEAR}
     n_weights = sum(m.weight.numel() for m in linears.values())
-    twins = [compare.bitsandbytes_lora(m).base_layer.weight for m in linears.values()]  # kept alive while counted
+    twins = [qlora.bitsandbytes_lora(m).base_layer.weight for m in linears.values()]  # kept alive while counted
     seen, bnb_bytes = set(), 0
     for p in twins:  # the same weights through bitsandbytes, each tensor counted once
         for t in [p, *quant_state_tensors(p)]:

@@ -210,7 +210,6 @@ def fwd_bwd(device, shapes, reps: int, rank: int) -> list[list]:
     from torch import nn
 
     from lorakit import qlora
-    from lorakit.checks import qlora as compare
     rows = []
     for d_out, d_in, tokens in shapes:
         torch.manual_seed(0)
@@ -218,8 +217,8 @@ def fwd_bwd(device, shapes, reps: int, rank: int) -> list[list]:
         ours = qlora.QLoRALinear.from_linear(lin, rank, 2 * rank, compute_dtype=torch.bfloat16).to(device)
         with torch.no_grad():
             ours.lora_B.weight.normal_(0, 0.02)  # a non-zero update, so the adapters' path is compared too
-        theirs = compare.bitsandbytes_lora(lin.to(device), rank, 2 * rank, compute_dtype=torch.bfloat16)
-        compare.copy_adapters(ours, theirs)
+        theirs = qlora.bitsandbytes_lora(lin.to(device), rank, 2 * rank, compute_dtype=torch.bfloat16)
+        qlora.copy_adapters(ours, theirs)
         x = torch.randn(tokens, d_in, dtype=torch.bfloat16, device=device, requires_grad=True)
         with torch.no_grad():
             out_diff = (ours(x).float() - theirs(x).float()).abs().max().item()

@@ -486,7 +486,7 @@ BYPASSES = {
                     "'from lorakit.memory import BYTES as bytes_per_param') for l in lines])",
                     "# ex00_bytes_per_param\n@@ this is no Python"],
     # the check module's own helpers, and the source file of the reference read and run
-    "check_helper": ["# ex00_bytes_per_param\nfrom lorakit.checks import setup\nbytes_per_param = dict(setup.BITS)"],
+    "check_helper": ["# ex00_bytes_per_param\nfrom lorakit.checks import setup\nbytes_per_param = dict(setup._bytes())"],
     "source_file": ["# ex00_bytes_per_param\nimport lorakit, pathlib\n"
                     "text = (pathlib.Path(lorakit.__file__).parent / 'memory.py').read_text()\n"
                     "start = text.index('BYTES = ')\nbytes_per_param = eval(text[start + 8:text.index('}', start) + 1])"],

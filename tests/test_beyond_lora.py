@@ -302,11 +302,11 @@ def test_loraplus_optimizer_has_the_four_groups_lesson_07_describes():
     from peft import LoraConfig, get_peft_model
     from peft.optimizers import create_loraplus_optimizer
 
-    from lorakit.checks.lora import small_config, small_model
+    from lorakit.models import seeded_llama, tiny_config
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        model = get_peft_model(small_model(small_config(), 0), LoraConfig(
+        model = get_peft_model(seeded_llama(tiny_config(num_hidden_layers=2, vocab_size=256), 0), LoraConfig(
             r=2, target_modules=["q_proj", "v_proj", "embed_tokens"], use_dora=True))
     opt = create_loraplus_optimizer(model, optimizer_cls=torch.optim.AdamW, lr=1e-3, loraplus_lr_ratio=16,
                                     loraplus_weight_decay=0.1)
@@ -341,11 +341,12 @@ def test_linear_combination_is_the_weighted_sum_of_square_root_weighted_factors(
 
     from peft import LoraConfig, get_peft_model
 
-    from lorakit.checks.lora import small_config, small_model
+    from lorakit.models import seeded_llama, tiny_config
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        model = get_peft_model(small_model(small_config(), 0), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"]),
+        small = seeded_llama(tiny_config(num_hidden_layers=2, vocab_size=256), 0)
+        model = get_peft_model(small, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"]),
                                adapter_name="a")
         model.add_adapter("b", LoraConfig(r=4, lora_alpha=12, target_modules=["q_proj"]))
     layer = model.base_model.model.model.layers[0].self_attn.q_proj

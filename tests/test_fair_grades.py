@@ -39,7 +39,7 @@ def _stand_ins(ns: dict) -> None:
     ns["before_answers"] = [ex["output"] if i % 2 else "nobody" for i, ex in enumerate(eval_ds)]
     ns["before"] = ns["exact_match_score"](ns["before_answers"], eval_ds)
     model, _ = models.load_base(models.TINY, device="cpu")
-    with judged.building():
+    with models.building():
         ns["model"] = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
                                                        task_type="CAUSAL_LM"))
     ns["TASK"], ns["after"] = "who_found", ns["before"]

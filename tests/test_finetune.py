@@ -12,6 +12,7 @@ import torch
 from lorakit import env, memory, models
 from lorakit.checks import CheckFailed
 from lorakit.checks import finetune as check
+from lorakit.checks.adapter import rebuild
 
 SMOLLM2 = dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
                num_key_value_heads=3, vocab_size=49152)
@@ -68,7 +69,7 @@ def test_grouped_query_attention_shrinks_k_and_v():
 
 
 def test_llama2_7b_counts_from_facts():
-    cfg = check.llama2_7b_config()
+    cfg = memory.config("llama-2-7b")
     assert check._lora_count(cfg, 8, ["q_proj", "v_proj"]) == 4_194_304
     assert check._lora_count(cfg, 64, check.PREFERENCE) == 159_907_840
 
@@ -106,7 +107,7 @@ def test_targets_check():
 
 
 def test_targets_reference_is_the_longest_prefix_that_fits():
-    cfg = check.llama2_7b_config()
+    cfg = memory.config("llama-2-7b")
     assert check._targets_for_budget(cfg, 8, 4_194_304) == ["q_proj", "v_proj"]
     assert check._targets_for_budget(cfg, 8, 4_194_303) == ["q_proj"]
     assert check._targets_for_budget(cfg, 8, 0) == []
@@ -204,7 +205,7 @@ def test_improvement_refuses_a_base_it_may_not_load():
     adapter = {"tensors": {}, "r": 4, "alpha": 8, "use_rslora": False, "target_modules": ["q_proj"],
                "base": "/etc/somewhere", "quantization": {}}
     with pytest.raises(CheckFailed, match="grader evaluates adapters of the embedded model"):
-        check._rebuild(adapter)
+        rebuild(adapter, check.PREFERENCE)
 
 
 # ---------------------------------------------------------------- trap 1: gradients after evaluation

@@ -118,7 +118,7 @@ def test_a_learner_exception_is_a_failed_check_with_a_hint():
 
 
 def test_the_probe_gets_its_own_copy_of_the_inputs():
-    @judged.judged
+    @judged.judged_check
     class mutating:
         answer = {"ok": bool}
 
@@ -154,7 +154,7 @@ def test_verdict_never_raises_on_bad_replies():
 
 def test_find_only_returns_checks():
     assert judged.find("lorakit.checks.setup.weights_gb") is setup_checks.weights_gb
-    for name in ("lorakit.checks.setup.BITS", "os.system", "lorakit.checks.setup.nothing"):
+    for name in ("lorakit.checks.setup._bytes", "os.system", "lorakit.checks.setup.nothing"):
         with pytest.raises(LookupError):
             judged.find(name)
 

@@ -171,3 +171,34 @@ def test_the_trap_is_real_without_the_protection():
         pytest.skip("this CPU has no AVX512-BF16, so bitsandbytes never repacks")
     grads = _lora_b_grads_after_eval(_qlora(support_repack=True))
     assert any(g is None or g.abs().sum() == 0 for g in grads)
+
+
+# ------------------------------------------------------------------------------------- small seeded Llamas
+
+def test_tiny_config_is_the_embedded_models_architecture():
+    import json
+
+    on_disk = json.loads((models.TINY_PATH / "config.json").read_text())
+    cfg = models.tiny_config()
+    assert cfg and all(cfg[k] == on_disk[k] for k in cfg)
+    assert {"hidden_size", "intermediate_size", "num_hidden_layers", "vocab_size", "head_dim"} <= set(cfg)
+    smaller = models.tiny_config(num_hidden_layers=2, vocab_size=256)
+    assert (smaller["num_hidden_layers"], smaller["vocab_size"], smaller["hidden_size"]) == (2, 256, cfg["hidden_size"])
+
+
+def test_seeded_llama_depends_on_its_seed_only_and_leaves_the_global_generator_alone():
+    """Fair grades (#23): the same seed gives the same weights whatever the global generator holds, and building
+    one draws nothing from it (a notebook's random numbers are the same with or without a check)."""
+    cfg = models.tiny_config(num_hidden_layers=1, vocab_size=64)
+    torch.manual_seed(1)
+    a = models.seeded_llama(cfg, seed=5)
+    after_a = torch.rand(3)
+    torch.manual_seed(2)
+    b = models.seeded_llama(cfg, seed=5)
+    torch.manual_seed(1)
+    assert torch.equal(torch.rand(3), after_a)
+    assert not a.training and all(p.dtype == torch.float32 for p in a.parameters())
+    for (name, p), q in zip(a.named_parameters(), b.parameters()):
+        assert torch.equal(p, q), name
+    c = models.seeded_llama(cfg, seed=6)
+    assert not torch.equal(a.model.layers[0].self_attn.q_proj.weight, c.model.layers[0].self_attn.q_proj.weight)

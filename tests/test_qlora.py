@@ -14,12 +14,20 @@ from lorakit import memory, nf4, qlora
 from lorakit.checks import CheckFailed
 from lorakit.checks import qlora as check
 from lorakit.lora import LoRALinear, lora_state_dict
+from lorakit.models import seeded_llama
 
 logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
 import bitsandbytes as bnb  # noqa: E402
 import bitsandbytes.functional as BF  # noqa: E402
 
 ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def tiny_llama(hidden=128, intermediate=256):
+    """A random Llama (weights from seed 0) whose every size is a multiple of 64, as bitsandbytes' CPU kernels want."""
+    return seeded_llama(dict(vocab_size=256, hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=2,
+                             num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=128,
+                             tie_word_embeddings=False))
 
 
 def _linear(d_in=192, d_out=128, bias=False, seed=0):
@@ -33,8 +41,8 @@ def _pair(d_in=192, d_out=128, bias=False, r=8, alpha=16):
     ours = qlora.QLoRALinear.from_linear(lin, r, alpha)
     with torch.no_grad():
         ours.lora_B.weight.normal_(0, 0.05)
-    twin = check.bitsandbytes_lora(lin, r, alpha)
-    check.copy_adapters(ours, twin)
+    twin = qlora.bitsandbytes_lora(lin, r, alpha)
+    qlora.copy_adapters(ours, twin)
     return lin, ours, twin
 
 
@@ -46,7 +54,7 @@ def test_packed_bytes_equal_bitsandbytes(shape):
     layer = qlora.NF4Linear(lin)
     expected, state = BF.quantize_4bit(lin.weight.detach(), blocksize=64, quant_type="nf4", compress_statistics=True)
     assert torch.equal(layer.weight, expected)
-    twin = check.bitsandbytes_lora(lin)
+    twin = qlora.bitsandbytes_lora(lin)
     assert torch.equal(layer.weight, twin.base_layer.weight.data)
     # double quantization: same offset; the 8-bit absmax codes agree (lorakit.nf4 reproduces the CPU lookup table)
     assert torch.allclose(layer.offset, state.offset)
@@ -88,7 +96,7 @@ def test_outputs_close_to_bitsandbytes_in_bf16_and_under_autocast():
 
 
 def _save_tiny(tmp_path):
-    model = check.tiny_llama()
+    model = tiny_llama()
     model.save_pretrained(tmp_path)
     return model
 
@@ -147,7 +155,7 @@ def test_matmul_nf4_keeps_no_dequantized_weight():
 
 
 def test_only_adapters_train_and_get_gradients():
-    model = check.tiny_llama()
+    model = tiny_llama()
     n = qlora.quantize_and_inject(model, ALL_LINEAR, r=4, alpha=8)
     assert n == 2 * 4 * ((128 + 128) * 4 + (128 + 256) * 3)
     trainable = {name.split(".")[-2] for name, p in model.named_parameters() if p.requires_grad}
@@ -174,7 +182,7 @@ def test_adapters_learn_after_an_evaluation_under_no_grad():
 
 
 def test_training_lowers_the_loss():
-    model = check.tiny_llama()
+    model = tiny_llama()
     qlora.quantize_and_inject(model, ALL_LINEAR, r=8, alpha=16)
     ids = torch.randint(0, 256, (4, 16), generator=torch.Generator().manual_seed(0))
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
@@ -193,7 +201,7 @@ def test_training_lowers_the_loss():
 # -------------------------------------------------------------------------------------------------- memory
 
 def test_stored_bits_close_to_the_4127_limit():
-    model = check.tiny_llama(hidden=256, intermediate=512)
+    model = tiny_llama(hidden=256, intermediate=512)
     qlora.quantize_and_inject(model, ALL_LINEAR)
     bits = qlora.stored_bits_per_param(model)
     limit = nf4.bits_per_param(64, double_quant=True)
@@ -234,7 +242,7 @@ def test_merge_raises_and_points_to_16bit_merge():
 
 
 def test_merge_to_16bit_model():
-    model = check.tiny_llama()
+    model = tiny_llama()
     qlora.quantize_and_inject(model, ["q_proj", "v_proj"], r=4, alpha=8)
     for name, p in model.named_parameters():
         if name.endswith("lora_B.weight"):
@@ -259,7 +267,7 @@ def test_bad_input_is_explained():
         qlora.QLoRALinear.from_linear(nn.Linear(64, 64), 0, 16)
     with pytest.raises(TypeError, match="already"):
         qlora.QLoRALinear.from_linear(qlora.QLoRALinear.from_linear(nn.Linear(64, 64)))
-    model = check.tiny_llama()
+    model = tiny_llama()
     with pytest.raises(ValueError, match="matched no module"):
         qlora.quantize_and_inject(model, ["query"])
     qlora.quantize_and_inject(model, ["q_proj"])
@@ -345,8 +353,8 @@ def test_cuda_equality_and_paged_optimizer():
     ours = qlora.QLoRALinear.from_linear(lin, 8, 16, compute_dtype=torch.bfloat16)
     with torch.no_grad():
         ours.lora_B.weight.normal_(0, 0.05)
-    twin = check.bitsandbytes_lora(lin, 8, 16, compute_dtype=torch.bfloat16)
-    check.copy_adapters(ours, twin)
+    twin = qlora.bitsandbytes_lora(lin, 8, 16, compute_dtype=torch.bfloat16)
+    qlora.copy_adapters(ours, twin)
     assert ours.base_layer.weight.is_cuda
     assert torch.equal(ours.base_layer.weight, twin.base_layer.weight.data)
     x = torch.randn(4, 192, device="cuda")

@@ -240,3 +240,59 @@ def stored_bits_per_param(model: nn.Module) -> float:
         raise ValueError("no NF4 layers in this model: quantize it first (quantize_and_inject).")
     stored = sum(m.weight.numel() * m.weight.element_size() + m.quant_state.nbytes() for m in layers)
     return 8 * stored / sum(m.quant_state.numel for m in layers)
+
+
+# --------------------------------------------------------------------------- the real thing, for comparison
+
+def bitsandbytes_lora(linear: nn.Linear, r: int = 8, alpha: float = 8, dropout: float = 0.0,
+                      compute_dtype: torch.dtype | None = None, blocksize: int = 64):
+    """The layer `QLoRALinear` rebuilds, made with the real libraries: bitsandbytes `Linear4bit` (nf4, double
+    quantization = compress_statistics) from `linear`'s weights, wrapped by peft's LoRA layer for 4-bit bases.
+    Lesson 04, its checks, the tests and the benchmarks compare `QLoRALinear` with it.
+
+    bitsandbytes' CPU inference repack is switched off (`lorakit.models.disable_cpu_inference_repack`) so
+    that the adapters keep receiving gradients after an evaluation in eval() mode under no_grad."""
+    from peft import LoraConfig
+    from peft.tuners.lora.bnb import Linear4bit as PeftLinear4bit
+
+    from lorakit.env import import_bitsandbytes
+    from lorakit.models import disable_cpu_inference_repack
+
+    bnb = import_bitsandbytes()
+
+    if not isinstance(linear, nn.Linear):
+        raise TypeError(f"bitsandbytes_lora quantizes an nn.Linear; got {type(linear).__name__}")
+    device = linear.weight.device
+    q = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=linear.bias is not None,
+                          compute_dtype=compute_dtype, compress_statistics=True, quant_type="nf4",
+                          quant_storage=torch.uint8, device="meta")
+    q.weight = bnb.nn.Params4bit(linear.weight.detach().to("cpu").clone(), requires_grad=False,
+                                 compress_statistics=True, quant_type="nf4", blocksize=blocksize)
+    if linear.bias is not None:
+        q.bias = nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
+    q = q.to(device)                                                              # quantizes here
+    disable_cpu_inference_repack(q)
+    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout)
+    layer = PeftLinear4bit(q, "default", config, r=r, lora_alpha=alpha)
+    # Adapters in fp32, as get_peft_model leaves them (autocast_adapter_dtype=True) and as LoRALinear keeps
+    # them; built directly, peft would give them the base layer's compute dtype.
+    layer.lora_A.float()
+    layer.lora_B.float()
+    return layer
+
+
+@torch.no_grad()
+def copy_adapters(src: nn.Module, dst: nn.Module) -> None:
+    """Copy lora_A / lora_B weights from one LoRA layer to another, lorakit's or peft's (peft keeps them in
+    a ModuleDict per adapter name; the active one is used): two layers with the same adapters."""
+    def linear(layer, part):
+        m = getattr(layer, part)
+        if isinstance(m, nn.ModuleDict):
+            m = m[layer.active_adapters[0]]
+        return m
+
+    for part in ("lora_A", "lora_B"):
+        linear(dst, part).weight.copy_(linear(src, part).weight)
+
+
+__all__ += ["bitsandbytes_lora", "copy_adapters"]

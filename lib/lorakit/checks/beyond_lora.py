@@ -6,18 +6,13 @@ from __future__ import annotations
 
 import torch
 
-from . import expect
-from .judged import building, judged
+from lorakit.checks import expect
+from lorakit.checks.judged import as_tensor, judged_check
+from lorakit.models import building
 
 
 def _close(a: torch.Tensor, b: torch.Tensor, tol: float) -> bool:
     return a.shape == b.shape and bool(torch.allclose(a.double(), b.double(), rtol=tol, atol=tol))
-
-
-def _as_tensor(x, what: str) -> torch.Tensor:
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"{what} should be a torch.Tensor; your function gave {type(x).__name__}")
-    return x.detach().float().cpu()
 
 
 # ------------------------------------------------------------------------------------ ex07_dora_forward
@@ -46,12 +41,13 @@ def _dora_reference(case):
     return y.detach(), layer.lora_A.weight.grad, layer.lora_B.weight.grad, layer.lora_magnitude_vector.grad
 
 
-@judged
+@judged_check
 class dora_forward:
     """`dora_forward(x, weight, bias, lora_A, lora_B, magnitude, scaling)`: DoRA's output, with the weight norm a
     constant in backward."""
     answer = {"cases": [{"y": torch.Tensor, "grad_A": (torch.Tensor, None), "grad_B": (torch.Tensor, None),
                          "grad_m": (torch.Tensor, None)}]}
+    reference = ("lorakit.dora.DoRALinear",)   # a layer, not a function of the exercise's signature
 
     def draw(rng):
         cases = []
@@ -103,11 +99,12 @@ class dora_forward:
 
 # --------------------------------------------------------------------------------- ex07_loftq_iteration
 
-@judged
+@judged_check
 class loftq_iteration:
     """`loftq_iteration(weight, lora_A, lora_B, r, scaling)`: one LoftQ step, NF4 of what the adapters leave,
     then a rank-r SVD of what the quantization misses."""
     answer = {"cases": [{"dequantized": torch.Tensor, "lora_A": torch.Tensor, "lora_B": torch.Tensor}]}
+    reference = ("lorakit.loftq.loftq_iteration",)
 
     def draw(rng):
         cases = []
@@ -132,7 +129,7 @@ class loftq_iteration:
             if not isinstance(state, NF4State):
                 raise TypeError(f"the second result should be the NF4State quantize_nf4 returned; got {type(state).__name__}")
             out.append({"dequantized": dequantize_nf4(packed, state, dtype=torch.float32).float(),
-                        "lora_A": _as_tensor(A, "lora_A"), "lora_B": _as_tensor(B, "lora_B")})
+                        "lora_A": as_tensor(A, "lora_A").float(), "lora_B": as_tensor(B, "lora_B").float()})
         return {"cases": out}
 
     def judge(inputs, answer):
@@ -171,10 +168,11 @@ class loftq_iteration:
 
 # ------------------------------------------------------------------------------------- ex07_concat_lora
 
-@judged
+@judged_check
 class concat_lora:
     """`concat_lora(lora_As, lora_Bs, scalings, weights)`: several adapters of one layer as one, by concatenation."""
     answer = {"cases": [{"lora_A": torch.Tensor, "lora_B": torch.Tensor}]}
+    reference = ("lorakit.lora.concat_lora",)
 
     def draw(rng):
         cases = []
@@ -190,7 +188,7 @@ class concat_lora:
         out = []
         for case in inputs["cases"]:
             A, B = fn(case["lora_As"], case["lora_Bs"], case["scalings"], case["weights"])
-            out.append({"lora_A": _as_tensor(A, "lora_A"), "lora_B": _as_tensor(B, "lora_B")})
+            out.append({"lora_A": as_tensor(A, "lora_A").float(), "lora_B": as_tensor(B, "lora_B").float()})
         return {"cases": out}
 
     def judge(inputs, answer):

@@ -4,8 +4,8 @@ probed on inputs drawn from a seed, and the answers are compared with the kit's 
 
 from __future__ import annotations
 
-from . import close, expect
-from .judged import judged
+from lorakit.checks import close, expect
+from lorakit.checks.judged import judged_check
 
 # The ZeRO paper's worked example (Rajbhandari et al. 2019, Figure 1): 7.5B parameters, 64 devices, mixed-
 # precision Adam (K = 12), per-device memory of the model states in GB at stages 0 (DDP) to 3.
@@ -30,7 +30,7 @@ def _zero_reference(n: int, world_size: int, stage: int, k: int) -> int:
                            master_weights=master, optimizer=optimizer).total_bytes
 
 
-@judged
+@judged_check
 class zero_bytes:
     """`per_device_bytes(n_params, world_size, stage, k=12)`: bytes of model states on one device."""
     answer = {"bytes": [object]}
@@ -71,7 +71,7 @@ def _rank_loss_reference(logits, labels, n_label, world):
     return float(loss.detach()), logits.grad
 
 
-@judged
+@judged_check
 class rank_loss:
     """`rank_loss(logits, labels, n_label_tokens, world_size)`: one process's share of the batch loss."""
     answer = {"losses": [object], "grads": [object]}

@@ -6,7 +6,8 @@ Three kinds of helpers live here:
   bad input stops early with a message that says what to change;
 - *judged checks* behind the graded test cells (`trainable_count`, `targets`, `masking`, `truncation`,
   `exact_match`, `before_eval`, `improvement`; see lorakit.checks.judged). `improvement` never trusts the
-  notebook's scores: the probe sends the adapter, and the judge evaluates it on questions it draws;
+  notebook's scores: the probe sends the adapter, and the judge rebuilds the model (lorakit.checks.adapter) and
+  evaluates it on questions it draws;
 - the two proofs the lesson shows on the way (`adapters_get_gradients` after the evaluation before training,
   `same_outputs` after reloading the adapter).
 """
@@ -15,8 +16,11 @@ from __future__ import annotations
 
 import torch
 
-from . import CheckFailed, expect, passed
-from .judged import building, data_or_repr, judged
+from lorakit.checks import CheckFailed, expect, passed
+from lorakit.checks.adapter import adapter_as_data, rebuild
+from lorakit.checks.judged import data_or_repr, judged_check
+from lorakit.memory import CONFIGS
+from lorakit.models import tiny_config
 
 # QLoRA's order of preference when a budget allows only some layers: attention first (the LoRA paper's
 # q and v, then k and o), then the MLP. The exercise picks the longest prefix that fits.
@@ -70,27 +74,14 @@ def _lora_count(config, r: int, target_modules) -> int:
     return lora_parameters(config, r, list(target_modules)) if target_modules else 0
 
 
-def llama2_7b_config():
-    """Llama-2-7B's shapes (no download): 32 blocks, hidden 4096, intermediate 11008, 32 heads."""
-    from transformers import LlamaConfig
-
-    return LlamaConfig(**LLAMA2_7B)
-
-
-LLAMA2_7B = dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
-                 num_key_value_heads=32, vocab_size=32000)
-SMOLLM2_135M = dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
-                    num_key_value_heads=3, vocab_size=49152)
+def _architecture(name: str) -> dict:
+    """A published architecture of `lorakit.memory.CONFIGS` as `LlamaConfig`'s keyword arguments (a dict: it
+    travels as data)."""
+    return {k: v for k, v in CONFIGS[name].items() if k != "model_type"}
 
 
-def _tiny() -> dict:
-    """The embedded model's shapes (the lesson's default MODEL_ID)."""
-    import json
-
-    from lorakit.models import TINY_PATH
-    cfg = json.loads((TINY_PATH / "config.json").read_text())
-    return {k: cfg[k] for k in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-                                "num_key_value_heads", "head_dim", "vocab_size")}
+LLAMA2_7B = _architecture("llama-2-7b")
+SMOLLM2_135M = _architecture("smollm2-135m")
 
 
 def _config(d: dict):
@@ -117,7 +108,7 @@ def _call(fn, *args, what: str):
         raise CheckFailed(f"`{what}` still raises NotImplementedError.",) from None
 
 
-@judged
+@judged_check
 class trainable_count:
     """`predict_trainable(config, r, target_modules)` against lorakit.memory.lora_parameters and peft's count,
     for the lesson's recipe and for all linear layers."""
@@ -132,7 +123,8 @@ class trainable_count:
             cases += [[f"made-up model #{i + 1}", _made_up(rng, own_head_dim=i == 0), rng.choice([1, 4, 8, 16, 64]),
                        rng.sample(PREFERENCE, rng.integer(1, 7))] for i in range(3)]
         else:
-            cases = [["the embedded model", _tiny(), 16, list(ALL_LINEAR)], ["the embedded model", _tiny(), 16, ["q_proj", "v_proj"]],
+            tiny = tiny_config()
+            cases = [["the embedded model", tiny, 16, list(ALL_LINEAR)], ["the embedded model", tiny, 16, ["q_proj", "v_proj"]],
                      ["Llama-2-7B", LLAMA2_7B, 8, ["q_proj", "v_proj"]]]
         return {"cases": cases}
 
@@ -182,13 +174,13 @@ def _targets_for_budget(config, r, budget, preference=PREFERENCE):
     return chosen
 
 
-@judged
+@judged_check
 class targets:
     """`targets_for_budget(config, r, budget)`: the longest prefix of PREFERENCE that fits."""
     answer = {"choices": [object]}
 
     def draw(rng):
-        tiny = _tiny()
+        tiny = tiny_config()
         source_budget = _lora_count(_config(tiny), 8, ["q_proj", "v_proj"])
         if rng.grading:
             cases = [[LLAMA2_7B, r, b] for r, b in [(8, 4_194_304), (64, 4_194_304), (2, 10**9), (16, 50_000_000), (1, 10)]]
@@ -219,7 +211,7 @@ class targets:
             expect(got == expected, f"r={r}, budget {budget:,}: expected {expected}, found {got}.",
                    "walk PREFERENCE in order and keep adding modules while the total still fits; return the list "
                    "(empty when not even the first fits).")
-        budget, tiny = inputs["source_budget"], _config(_tiny())
+        budget, tiny = inputs["source_budget"], _config(tiny_config())
         return (f"targets for a budget of {budget:,} (what r=8 on q_proj, v_proj costs): "
                 + "; ".join(f"r={r}: {len(_targets_for_budget(tiny, r, budget))} kinds" for r in (8, 4, 2, 1)))
 
@@ -309,7 +301,7 @@ def _judge_tokenized(inputs, answer):
     return tokenizer
 
 
-@judged
+@judged_check
 class masking:
     """`tokenize_with_masking(example, tokenizer, max_length, padding)` against lorakit.data.tokenize_with_masking
     on a few examples, padded and unpadded; says what the loss sees."""
@@ -336,7 +328,7 @@ class masking:
                 f"{tokenizer.decode(seen)!r} (expected answer {ex['output']!r})")
 
 
-@judged
+@judged_check
 class truncation:
     """A max_length too short for the example: the prompt loses its start, the answer stays whole."""
     answer = {"results": [object]}
@@ -381,7 +373,7 @@ def _share(answers, outputs) -> float:
     return sum(a.strip() == o.strip() for a, o in zip(answers, outputs)) / len(answers)
 
 
-@judged
+@judged_check
 class exact_match:
     """`exact_match_score(answers, dataset)` on hand-made cases (and made-up ones when graded)."""
     answer = {"scores": [object]}
@@ -415,7 +407,7 @@ class exact_match:
         return "exact_match_score agrees on hand-made cases (stripped, case-sensitive, no extra words)"
 
 
-@judged
+@judged_check
 class before_eval:
     """`before` is the share of the base model's answers that match the held-out outputs (the rule of
     lorakit.data.exact_match). Only a consistency check of the notebook's numbers: `improvement` measures
@@ -449,102 +441,7 @@ class before_eval:
 
 N_HELD_OUT = 64            # questions the judge asks the base model and the fine-tuned one
 TASK = "who_found"         # the task the graded adapter is measured on (the lesson's default TASK)
-QUANT_KEYS = {"load_in_4bit": bool, "bnb_4bit_quant_type": ("nf4", "fp4"), "bnb_4bit_use_double_quant": bool,
-              "bnb_4bit_compute_dtype": ("float32", "bfloat16", "float16")}
-
-
-def _adapter(model) -> dict:
-    """What the judge needs to rebuild the learner's fine-tuned model: the adapter's tensors, its LoRA
-    settings and how the base was loaded (data only)."""
-    from peft import get_peft_model_state_dict
-    cfg = model.peft_config[model.active_adapter]
-    quant = getattr(model.config, "quantization_config", None)
-    quant = quant.to_dict() if hasattr(quant, "to_dict") else (quant or {})
-    targets = cfg.target_modules
-    return {"tensors": {k: v.detach().float().cpu() for k, v in get_peft_model_state_dict(model).items()},
-            "r": cfg.r, "alpha": cfg.lora_alpha, "use_rslora": bool(getattr(cfg, "use_rslora", False)),
-            "target_modules": sorted(targets) if isinstance(targets, (set, list, tuple)) else str(targets),
-            "base": str(cfg.base_model_name_or_path),
-            "quantization": {k: str(quant[k]).removeprefix("torch.") if k == "bnb_4bit_compute_dtype" else quant[k]
-                             for k in QUANT_KEYS if k in quant}}
-
-
-def _base_model_id(name: str) -> str:
-    """The model id of the adapter's base, if it is one the grader may load: the embedded model (by id or
-    by its packaged folder) or a preset (from the local cache: the grader is offline)."""
-    from lorakit.models import PRESETS, TINY, TINY_PATH
-    import os
-    if name == TINY or os.path.realpath(name) == os.path.realpath(TINY_PATH):
-        return TINY
-    ids = {p.model_id for p in PRESETS.values()}
-    expect(name in ids, f"the adapter's base model is {name!r}; the grader evaluates adapters of the embedded model "
-           f"({TINY}) or of {sorted(ids)}.", "fine-tune the lesson's MODEL_ID.")
-    return name
-
-
-def _rank(adapter: dict, model, targets) -> int:
-    """The adapter's rank, from its tensors' shapes checked against the base model's layers: every target
-    layer has a lora_A of (r, in) and a lora_B of (out, r) with one r (at most min(in, out)), and nothing else.
-    The size of what the grader builds comes from these validated shapes, never from a number in the reply."""
-    expected = {}
-    for name, m in model.named_modules():
-        if name.rsplit(".", 1)[-1] in targets and hasattr(m, "in_features") and hasattr(m, "out_features"):
-            expected[f"base_model.model.{name}.lora_A.weight"] = (m.in_features, m.out_features, "A")
-            expected[f"base_model.model.{name}.lora_B.weight"] = (m.in_features, m.out_features, "B")
-    tensors = adapter["tensors"]
-    unexpected, missing = sorted(set(tensors) - set(expected)), sorted(set(expected) - set(tensors))
-    expect(expected and not unexpected and not missing, f"the adapter does not fit its base model: unexpected tensors "
-           f"{unexpected[:3]}, missing {missing[:3]}.")
-    ranks = set()
-    for key, (d_in, d_out, part) in expected.items():
-        t = tensors[key]
-        r = t.shape[0] if part == "A" else (t.shape[1] if t.dim() == 2 else -1)
-        want = (r, d_in) if part == "A" else (d_out, r)
-        expect(t.dim() == 2 and tuple(t.shape) == want and 1 <= r <= min(d_in, d_out) and t.is_floating_point(),
-               f"the adapter's {key} has shape {tuple(t.shape)}, which does not fit a layer of {d_in} -> {d_out}.")
-        ranks.add(r)
-    expect(len(ranks) == 1 and adapter["r"] in ranks, f"the adapter's tensors have ranks {sorted(ranks)} and its "
-           f"config says r={adapter['r']}: they should agree.")
-    return ranks.pop()
-
-
-def _rebuild(adapter: dict):
-    """The base model loaded as the learner loaded it, with the learner's adapter: (model, tokenizer)."""
-    import warnings
-
-    from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
-    from transformers import BitsAndBytesConfig
-
-    from lorakit import models
-    q = adapter["quantization"]
-    for k, v in q.items():
-        allowed = QUANT_KEYS[k]
-        expect(isinstance(v, allowed) if isinstance(allowed, type) else v in allowed,
-               f"the base model's quantization setting {k}={v!r} is not one the lesson uses.")
-    quantization = None
-    if q.get("load_in_4bit"):
-        quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=q.get("bnb_4bit_quant_type", "nf4"),
-                                          bnb_4bit_use_double_quant=q.get("bnb_4bit_use_double_quant", False),
-                                          bnb_4bit_compute_dtype=getattr(torch, q.get("bnb_4bit_compute_dtype", "float32")))
-    targets = adapter["target_modules"]
-    expect(isinstance(targets, list) and targets and set(targets) <= set(PREFERENCE),  # names, never a regex
-           f"the adapter targets {targets!r}; the grader rebuilds adapters on a list of {PREFERENCE}.")
-    with building():
-        model, tokenizer = models.load_base(_base_model_id(adapter["base"]), quantization=quantization, device="cpu",
-                                            dtype=torch.float32)
-    r = _rank(adapter, model, targets)
-    with warnings.catch_warnings(), building():   # peft draws lora_A from the global generator: overwritten
-        warnings.simplefilter("ignore")
-        config = LoraConfig(r=r, lora_alpha=adapter["alpha"], use_rslora=adapter["use_rslora"],
-                            target_modules=list(targets), task_type="CAUSAL_LM")
-        peft_model = get_peft_model(model, config)
-        result = set_peft_model_state_dict(peft_model, adapter["tensors"])
-    unexpected = list(getattr(result, "unexpected_keys", []) or [])
-    expect(not unexpected, f"the adapter does not fit its base model: unexpected tensors {unexpected[:3]}.")
-    return peft_model, tokenizer
-
-
-@judged
+@judged_check
 class improvement:
     """The fine-tuned model beats its base by more than MIN_GAIN in exact match on held-out questions of the
     lesson's task that the grader draws, measured by the grader: the probe sends the adapter's tensors and
@@ -560,7 +457,7 @@ class improvement:
 
     def probe(inputs, model, task, before, after):
         expect(hasattr(model, "peft_config"), f"`model` should be the fine-tuned peft model, found {type(model).__name__}.")
-        return {"adapter": _adapter(model), "task": str(task), "before": data_or_repr(before), "after": data_or_repr(after)}
+        return {"adapter": adapter_as_data(model), "task": str(task), "before": data_or_repr(before), "after": data_or_repr(after)}
 
     def judge(inputs, a):
         from lorakit import data
@@ -578,7 +475,7 @@ class improvement:
                and type(adapter.get("base")) is str, "the adapter could not be read (tensors, r, alpha, use_rslora, "
                "quantization, base).")
         questions = data.generate_task(task, {"test": inputs["n"]}, seed=inputs["seed"])["test"]
-        model, tokenizer = _rebuild(adapter)
+        model, tokenizer = rebuild(adapter, PREFERENCE)
         after = data.exact_match(model, tokenizer, questions, progress=False)
         with model.disable_adapter():
             before = data.exact_match(model, tokenizer, questions, progress=False)

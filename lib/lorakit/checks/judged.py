@@ -12,7 +12,7 @@ read them. A check that must survive that learner has three parts, kept side by 
 
 written as a class whose body holds the three functions and the answer's shape:
 
-    @judged
+    @judged_check
     class weights_gb:
         '''Size of the weights in GB for a parameter count and a dtype.'''
         answer = {"sizes": [float]}
@@ -39,9 +39,10 @@ asked: a visible call of the same check enforces the same requirements with the 
 
 A verdict depends on the work and the drawn inputs only. Judges of several submissions run in threads of one
 process, so nothing in `draw` or `judge` may use torch's global generator (shared by every thread): tensors
-come from the Rng's own generator, models the checks build get their weights from `reseed` (an explicit
-generator), and building or loading a module runs in `building()`, which leaves the global generator as it
-was and lets one thread build at a time (see there why). A judge that raises on an answer of the right shape
+come from the Rng's own generator, models the checks build get their weights from `lorakit.models.reseed` (an
+explicit generator; `lorakit.models.seeded_llama` builds a whole Llama so), and building or loading a module runs
+in `lorakit.models.building()`, which leaves the global generator as it was and lets one thread build at a time
+(see there why). A judge that raises on an answer of the right shape
 is a bug of the kit: its verdict says so (`Verdict.grader_error`), and the grader reports it to the instructor
 instead of failing the learner.
 
@@ -62,16 +63,13 @@ running anything (`lorakit.grading.testcells`) and evaluates each call's argumen
 
 from __future__ import annotations
 
-import contextlib
-import math
 import operator
 import random
 import secrets
-import threading
 from dataclasses import dataclass, field
 
-from . import CheckFailed, passed
-from .wire import DataError, conforms, decode, encode, to_data
+from lorakit.checks import CheckFailed, expect, passed
+from lorakit.checks.wire import DataError, conforms, decode, encode, to_data
 
 GRADING = "grading"                # seed="grading": a fresh seed (drawn by the grader when grading)
 
@@ -128,41 +126,6 @@ class Rng:
     def randint(self, low: int, high: int, shape):
         """A tensor of whole numbers in [low, high)."""
         return _torch().randint(low, high, tuple(shape), generator=self.torch)
-
-
-@contextlib.contextmanager
-def building():
-    """The scope in which a check builds or loads torch modules (its own layers and models, the kit's
-    references). Two things make building process-wide, and judges of several submissions run in threads:
-
-    - torch's layers draw their first weights from the global generator. The scope leaves that generator as
-      it found it (a notebook's random numbers are the same with or without a check), and every value a check
-      keeps is overwritten from an explicit Generator (`reseed`) or a drawn tensor.
-    - transformers turns steps of model building off for every thread while it loads a model
-      (`from_pretrained`): a small Llama with tied embeddings built meanwhile in another thread came out with
-      its lm_head untied, so other weights and other logits. So builds and loads take turns: one lock for the
-      process (re-entrant: builds nest).
-    """
-    with _BUILDING, _torch().random.fork_rng(devices=[]):
-        yield
-
-
-_BUILDING = threading.RLock()
-
-
-def reseed(module, seed: int):
-    """`module` (returned) with every floating-point parameter drawn again from a torch Generator seeded with
-    `seed`, in `named_parameters()` order: a matrix N(0, 1 / fan_in) (activations stay near unit scale, so
-    comparisons of outputs mean something), a vector 1 + N(0, 0.01) (norm scales). The same weights in every
-    process and thread, whatever the global generator holds."""
-    torch = _torch()
-    g = torch.Generator().manual_seed(int(seed))
-    with torch.no_grad():
-        for _, p in module.named_parameters():
-            if p.is_floating_point():
-                noise = torch.randn(p.shape, generator=g, dtype=torch.float32)
-                p.copy_(noise / math.sqrt(p.shape[-1]) if p.dim() > 1 else 1 + 0.1 * noise)
-    return module
 
 
 def draw_seed(seed) -> int:
@@ -269,6 +232,19 @@ def data_or_repr(obj, limit: int = 200):
             return f"<a {type(obj).__name__} whose repr() fails>"
 
 
+def expect_callable(obj, name: str, what: str = "a function or class") -> None:
+    """What a probe asks first of the learner's object: that it can be called (the exercise cell was run)."""
+    expect(callable(obj), f"`{name}` should be {what}; found {type(obj).__name__}.", "run the exercise cell above first.")
+
+
+def as_tensor(x, what: str = "the result"):
+    """A tensor the learner's objects computed, as data for the answer: detached, on the CPU, and copied (later
+    in-place changes by the learner's code cannot alter what was sent). Anything else fails, naming `what`."""
+    torch = _torch()
+    expect(isinstance(x, torch.Tensor), f"{what} should be a torch.Tensor; found {type(x).__name__}.")
+    return x.detach().to("cpu").clone()
+
+
 def run_probe(check: Check, inputs: dict, objects=(), kw_objects=None) -> str:
     """Run `check.probe` on the learner's objects; the encoded reply. This is the only part of a check that
     runs where learner code runs. An exception from the learner's code becomes an error reply."""
@@ -281,7 +257,7 @@ def run_probe(check: Check, inputs: dict, objects=(), kw_objects=None) -> str:
         return encode({"ok": False, "error": {"type": type(e).__name__, "message": str(e)[:2000]}}, where="error")
 
 
-def judged(cls) -> Check:
+def judged_check(cls) -> Check:
     """Class decorator: the class body's `draw`, `probe`, `judge` and `answer` become a Check named
     after the class (see the module docstring)."""
     body = vars(cls)

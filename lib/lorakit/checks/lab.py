@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import math
 
-from . import close, expect
-from .judged import judged
+from lorakit.checks import close, expect
+from lorakit.checks.judged import judged_check
 
 # The three runs of the reduced grid (lib/lorakit/experiments/grid_reduced.yml), and how they differ.
 LORA_R2, LORA_R8, QLORA_R8 = "lora_r2_a16_all-linear", "lora_r8_a16_all-linear", "qlora_r8_a16_all-linear"
@@ -49,7 +49,7 @@ def _value(v):
     return repr(v)[:60]
 
 
-@judged
+@judged_check
 class prediction:
     """`my_prediction()`: the three structural predictions about the reduced grid's runs."""
     answer = {"is_dict": bool, "values": dict}
@@ -87,10 +87,11 @@ def _scores(rng, n: int, center: float, width: float) -> list:
     return [round(center + rng.uniform(-width, width), 4) for _ in range(n)]
 
 
-@judged
+@judged_check
 class verdict:
     """`verdict(a, b, higher_is_better=True)`: "A", "B" or None (not distinguishable beyond the seed spread)."""
     answer = {"verdicts": [(str, None)]}
+    reference = ("lorakit.lab.verdict",)
 
     def draw(rng):
         n = rng.integer(3, 5)
@@ -167,10 +168,13 @@ def _summary_rows(rng) -> list[dict]:
     return rows + [tie, smaller, failed, single, shared]
 
 
-@judged
+@judged_check
 class best_under_budget:
     """`best_under_budget(summary, budget_bytes, memory="training_bytes")` on drawn summaries."""
     answer = {"names": [(str, None)]}
+    # lorakit.lab.best_under_budget answers this exercise, but is not named as its reference: the lesson's own
+    # answer shares 90% of its code's fingerprints with it, so the flagger (grading.reference_use.SIMILAR) would
+    # call every honest answer a copy.
 
     def draw(rng):
         rows = _summary_rows(rng)
@@ -218,10 +222,11 @@ def _name(row):
 # QLoRA's step-time overhead, from the benchmark's repeats
 # --------------------------------------------------------------------------------------------------
 
-@judged
+@judged_check
 class qlora_overhead:
     """`qlora_overhead(step_times)`: {width: median QLoRA step / median LoRA step - 1} from a benchmark table."""
     answer = {"overheads": dict, "type": str}
+    reference = ("lorakit.lab.qlora_overhead",)
     reported = {"type": "the type of what the function returned"}
 
     def draw(rng):

@@ -5,8 +5,8 @@ notebook's own call; other shapes when graded), from weights and seeds drawn by 
 the learner's code on them and returns what came out (outputs, gradients, weights, names); the judge builds
 the same layers with lorakit.lora, the lesson's reference, and compares. Adapters are set to drawn non-zero
 values through the learner's own objects before outputs are compared: with B = 0 doing nothing gives the
-right answer. Every weight a check keeps comes from a seeded torch Generator (`judged.reseed`, drawn
-tensors), never from torch's global generator, so that judging many submissions at once in threads gives
+right answer. Every weight a check keeps comes from a seeded torch Generator (`lorakit.models.seeded_llama`,
+drawn tensors), never from torch's global generator, so that judging many submissions at once in threads gives
 the verdicts each gets alone.
 """
 
@@ -19,67 +19,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import CheckFailed, close, expect
-from .judged import data_or_repr, building, judged, reseed
-
-SMALL = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
-         "head_dim", "vocab_size", "max_position_embeddings", "rms_norm_eps", "tie_word_embeddings",
-         "bos_token_id", "eos_token_id", "pad_token_id")
-
-
-def _callable(obj, name: str) -> None:
-    expect(callable(obj), f"`{name}` should be a function or class; found {type(obj).__name__}.",
-           "run the exercise cell above first.")
+from lorakit.checks import CheckFailed, close, expect
+from lorakit.checks.judged import as_tensor, data_or_repr, expect_callable, judged_check
+from lorakit.checks.llama import (alpha_for, draw_adapters, has_adapters, linear_shapes, logits, set_adapters,
+                                  set_drawn_adapters, small_config)
+from lorakit.models import building, seeded_llama
 
 
-def _t(x) -> torch.Tensor:
-    return x.detach().to("cpu").clone()
-
-
-# ----------------------------------------------------------------------------------------- small models
-
-def small_config(rng=None, layers: int = 2, vocab: int = 256) -> dict:
-    """A small Llama config as a dict: the embedded model's shapes with `layers` blocks and a `vocab`-token
-    vocabulary; with an Rng, made-up shapes (grouped-query attention sometimes)."""
-    if rng is None:
-        import json
-
-        from lorakit.models import TINY_PATH
-        d = {k: v for k, v in json.loads((TINY_PATH / "config.json").read_text()).items() if k in SMALL}
-        d.update(num_hidden_layers=layers, vocab_size=vocab)
-        return d
-    heads = rng.choice([2, 3, 4])
-    head_dim = rng.choice([16, 32])
-    return dict(hidden_size=heads * head_dim, intermediate_size=64 * rng.integer(1, 4), num_hidden_layers=rng.integer(1, 2),
-                num_attention_heads=heads, num_key_value_heads=rng.choice([k for k in (1, heads) if heads % k == 0]),
-                head_dim=head_dim, vocab_size=rng.integer(128, 300), max_position_embeddings=64,
-                tie_word_embeddings=rng.choice([True, False]), bos_token_id=0, eos_token_id=0, pad_token_id=1)
-
-
-def small_model(config: dict, seed: int = 0):
-    """A float32 Llama of `config` (a dict) with weights drawn from `seed` (`judged.reseed`), in eval mode: the
-    same weights in every process and thread."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-    with building():
-        model = LlamaForCausalLM(LlamaConfig(**config))
-    return reseed(model, seed).float().eval()
-
-
-def linear_shapes(config: dict, targets) -> dict[str, list[int]]:
-    """{name: [out, in]} of the `targets` linear layers of a Llama of `config`, sorted by name (shapes only:
-    built on the meta device, no weights)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-    with building(), torch.device("meta"):
-        model = LlamaForCausalLM(LlamaConfig(**config))
-    return {name: [m.out_features, m.in_features] for name, m in sorted(model.named_modules())
-            if isinstance(m, nn.Linear) and name.rsplit(".", 1)[-1] in targets}
-
-
-def _draw_adapters(rng, config: dict, targets, r: int) -> dict[str, list]:
-    """Non-zero adapters for every target layer: {name: [A (r, in), B (out, r)]}, as if trained."""
-    return {name: [rng.randn(r, d_in) / math.sqrt(d_in), rng.randn(d_out, r) * 0.3]
-            for name, (d_out, d_in) in linear_shapes(config, targets).items()}
-
+# ------------------------------------------------------------------------------- small models, adapters
 
 def _seed_adapters(model, seed: int) -> None:
     """LoRA's initialisation (A kaiming-uniform in +-1/sqrt(in), B zero) for every layer with adapters, drawn
@@ -87,7 +34,7 @@ def _seed_adapters(model, seed: int) -> None:
     g = torch.Generator().manual_seed(int(seed))
     with torch.no_grad():
         for _, m in sorted(model.named_modules(), key=lambda nm: nm[0]):
-            if isinstance(getattr(m, "lora_A", None), nn.Linear) and isinstance(getattr(m, "lora_B", None), nn.Linear):
+            if has_adapters(m):
                 A = m.lora_A.weight
                 A.copy_((torch.rand(A.shape, generator=g) * 2 - 1) / math.sqrt(A.shape[1]))
                 m.lora_B.weight.zero_()
@@ -102,18 +49,12 @@ def expected_trainable(config: dict, r: int, target_modules) -> int:
 
     with warnings.catch_warnings(), building():
         warnings.simplefilter("ignore")
-        peft_model = get_peft_model(small_model(config), LoraConfig(r=r, lora_alpha=r, target_modules=list(target_modules)))
+        peft_model = get_peft_model(seeded_llama(config), LoraConfig(r=r, lora_alpha=r, target_modules=list(target_modules)))
     trainable, _ = peft_model.get_nb_trainable_parameters()
     counted = lora_parameters(LlamaConfig(**config), r, list(target_modules))
     if trainable != counted:  # the kit disagrees with peft: a grader error, never the learner's failed check
         raise RuntimeError(f"lorakit.memory.lora_parameters says {counted:,} but peft trains {trainable:,}")
     return counted
-
-
-def alpha_for(rng, r: int, choices) -> int:
-    """An alpha from `choices` that r does not divide (else one other than r): with alpha = r the scaling is 1,
-    so multiplying by it and dividing by it give the same numbers, and alpha // r would equal alpha / r."""
-    return rng.choice([a for a in choices if a % r] or [a for a in choices if a != r])
 
 
 def _model_inputs(rng, grading_targets) -> dict:
@@ -128,7 +69,7 @@ def _model_inputs(rng, grading_targets) -> dict:
 
 # ---------------------------------------------------------------------------------- ex02_break_even_rank
 
-@judged
+@judged_check
 class break_even_rank:
     """`break_even_rank(d_in, d_out)`: the largest rank at which A (r x d_in) and B (d_out x r) hold fewer numbers
     than the d_out x d_in weight W, built on lesson 01's count r * (d_in + d_out)."""
@@ -147,7 +88,7 @@ class break_even_rank:
         return {"cases": cases}
 
     def probe(inputs, fn):
-        _callable(fn, "break_even_rank")
+        expect_callable(fn, "break_even_rank")
         return {"ranks": [data_or_repr(fn(*case)) for case in inputs["cases"]]}
 
     def judge(inputs, answer):
@@ -209,16 +150,6 @@ def _has(layer, names) -> None:
                    f"`{name}` should be an nn.Linear; found {type(getattr(layer, name)).__name__}.")
 
 
-def _set_adapters(layer, A, B) -> bool:
-    """Put the drawn A and B into the learner's layer (when the shapes allow); whether it was done."""
-    if tuple(layer.lora_A.weight.shape) != tuple(A.shape) or tuple(layer.lora_B.weight.shape) != tuple(B.shape):
-        return False
-    with torch.no_grad():
-        layer.lora_A.weight.copy_(A)
-        layer.lora_B.weight.copy_(B)
-    return True
-
-
 def _reference(inputs, A=None, B=None, **kw):
     """lorakit.lora's LoRALinear on the same base weights, with the given adapters."""
     from lorakit.lora import LoRALinear
@@ -234,7 +165,7 @@ DROPOUT = 0.5     # the dropout the check asks for: a row keeps its feature (x 2
 INIT_SHAPE = (64, 256, 16)   # (out, in, r) of the layer whose lora_A is checked for kaiming-uniform: 4,096 draws
 
 
-@judged
+@judged_check
 class lora_linear:
     """Shapes, peft's initialisation, scaling (and rsLoRA's), outputs and gradients with drawn non-zero adapters,
     dropout on the adapter's input only (train vs eval), and what trains."""
@@ -260,7 +191,7 @@ class lora_linear:
         return inputs
 
     def probe(inputs, cls):
-        _callable(cls, "LoRALinear")
+        expect_callable(cls, "LoRALinear")
         r, alpha, x = inputs["r"], inputs["alpha"], inputs["x"]
         base = _base(inputs)
         layer = _build(cls, base, r, alpha)
@@ -269,21 +200,21 @@ class lora_linear:
         big = _build(cls, nn.Linear(in_f, out_f), big_r, big_r)
         _has(big, ("lora_A",))
         rs = _build(cls, _base(inputs), r, alpha, use_rslora=True)
-        out = {"same_base": layer.base_layer is base, "A_init": _t(layer.lora_A.weight), "B_init": _t(layer.lora_B.weight),
-               "A_big": _t(big.lora_A.weight), "no_bias": [layer.lora_A.bias is None, layer.lora_B.bias is None],
+        out = {"same_base": layer.base_layer is base, "A_init": as_tensor(layer.lora_A.weight), "B_init": as_tensor(layer.lora_B.weight),
+               "A_big": as_tensor(big.lora_A.weight), "no_bias": [layer.lora_A.bias is None, layer.lora_B.bias is None],
                "scaling": data_or_repr(layer.scaling), "rs_scaling": data_or_repr(getattr(rs, "scaling", None)),
-               "y_init": _t(layer(x)), "y": None, "grads": None, "y_rs": None}
-        if _set_adapters(layer, inputs["A"], inputs["B"]):
+               "y_init": as_tensor(layer(x)), "y": None, "grads": None, "y_rs": None}
+        if set_adapters(layer, inputs["A"], inputs["B"]):
             layer.zero_grad(set_to_none=True)
             y = layer(x)
             y.square().mean().backward()
-            out["y"] = _t(y)
-            out["grads"] = {k: None if g is None else _t(g) for k, g in
+            out["y"] = as_tensor(y)
+            out["grads"] = {k: None if g is None else as_tensor(g) for k, g in
                             (("A", layer.lora_A.weight.grad), ("B", layer.lora_B.weight.grad))}
         _has(rs, ("lora_A", "lora_B"))
-        if _set_adapters(rs, inputs["A"], inputs["B"]):
+        if set_adapters(rs, inputs["A"], inputs["B"]):
             with torch.no_grad():
-                out["y_rs"] = _t(rs(x))
+                out["y_rs"] = as_tensor(rs(x))
         out["frozen"] = [n for n, p in layer.base_layer.named_parameters() if p.requires_grad or p.grad is not None]
         out["trainable"] = sorted(n for n, p in layer.named_parameters() if p.requires_grad)
         elsewhere = _build(cls, nn.Linear(inputs["d_in"], inputs["d_out"], device="meta"), r, alpha)
@@ -292,13 +223,13 @@ class lora_linear:
         drop = _build(cls, _base(inputs), r, alpha, dropout=DROPOUT)
         _has(drop, ("lora_A", "lora_B"))
         drop.train()
-        out["y_drop0"] = _t(drop(x))
+        out["y_drop0"] = as_tensor(drop(x))
         out["y_train"] = out["y_eval"] = None
-        if _set_adapters(drop, inputs["A"], inputs["B"]):
+        if set_adapters(drop, inputs["A"], inputs["B"]):
             with torch.no_grad():
-                out["y_train"] = _t(drop(inputs["x_drop"]))
+                out["y_train"] = as_tensor(drop(inputs["x_drop"]))
                 drop.eval()
-                out["y_eval"] = _t(drop(x))
+                out["y_eval"] = as_tensor(drop(x))
         return out
 
     def judge(inputs, a):
@@ -388,7 +319,7 @@ def _same(got, want: torch.Tensor, atol: float, rtol: float = 1e-5) -> bool:
             and (atol == float("inf") or torch.allclose(got.float(), want.float(), atol=atol, rtol=rtol)))
 
 
-@judged
+@judged_check
 class lora_merge:
     """merge() folds B A into the base weight without changing outputs; twice warns; unmerge() undoes it."""
     answer = {"adapters_set": bool, "y0": torch.Tensor, "merged": object, "W_merged": torch.Tensor, "y_merged": torch.Tensor,
@@ -405,22 +336,22 @@ class lora_merge:
         return _layer_inputs(rng, 64, 48, 4, 8)
 
     def probe(inputs, cls):
-        _callable(cls, "LoRALinear")
+        expect_callable(cls, "LoRALinear")
         x = inputs["x"]
         base = _base(inputs)
         layer = _build(cls, base, inputs["r"], inputs["alpha"])
         _has(layer, ("base_layer", "lora_A", "lora_B", "scaling"))
-        out = {"adapters_set": _set_adapters(layer, inputs["A"], inputs["B"])}
+        out = {"adapters_set": set_adapters(layer, inputs["A"], inputs["B"])}
         layer.eval()
-        out["y0"] = _t(layer(x))
+        out["y0"] = as_tensor(layer(x))
         layer.merge()
-        out.update(merged=data_or_repr(getattr(layer, "merged", None)), W_merged=_t(base.weight), y_merged=_t(layer(x)))
+        out.update(merged=data_or_repr(getattr(layer, "merged", None)), W_merged=as_tensor(base.weight), y_merged=as_tensor(layer(x)))
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             layer.merge()
-        out.update(W_twice=_t(base.weight), warned=bool(caught))
+        out.update(W_twice=as_tensor(base.weight), warned=bool(caught))
         layer.unmerge()
-        out.update(unmerged=data_or_repr(getattr(layer, "merged", None)), W_unmerged=_t(base.weight), y_unmerged=_t(layer(x)))
+        out.update(unmerged=data_or_repr(getattr(layer, "merged", None)), W_unmerged=as_tensor(base.weight), y_unmerged=as_tensor(layer(x)))
         return out
 
     def judge(inputs, a):
@@ -447,30 +378,10 @@ class lora_merge:
 
 # ------------------------------------------------------------------------------------- ex02_inject_lora
 
-def _logits(model, ids) -> torch.Tensor:
-    with torch.no_grad():
-        return _t(model(ids).logits)
-
-
-def set_drawn_adapters(model, adapters: dict) -> list[str]:
-    """Set each drawn (A, B) through the layer of that name in `model` (the learner's own adapter modules);
-    the names that took them (a layer that is missing, has no lora_A / lora_B or other shapes does not)."""
-    done = []
-    for name, (A, B) in adapters.items():
-        try:
-            layer = model.get_submodule(name)
-            if isinstance(getattr(layer, "lora_A", None), nn.Linear) and isinstance(getattr(layer, "lora_B", None), nn.Linear) \
-                    and _set_adapters(layer, A, B):
-                done.append(name)
-        except AttributeError:
-            continue
-    return done
-
-
 def _reference_model(inputs):
     """The inputs' small Llama with lorakit.lora's adapters on the targets, set to the drawn adapters."""
     from lorakit.lora import inject_lora as reference_inject
-    model = small_model(inputs["config"], inputs["seed"])
+    model = seeded_llama(inputs["config"], inputs["seed"])
     with building():
         reference_inject(model, inputs["targets"], r=inputs["r"], alpha=inputs["alpha"])
     set_drawn_adapters(model, inputs["adapters"])
@@ -480,7 +391,7 @@ def _reference_model(inputs):
 NO_MATCH = (("no_such_layer",), ("proj",))   # targets that match no layer of a Llama under peft's rule
 
 
-@judged
+@judged_check
 class inject_lora:
     """On a small Llama: the count returned and the parameters that train, drawn non-zero adapters set through
     the learner's layers give the reference's logits, logits unchanged right after injection (B = 0), and a
@@ -497,24 +408,24 @@ class inject_lora:
 
     def draw(rng):
         inputs = _model_inputs(rng, ["q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj"])
-        inputs["adapters"] = _draw_adapters(rng, inputs["config"], inputs["targets"], inputs["r"])
+        inputs["adapters"] = draw_adapters(rng, inputs["config"], inputs["targets"], inputs["r"])
         return inputs
 
     def probe(inputs, fn, cls):
-        _callable(fn, "inject_lora")
-        model = small_model(inputs["config"], inputs["seed"])
-        before = _logits(model, inputs["ids"])
+        expect_callable(fn, "inject_lora")
+        model = seeded_llama(inputs["config"], inputs["seed"])
+        before = logits(model, inputs["ids"])
         n = fn(model, inputs["targets"], r=inputs["r"], alpha=inputs["alpha"])
         out = {"n": data_or_repr(n), "before": before,
                "wrapped": sorted(name for name, m in model.named_modules() if isinstance(cls, type) and isinstance(m, cls)),
                "trainable": [name for name, p in model.named_parameters() if p.requires_grad],
                "n_trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
-               "after": _logits(model, inputs["ids"]), "adapters_set": set_drawn_adapters(model, inputs["adapters"])}
-        out["adapted"] = _logits(model, inputs["ids"])
+               "after": logits(model, inputs["ids"]), "adapters_set": set_drawn_adapters(model, inputs["adapters"])}
+        out["adapted"] = logits(model, inputs["ids"])
         out["raised"] = []
         for targets in NO_MATCH:
             try:
-                fn(small_model(inputs["config"], inputs["seed"]), list(targets), r=inputs["r"], alpha=inputs["alpha"])
+                fn(seeded_llama(inputs["config"], inputs["seed"]), list(targets), r=inputs["r"], alpha=inputs["alpha"])
                 out["raised"].append(None)
             except Exception as e:  # noqa: BLE001 - the learner may pick the exception type
                 out["raised"].append(type(e).__name__)
@@ -536,7 +447,7 @@ class inject_lora:
         stray = [name for name in a["trainable"] if ".lora_A." not in name and ".lora_B." not in name]
         expect(not stray, f"only the adapters should train, but these require gradients too: {stray[:4]}.",
                "freeze every parameter of the model first (requires_grad_(False)), then wrap the targets.")
-        base = _logits(small_model(cfg, inputs["seed"]), inputs["ids"])
+        base = logits(seeded_llama(cfg, inputs["seed"]), inputs["ids"])
         expect(_same(a["before"], base, 1e-5), "the model the check built gave other logits than the same model built "
                "by the grader.")
         expect(_same(a["after"], base, 1e-5), "right after inject_lora the model's logits changed: B starts at zero, so "
@@ -544,7 +455,7 @@ class inject_lora:
         missing = [name for name in want if name not in a["adapters_set"]]
         expect(not missing, f"these layers have no lora_A / lora_B of shapes (r, in) and (out, r) to take adapters: "
                f"{missing[:4]}.", "wrap every target with your LoRALinear(module, r, alpha).")
-        ref = _logits(_reference_model(inputs), inputs["ids"])
+        ref = logits(_reference_model(inputs), inputs["ids"])
         diff = (a["adapted"].float() - ref).abs().max().item() if _same(a["adapted"], ref, float("inf")) else float("inf")
         expect(diff <= 1e-4 * max(1.0, ref.abs().max().item()), f"with non-zero adapters set in your layers, the "
                f"model's logits differ from the reference LoRA model's by up to {diff:.3g}.",
@@ -571,7 +482,7 @@ def _optimizer(name: str, params, lr: float):
 def _trained(inputs, step):
     """Run `step` (the learner's training_step, or the reference) on the inputs' model; (model, results)."""
     from lorakit.lora import inject_lora as reference_inject
-    model = small_model(inputs["config"], inputs["seed"]).train()
+    model = seeded_llama(inputs["config"], inputs["seed"]).train()
     with building():
         reference_inject(model, inputs["targets"], r=inputs["r"], alpha=inputs["alpha"])
     _seed_adapters(model, inputs["seed"] + 1)
@@ -581,15 +492,7 @@ def _trained(inputs, step):
     return model, [step(model, batch, opt) for _ in range(inputs["steps"])]
 
 
-def _reference_step(model, batch, optimizer) -> float:
-    loss = model(**batch).loss
-    loss.backward()
-    optimizer.step()
-    optimizer.zero_grad()
-    return loss.item()
-
-
-@judged
+@judged_check
 class training_step:
     """A few steps on one batch: the loss of each step, the adapters and the model's logits after them, only
     the adapters move, gradients are cleared."""
@@ -609,25 +512,26 @@ class training_step:
 
     def probe(inputs, fn):
         from lorakit.lora import lora_state_dict
-        _callable(fn, "training_step")
-        frozen = {n: _t(p) for n, p in small_model(inputs["config"], inputs["seed"]).named_parameters()}
+        expect_callable(fn, "training_step")
+        frozen = {n: as_tensor(p) for n, p in seeded_llama(inputs["config"], inputs["seed"]).named_parameters()}
         model, losses = _trained(inputs, fn)
         return {"losses": [data_or_repr(v) for v in losses],
                 "leftover": [n for n, p in model.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0],
                 "moved": [n for n, p in model.named_parameters()
                           if not p.requires_grad and n in frozen and not torch.equal(p, frozen[n])],
-                "adapters": {k: _t(v) for k, v in lora_state_dict(model).items()},
-                "logits": _logits(model.eval(), inputs["ids"])}
+                "adapters": {k: as_tensor(v) for k, v in lora_state_dict(model).items()},
+                "logits": logits(model.eval(), inputs["ids"])}
 
     def judge(inputs, a):
         from lorakit.lora import lora_state_dict
+        from lorakit.train import training_step as reference_step
         losses = a["losses"]
         expect(len(losses) == inputs["steps"] and all(type(v) is float for v in losses), "training_step should return "
                f"the loss as a Python float (loss.item()); found {type(losses[0]).__name__ if losses else 'nothing'}.")
         expect(not a["leftover"], f"gradients are left over after the step ({a['leftover'][:2]}...): the next step would "
                "add to them.", "call optimizer.zero_grad() after optimizer.step().")
         expect(not a["moved"], f"frozen weights changed: {a['moved'][:3]}.")
-        model, want = _trained(inputs, _reference_step)
+        model, want = _trained(inputs, reference_step)
         expect(all(math.isclose(g, w, rel_tol=1e-3, abs_tol=1e-5) for g, w in zip(losses, want)),
                f"the losses of the {len(want)} steps should be {', '.join(f'{w:.4f}' for w in want)}; found "
                f"{', '.join(f'{g:.4f}' for g in losses)}.", "forward, loss.backward(), optimizer.step(), optimizer.zero_grad().")
@@ -637,7 +541,7 @@ class training_step:
                "optimizer should update lora_A and lora_B once per call.")
         expect(any(torch.count_nonzero(v) for k, v in a["adapters"].items() if "lora_B" in k),
                "lora_B is still zero after the steps: the optimizer did not update the adapters.")
-        want_logits = _logits(model.eval(), inputs["ids"])
+        want_logits = logits(model.eval(), inputs["ids"])
         expect(_same(a["logits"], want_logits, 1e-4, rtol=1e-3), "after the steps the model's logits differ from the "
                "reference's: something besides the adapters changed.", "step only the optimizer you were given.")
         return (f"training_step: loss {losses[0]:.3f} -> {losses[-1]:.3f} in {len(losses)} steps on one batch, only the "
@@ -646,7 +550,7 @@ class training_step:
 
 # ---------------------------------------------------------------------------------------- ex02_peft_copy
 
-@judged
+@judged_check
 class peft_equal:
     """After copying the learner's A and B into a peft model of the same base, both give the same logits."""
     answer = {"copied": dict, "logits": torch.Tensor}
@@ -661,25 +565,25 @@ class peft_equal:
         from peft import LoraConfig, get_peft_model
 
         from lorakit.lora import replace_linears
-        _callable(fn, "copy_into_peft")
-        _callable(cls, "LoRALinear")
+        expect_callable(fn, "copy_into_peft")
+        expect_callable(cls, "LoRALinear")
         r, alpha = inputs["r"], inputs["alpha"]
-        mine = small_model(inputs["config"], inputs["seed"])
+        mine = seeded_llama(inputs["config"], inputs["seed"])
         replace_linears(mine, inputs["targets"], lambda m: cls(m, r, alpha), adapted=(cls,))
         with torch.no_grad():
             for name, (A, B) in inputs["adapters"].items():
-                _set_adapters(mine.get_submodule(name), A, B)
+                set_adapters(mine.get_submodule(name), A, B)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            peft_model = get_peft_model(small_model(inputs["config"], inputs["seed"]),
+            peft_model = get_peft_model(seeded_llama(inputs["config"], inputs["seed"]),
                                         LoraConfig(r=r, lora_alpha=alpha, target_modules=inputs["targets"], lora_dropout=0.0))
         fn(mine, peft_model)
         peft_model.eval()
         inner = peft_model.base_model.model
-        copied = {name: [_t(inner.get_submodule(name).lora_A["default"].weight),
-                         _t(inner.get_submodule(name).lora_B["default"].weight)] for name in inputs["adapters"]}
+        copied = {name: [as_tensor(inner.get_submodule(name).lora_A["default"].weight),
+                         as_tensor(inner.get_submodule(name).lora_B["default"].weight)] for name in inputs["adapters"]}
         with torch.no_grad():
-            return {"copied": copied, "logits": _t(peft_model(input_ids=inputs["ids"]).logits)}
+            return {"copied": copied, "logits": as_tensor(peft_model(input_ids=inputs["ids"]).logits)}
 
     def judge(inputs, a):
         for name, (A, B) in inputs["adapters"].items():
@@ -690,7 +594,7 @@ class peft_equal:
             expect(ok, f"peft's {name} does not hold your adapter after copy_into_peft.",
                    "for every LoRALinear named `name` in your model, copy its lora_A.weight and lora_B.weight into "
                    "peft_model.base_model.model.get_submodule(name).lora_A['default'] / lora_B['default'].")
-        want = _logits(_reference_model(inputs), inputs["ids"]).float()
+        want = logits(_reference_model(inputs), inputs["ids"]).float()
         got = a["logits"]
         diff = (got.float() - want).abs().max().item() if _same(got, want, float("inf")) else float("inf")
         expect(diff <= 1e-4 + 1e-4 * want.abs().max().item(), f"the logits differ by up to {diff:.3g} after copying: "

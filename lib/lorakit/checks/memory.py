@@ -4,8 +4,8 @@ lorakit.memory and with transformers' own count on the meta device."""
 
 from __future__ import annotations
 
-from . import close, expect
-from .judged import building, data_or_repr, judged
+from lorakit.checks import close, expect
+from lorakit.checks.judged import data_or_repr, expect_callable, judged_check
 
 ADAMW_PARTS = {"weights": 2, "gradients": 2, "master weights": 4, "adam m": 4, "adam v": 4}
 ADAMW_HINTS = {"weights": "the model itself is kept in bf16.", "gradients": "gradients have the dtype of the weights: bf16.",
@@ -39,15 +39,11 @@ def random_config(rng, max_layers: int = 6) -> dict:
     return d
 
 
-def _callable(fn, name: str, signature: str) -> None:
-    expect(callable(fn), f"`{name}` should be a function {signature}, found {type(fn).__name__}.")
-
-
 def _number(x):
     return data_or_repr(x)
 
 
-@judged
+@judged_check
 class nf4_bits:
     """`nf4_bits(double_quant)`: bits stored per NF4 parameter, with and without double quantization."""
     answer = {"bits": [object]}
@@ -57,7 +53,7 @@ class nf4_bits:
         return {"double_quant": rng.sample([False, True], 2) if rng.grading else [False, True]}
 
     def probe(inputs, fn):
-        _callable(fn, "nf4_bits", "of double_quant (True or False)")
+        expect_callable(fn, "nf4_bits", "a function of double_quant (True or False)")
         return {"bits": [_number(fn(dq)) for dq in inputs["double_quant"]]}
 
     def judge(inputs, answer):
@@ -75,7 +71,7 @@ class nf4_bits:
         return f"NF4 stores {plain} bits per parameter, {dq:.4f} with double quantization"
 
 
-@judged
+@judged_check
 class adamw_bytes:
     """The learner's dict `adamw_bytes`: bytes per trained parameter of each part of mixed-precision AdamW."""
     answer = {"is_dict": bool, "keys": [str], "values": dict}
@@ -106,6 +102,8 @@ class adamw_bytes:
 def _meta_num_parameters(cfg) -> int:
     import torch
     from transformers import AutoModelForCausalLM
+
+    from lorakit.models import building
     with building(), torch.device("meta"):  # the shapes, no memory
         return AutoModelForCausalLM.from_config(cfg).num_parameters()
 
@@ -132,7 +130,7 @@ def _named(names, rng, n: int) -> list:
                                                for i, d in enumerate(random_config(rng) for _ in range(n))]
 
 
-@judged
+@judged_check
 class count_parameters:
     """`count_parameters(cfg)`: parameters of a Llama-family model from its config alone."""
     answer = {"counts": [object]}
@@ -150,7 +148,7 @@ class count_parameters:
         return {"configs": _named(COUNT_CHECKS, rng, 0)}
 
     def probe(inputs, fn):
-        _callable(fn, "count_parameters", "of a transformers config")
+        expect_callable(fn, "count_parameters", "a function of a transformers config")
         return {"counts": [_number(fn(_config(spec))) for _, spec in inputs["configs"]]}
 
     def judge(inputs, answer):
@@ -168,7 +166,7 @@ class count_parameters:
         return "count_parameters equals model.num_parameters() for " + ", ".join(rows)
 
 
-@judged
+@judged_check
 class lora_params:
     """`lora_params(d_in, d_out, r)`: trainable parameters of LoRA on one d_in -> d_out layer."""
     answer = {"counts": [object]}
@@ -181,7 +179,7 @@ class lora_params:
         return {"cases": cases}
 
     def probe(inputs, fn):
-        _callable(fn, "lora_params", "of (d_in, d_out, r)")
+        expect_callable(fn, "lora_params", "a function of (d_in, d_out, r)")
         return {"counts": [_number(fn(*case)) for case in inputs["cases"]]}
 
     def judge(inputs, answer):
@@ -196,7 +194,7 @@ class lora_params:
                 f"({1 - 72_000 / 20_000_000:.2%} fewer)")
 
 
-@judged
+@judged_check
 class qlora_weights_gb:
     """`qlora_weights_gb(cfg)`: GB of a QLoRA model's weights (NF4 + double quantization, the rest bf16)."""
     answer = {"sizes": [object]}
@@ -210,7 +208,7 @@ class qlora_weights_gb:
         return {"configs": _named(("llama-2-7b", "qwen2.5-0.5b", "llama-2-70b"), rng, 0)}
 
     def probe(inputs, fn):
-        _callable(fn, "qlora_weights_gb", "of a transformers config")
+        expect_callable(fn, "qlora_weights_gb", "a function of a transformers config")
         return {"sizes": [_number(fn(_config(spec))) for _, spec in inputs["configs"]]}
 
     def judge(inputs, answer):

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import torch
 
-from . import CheckFailed, close, expect
-from .judged import data_or_repr, judged
+from lorakit.checks import CheckFailed, close, expect
+from lorakit.checks.judged import data_or_repr, judged_check
 
 # Shapes that exercise full blocks, a partial last block, and an odd number of elements.
 SHAPES = [(64, 64), (33, 65), (7, 9), (1, 1), (5000,)]
@@ -54,7 +54,7 @@ def _kind(x) -> str:
 
 # ------------------------------------------------------------------------------------- float formats
 
-@judged
+@judged_check
 class describe:
     """`describe(dtype)`: the largest value and the precision (eps) of a float format."""
     answer = {"results": [object]}
@@ -87,7 +87,7 @@ class describe:
 
 # --------------------------------------------------------------------------------------- absmax int8
 
-@judged
+@judged_check
 class absmax_int8:
     """`absmax_quantize(x)` -> (int8 codes, absmax) and `absmax_dequantize(q, absmax)`."""
     answer = {"q": object, "scale": object, "x_hat": object}
@@ -129,7 +129,7 @@ class absmax_int8:
         return f"absmax int8: codes {q.tolist()[:8]}, largest error {(x_hat.double() - x).abs().max().item():.4f}"
 
 
-@judged
+@judged_check
 class blockwise:
     """`blockwise_quantize(x, blocksize)` and `blockwise_dequantize(q, absmax)`: one absmax per block."""
     answer = {"q": object, "absmax": object, "x_hat": object}
@@ -177,7 +177,7 @@ class blockwise:
 
 # -------------------------------------------------------------------------------------- the NF4 code
 
-@judged
+@judged_check
 class nf4_values:
     """`nf4_values()`: the 16 NF4 values from the normal distribution's quantiles."""
     answer = {"values": object}
@@ -249,7 +249,7 @@ def _where(W, blocksize) -> str:
         ("" if blocksize == 64 else f" (blocksize {blocksize})")
 
 
-@judged
+@judged_check
 class quantize:
     """`quantize_nf4(W, blocksize)`: packed NF4 bytes and the per-block absmax, bit-exact with bitsandbytes."""
     answer = {"results": [[object]]}
@@ -284,7 +284,7 @@ class quantize:
         return f"quantize_nf4 is bit-exact with bitsandbytes for fp32, bf16 and fp16 and {shapes} shapes"
 
 
-@judged
+@judged_check
 class dequantize:
     """`dequantize_nf4(packed, state)` of the learner's own `quantize_nf4`: bitsandbytes' values, bit for bit."""
     answer = {"results": [object]}
@@ -320,7 +320,7 @@ class dequantize:
 
 # ------------------------------------------------------------------------------ double quantization
 
-@judged
+@judged_check
 class double_quant:
     """`double_quantize(absmax)`: the 8-bit codes, second-level absmax and offset of bitsandbytes'
     compress_statistics=True."""
@@ -371,7 +371,7 @@ class double_quant:
         return "double quantization equals bitsandbytes' compress_statistics=True code for code"
 
 
-@judged
+@judged_check
 class bits:
     """`bits_per_param(blocksize, double_quant)`: bits stored per parameter with the quantization constants."""
     answer = {"bits": [object]}

@@ -3,11 +3,11 @@
 Each check builds its own small layers (or a tiny random Llama) from weights and seeds the grader drew, so it
 tests the learner's code and nothing else in the notebook's state. The probe returns what the learner's
 layers computed (outputs, gradients, packed bytes, counts); the judge compares with the real thing on the same
-weights: bitsandbytes' packed bytes and `Linear4bit` outputs, peft's LoRA layer for 4-bit bases, and
-`lorakit.qlora`, the reference. That real thing is built here (`bitsandbytes_lora`, with `copy_adapters` to
-give two layers the same adapters): lesson 04, its tests and the benchmarks compare with it too. As in
-lesson 02's checks, adapters get drawn non-zero values through the learner's own layers before outputs and
-gradients are compared, and every weight a check keeps comes from a seeded Generator (`judged.reseed`).
+weights: bitsandbytes' packed bytes and `Linear4bit` outputs, peft's LoRA layer for 4-bit bases (both built
+by `lorakit.qlora.bitsandbytes_lora`, which lesson 04 compares with too), and `lorakit.qlora`, the reference.
+As in lesson 02's checks, adapters get drawn non-zero values through the learner's own layers before outputs
+and gradients are compared, and every weight a check keeps comes from a seeded Generator
+(`lorakit.models.seeded_llama`, drawn tensors).
 """
 
 from __future__ import annotations
@@ -16,73 +16,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import CheckFailed, close, expect
-from .judged import data_or_repr, building, judged, reseed
-from .lora import alpha_for, linear_shapes, set_drawn_adapters
+from lorakit.checks import CheckFailed, close, expect
+from lorakit.checks.judged import as_tensor, data_or_repr, expect_callable, judged_check
+from lorakit.checks.llama import adapter_grads, alpha_for, draw_adapters, set_drawn_adapters
+from lorakit.models import building, seeded_llama
 
 D_IN, D_OUT = 192, 128  # multiples of 64, as bitsandbytes' CPU kernels want (`_convert_weight_packed_for_cpu`)
-
-
-# ------------------------------------------------------------------- the real thing, for comparison
-
-def bitsandbytes_lora(linear: nn.Linear, r: int = 8, alpha: float = 8, dropout: float = 0.0,
-                      compute_dtype: torch.dtype | None = None, blocksize: int = 64):
-    """The same layer built with the real libraries: bitsandbytes `Linear4bit` (nf4, double quantization
-    = compress_statistics) from `linear`'s weights, wrapped by peft's LoRA layer for 4-bit bases.
-
-    bitsandbytes' CPU inference repack is switched off (`lorakit.models.disable_cpu_inference_repack`) so
-    that the adapters keep receiving gradients after an evaluation in eval() mode under no_grad.
-    Lesson 04 compares `lorakit.qlora.QLoRALinear` with it; the checks below judge with it."""
-    from peft import LoraConfig
-    from peft.tuners.lora.bnb import Linear4bit as PeftLinear4bit
-
-    from lorakit.env import import_bitsandbytes
-    from lorakit.models import disable_cpu_inference_repack
-
-    bnb = import_bitsandbytes()
-
-    if not isinstance(linear, nn.Linear):
-        raise TypeError(f"bitsandbytes_lora quantizes an nn.Linear; got {type(linear).__name__}")
-    device = linear.weight.device
-    q = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=linear.bias is not None,
-                          compute_dtype=compute_dtype, compress_statistics=True, quant_type="nf4",
-                          quant_storage=torch.uint8, device="meta")
-    q.weight = bnb.nn.Params4bit(linear.weight.detach().to("cpu").clone(), requires_grad=False,
-                                 compress_statistics=True, quant_type="nf4", blocksize=blocksize)
-    if linear.bias is not None:
-        q.bias = nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
-    q = q.to(device)                                                              # quantizes here
-    disable_cpu_inference_repack(q)
-    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout)
-    layer = PeftLinear4bit(q, "default", config, r=r, lora_alpha=alpha)
-    # Adapters in fp32, as get_peft_model leaves them (autocast_adapter_dtype=True) and as LoRALinear keeps
-    # them; built directly, peft would give them the base layer's compute dtype.
-    layer.lora_A.float()
-    layer.lora_B.float()
-    return layer
-
-
-@torch.no_grad()
-def copy_adapters(src: nn.Module, dst: nn.Module) -> None:
-    """Copy lora_A / lora_B weights from one LoRA layer to another, lorakit or peft (peft keeps them in
-    a ModuleDict per adapter name; the active one is used)."""
-    def linear(layer, part):
-        m = getattr(layer, part)
-        if isinstance(m, nn.ModuleDict):
-            m = m[layer.active_adapters[0]]
-        return m
-
-    for part in ("lora_A", "lora_B"):
-        linear(dst, part).weight.copy_(linear(src, part).weight)
-
-
-def _callable(obj, name: str) -> None:
-    expect(callable(obj), f"`{name}` should be a class or function; found {type(obj).__name__}.",
-           "run the exercise cell above first.")
-
-
-def _t(x) -> torch.Tensor:
-    return x.detach().to("cpu").clone()
 
 
 def _dims(rng) -> tuple[int, int]:
@@ -168,7 +107,7 @@ COMPUTE = "bfloat16"   # the compute_dtype the checks ask for, pinned: whatever 
 
 # -------------------------------------------------------------------------------------- ex04_matmul_nf4
 
-@judged
+@judged_check
 class matmul_nf4:
     """Output and input gradient equal to F.linear with the dequantized weight; the dequantized weight
     is not kept for backward."""
@@ -184,7 +123,7 @@ class matmul_nf4:
                 "x": rng.randn(3, 5, d_in)}
 
     def probe(inputs, fn):
-        _callable(getattr(fn, "apply", None), "MatMulNF4.apply")
+        expect_callable(getattr(fn, "apply", None), "MatMulNF4.apply")
         packed, state = _packed_and_state(inputs["W"])
         out, kept = [], []
         for dtype, bias, _ in inputs["cases"]:
@@ -241,7 +180,7 @@ class matmul_nf4:
 
 # ------------------------------------------------------------------------------------- ex04_nf4_linear
 
-@judged
+@judged_check
 class nf4_linear:
     """4-bit storage only, bitsandbytes' packed bytes and double-quantized constants, bitsandbytes' outputs,
     nothing trainable."""
@@ -260,7 +199,7 @@ class nf4_linear:
                 "dtypes": ["float32", "bfloat16"], "compute_dtype": COMPUTE}
 
     def probe(inputs, cls):
-        _callable(cls, "NF4Linear")
+        expect_callable(cls, "NF4Linear")
         lin = _linear(inputs, bias=True)
         layer = cls(lin)
         if not isinstance(layer, nn.Module):
@@ -307,6 +246,7 @@ class nf4_linear:
                "quantize_nf4(linear.weight, blocksize, double_quant=True) by default.")
         expect(not a["trainable"], f"NF4Linear should have no trainable parameters; found {a['trainable']}.",
                "the 4-bit weight is a buffer, and a bias (if any) gets requires_grad=False.")
+        from lorakit.qlora import bitsandbytes_lora
         with building():
             bnb = bitsandbytes_lora(_linear(inputs, bias=True)).base_layer
         expect(len(a["outputs"]) == len(inputs["dtypes"]), "NF4Linear should answer once per input dtype.")
@@ -340,7 +280,7 @@ class nf4_linear:
 
 # ------------------------------------------------------------------------------------ ex04_qlora_linear
 
-@judged
+@judged_check
 class qlora_linear:
     """A 4-bit base, adapters only trainable, outputs equal to bitsandbytes Linear4bit + peft, merge refuses."""
     answer = {"missing": [str], "copies": [str], "trainable": [str], "scaling": object, "outputs": [object],
@@ -361,7 +301,7 @@ class qlora_linear:
                 "compute_dtype": COMPUTE}
 
     def probe(inputs, cls):
-        _callable(cls, "QLoRALinear")
+        expect_callable(cls, "QLoRALinear")
         lin = _linear(inputs)
         layer = cls(lin, inputs["r"], inputs["alpha"])
         missing = [n for n in ("base_layer", "lora_A", "lora_B", "scaling") if not hasattr(layer, n)]
@@ -400,6 +340,7 @@ class qlora_linear:
                f"only lora_A.weight and lora_B.weight should be trainable; found {a['trainable']}.")
         expect(close(a["scaling"], alpha / r), f"alpha={alpha}, r={r}: scaling should be {alpha / r:g}; found {a['scaling']!r}.")
         expect(len(a["outputs"]) == len(inputs["dtypes"]), f"lora_A and lora_B should have shapes ({r}, in) and (out, {r}).")
+        from lorakit.qlora import bitsandbytes_lora
         with building():
             twin = bitsandbytes_lora(_linear(inputs), r, alpha)
         with torch.no_grad():
@@ -440,20 +381,16 @@ class qlora_linear:
 
 # ------------------------------------------------------------------------------ ex04_quantize_and_inject
 
-def tiny_config(hidden: int = 128, intermediate: int = 256, layers: int = 2, vocab: int = 256) -> dict:
-    """The config (a dict) of `tiny_llama`: every size a multiple of 64."""
+def _llama_config(hidden: int = 128, intermediate: int = 256, layers: int = 2, vocab: int = 256) -> dict:
+    """The config (a dict) of the Llamas these checks build: every size a multiple of 64, as bitsandbytes'
+    CPU kernels want."""
     return dict(vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
                 num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=128, tie_word_embeddings=False)
 
 
-def tiny_llama(seed: int = 0, hidden: int = 128, intermediate: int = 256, layers: int = 2, vocab: int = 256):
-    """A random Llama with every size a multiple of 64, weights drawn from `seed` (`judged.reseed`), for checks
-    and tests (no download)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    with building():
-        model = LlamaForCausalLM(LlamaConfig(**tiny_config(hidden, intermediate, layers, vocab)))
-    return reseed(model, seed).eval()
+def _llama(inputs):
+    """The inputs' Llama, its weights drawn from the inputs' seed."""
+    return seeded_llama(_llama_config(**inputs["sizes"]), inputs["seed"])
 
 
 def _llama_inputs(rng, visible_targets) -> dict:
@@ -465,8 +402,7 @@ def _llama_inputs(rng, visible_targets) -> dict:
         alpha = alpha_for(rng, r, [4, 8, 16])
     else:
         sizes, targets, r, alpha = {"hidden": 128, "intermediate": 256, "layers": 2}, visible_targets, 4, 8
-    adapters = {name: [rng.randn(r, d_in) / d_in ** 0.5, rng.randn(d_out, r) * 0.3]
-                for name, (d_out, d_in) in linear_shapes(tiny_config(**sizes), targets).items()}
+    adapters = draw_adapters(rng, _llama_config(**sizes), targets, r)
     return {"seed": rng.new_seed(), "sizes": sizes, "targets": targets, "r": r, "alpha": alpha,
             "ids": rng.randint(0, 256, (2, 12)), "adapters": adapters}
 
@@ -474,7 +410,7 @@ def _llama_inputs(rng, visible_targets) -> dict:
 def _reference_model(inputs, adapters: bool = False):
     """lorakit.qlora's model for the inputs (with the drawn adapters set when asked); (model, count returned)."""
     from lorakit import qlora
-    model = tiny_llama(inputs["seed"], **inputs["sizes"])
+    model = _llama(inputs)
     with building():
         n = qlora.quantize_and_inject(model, inputs["targets"], inputs["r"], inputs["alpha"])
     if adapters:
@@ -482,20 +418,7 @@ def _reference_model(inputs, adapters: bool = False):
     return model, n
 
 
-def _adapter_grads(model, ids) -> dict:
-    """{name: [grad of lora_A, grad of lora_B]} of every layer with adapters after one backward of the loss
-    on `ids` (train mode), None where there is no gradient."""
-    model.train()
-    model.zero_grad(set_to_none=True)
-    model(ids, labels=ids).loss.backward()
-    out = {}
-    for name, m in model.named_modules():
-        if isinstance(getattr(m, "lora_A", None), nn.Linear) and isinstance(getattr(m, "lora_B", None), nn.Linear):
-            out[name] = [None if g is None else _t(g) for g in (m.lora_A.weight.grad, m.lora_B.weight.grad)]
-    return out
-
-
-@judged
+@judged_check
 class quantize_and_inject:
     """Targets replaced, everything else frozen, the right count returned; with drawn non-zero adapters set
     through the learner's layers, the logits and the adapters' gradients equal the reference QLoRA model's."""
@@ -512,9 +435,9 @@ class quantize_and_inject:
         return _llama_inputs(rng, ["q_proj", "v_proj"])
 
     def probe(inputs, fn, qlora_cls):
-        _callable(fn, "quantize_and_inject")
+        expect_callable(fn, "quantize_and_inject")
         targets = inputs["targets"]
-        model = tiny_llama(inputs["seed"], **inputs["sizes"])
+        model = _llama(inputs)
         n = fn(model, targets, inputs["r"], inputs["alpha"])
         names = [name for name, _ in model.named_modules() if name.rsplit(".", 1)[-1] in targets]
         out = {"n": data_or_repr(n),
@@ -525,10 +448,10 @@ class quantize_and_inject:
                "trainable": sorted({n.split(".")[-2] for n, p in model.named_parameters() if p.requires_grad}),
                "adapters_set": set_drawn_adapters(model, inputs["adapters"])}
         with torch.no_grad():
-            out["logits"] = _t(model.eval()(inputs["ids"]).logits)
-        out["grads"] = _adapter_grads(model, inputs["ids"])
+            out["logits"] = as_tensor(model.eval()(inputs["ids"]).logits)
+        out["grads"] = adapter_grads(model, inputs["ids"])
         out["with_grad"] = sorted({n.split(".")[-2] for n, p in model.named_parameters() if p.grad is not None})
-        other = tiny_llama(inputs["seed"], **inputs["sizes"])
+        other = _llama(inputs)
         try:
             fn(other, ["proj"], inputs["r"], inputs["alpha"])
         except Exception:  # noqa: BLE001 - raising for targets that match nothing is fine too
@@ -561,7 +484,7 @@ class quantize_and_inject:
                f"target or ends with '.' + target), yet your function replaced {a['suffix_only'][:3]}.",
                "match with name == t or name.endswith('.' + t).")
         expect(a["with_grad"] == ["lora_A", "lora_B"], f"after backward, only adapters should have gradients; found {a['with_grad']}.")
-        want = _adapter_grads(model, inputs["ids"])
+        want = adapter_grads(model, inputs["ids"])
         got = a["grads"]
         for name, (gA, gB) in want.items():
             mine = got.get(name)
@@ -575,7 +498,7 @@ class quantize_and_inject:
 
 # ----------------------------------------------------------------------------------- ex04_stored_bits
 
-@judged
+@judged_check
 class stored_bits:
     """`stored_bits(model)`: bits stored per weight of the 4-bit layers, constants included."""
     answer = {"bits": object}
@@ -585,8 +508,8 @@ class stored_bits:
         return _llama_inputs(rng, ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
 
     def probe(inputs, fn, quantize_and_inject):
-        _callable(fn, "stored_bits")
-        model = tiny_llama(inputs["seed"], **inputs["sizes"])
+        expect_callable(fn, "stored_bits")
+        model = _llama(inputs)
         quantize_and_inject(model, inputs["targets"], inputs["r"], inputs["alpha"])
         return {"bits": data_or_repr(fn(model))}
 

@@ -20,7 +20,7 @@ import base64
 import math
 import operator
 
-from . import CheckFailed
+from lorakit.checks import CheckFailed
 
 MAX_DATA_BYTES = 64 * 2**20        # one encoded message (inputs or answer)
 MAX_TENSOR_ELEMENTS = 16 * 2**20   # one tensor

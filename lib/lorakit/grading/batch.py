@@ -10,11 +10,11 @@ import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 
-from .. import course
-from . import gradebook, reference_use, report, submission, withheld
-from .judge import TestResult
-from .sandbox import Limits, Sandbox, detect
-from .session import Outcome, Session
+from lorakit import course
+from lorakit.grading import gradebook, reference_use, report, submission, withheld
+from lorakit.grading.judge import TestResult
+from lorakit.grading.sandbox import Limits, Sandbox, detect
+from lorakit.grading.session import Outcome, Session
 
 SYSTEM_DIRS = {"/", "/usr", "/lib", "/lib64", "/bin", "/sbin", "/etc", "/proc", "/sys", "/dev", "/opt", "/var"}
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 
 def _grade(args) -> int:
-    from .. import course
-    from . import Limits, grade
+    from lorakit import course
+    from lorakit.grading import Limits, grade
     params = None
     if args.params:
         params = course.params_for(course.select([args.lesson])[0], course.load_params(args.params))
@@ -15,7 +15,7 @@ def _grade(args) -> int:
     results = grade(args.lesson, args.submissions, workers=args.workers, db=args.db, timeout=args.timeout,
                     cell_timeout=args.cell_timeout, out=args.out, shard=args.shard, limits=limits, params=params,
                     sandbox=not args.no_sandbox, keep_work=args.keep_work)
-    from .report import table
+    from lorakit.grading.report import table
     print()
     print(table(results))
     failed = sum(g.status == "failed" for g in results)
@@ -29,8 +29,8 @@ def _grade(args) -> int:
 
 
 def _gradescope(args) -> int:
-    from .. import course
-    from .gradescope import Options, build
+    from lorakit import course
+    from lorakit.grading.gradescope import Options, build
     params = {}
     if args.params:
         params = course.params_for(course.select([args.lesson])[0], course.load_params(args.params))
@@ -46,7 +46,7 @@ def _shards(args) -> int:
     import sys
     from pathlib import Path
 
-    from .shards import render
+    from lorakit.grading.shards import render
     text = render(args.engine, args.lesson, args.submissions, args.shards, results=args.results,
                   course_dir=args.course, workers=args.workers, lorakit=args.lorakit, image=args.image,
                   secret=args.secret, claim=args.claim)
@@ -59,7 +59,7 @@ def _shards(args) -> int:
 
 
 def _check(args) -> int:
-    from . import check
+    from lorakit.grading import check
     got, total, _ = check(args.notebook, lesson=args.lesson, timeout=args.timeout)
     return 0 if got == total else 1
 

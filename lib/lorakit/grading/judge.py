@@ -25,8 +25,8 @@ from __future__ import annotations
 import threading
 from dataclasses import dataclass, field
 
-from ..checks import judged, wire
-from . import testcells
+from lorakit.checks import judged, wire
+from lorakit.grading import testcells
 
 
 @dataclass

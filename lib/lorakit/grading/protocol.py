@@ -24,7 +24,7 @@ import json
 import os
 import re
 
-from ..checks import wire
+from lorakit.checks import wire
 
 MAX_MESSAGE = wire.MAX_DATA_BYTES + 4 * 2**20   # bytes of one line: a reply plus its captured outputs
 MAX_OUTPUT_TEXT = 64 * 1024                        # characters of one output's text kept by the grader

@@ -33,8 +33,8 @@ import io
 import keyword
 import tokenize
 
-from ..checks import judged
-from . import withheld
+from lorakit.checks import judged
+from lorakit.grading import withheld
 
 INTERNALS = ("lorakit.grading", "lorakit.checks.judged", "lorakit.checks.wire")
 PROCESS = {"gc.get_objects", "gc.get_referrers", "gc.get_referents", "sys._current_frames", "sys._getframe",
@@ -59,9 +59,6 @@ ORACLES = {
 }
 # The kit's objects a check compares with but does not name as its `reference` (yet): declared here.
 KIT_ANSWERS = {
-    "lorakit.checks.beyond_lora.dora_forward": ("lorakit.dora.DoRALinear",),
-    "lorakit.checks.beyond_lora.loftq_iteration": ("lorakit.loftq.loftq_iteration",),
-    "lorakit.checks.beyond_lora.concat_lora": ("lorakit.lora.concat_lora",),
     "lorakit.checks.distributed.rank_loss": ("lorakit.distributed.rank_loss",),
 }
 
@@ -290,7 +287,7 @@ def _instructor_cells(code, key) -> set[int]:
     """Indices of the merged notebook's code cells that are the instructor's, at their place: the longest
     common run of the release's code cells and the submission's, graded cells counting by their id (a cell of
     the lesson moved elsewhere, or repeated, is not in it)."""
-    from .submission import ANCHOR
+    from lorakit.grading.submission import ANCHOR
     mine = []
     for i, c in code:
         meta = c.metadata["lorakit"]
@@ -306,7 +303,7 @@ def _instructor_cells(code, key) -> set[int]:
 
 def flags(nb, key) -> list[str]:
     """Why the instructor should look at this submission (see the module docstring); empty when nothing."""
-    from .submission import cell_id, merge
+    from lorakit.grading.submission import cell_id, merge
     merged = merge(nb, key).notebook
     answers = references(key)
     lesson_refs = answers[None]

@@ -148,7 +148,7 @@ def detect() -> Protections:
         p.namespaces = p.user_namespace = True
     elif os.geteuid() == 0:  # a container that forbids namespaces (Gradescope's, Docker's default): a uid still works
         p.separate_user = True
-    from . import cgroup
+    from lorakit.grading import cgroup
     found = cgroup.available()
     p.cgroup, p.cgroup_why = found.version, found.why
     return p
@@ -211,7 +211,7 @@ class Sandbox:
         spec = dict(spec, sandbox=self._box(jobdir))
         group = None
         if self.enabled and self.protections.cgroup:
-            from . import cgroup
+            from lorakit.grading import cgroup
             with self._lock:
                 self._spawned += 1
                 name = f"lorakit-{os.getpid()}-{self._spawned}"
@@ -428,7 +428,7 @@ def main(argv: list[str]) -> int:
         code = EXIT_INTERNAL
         try:
             _lower_privileges(box)
-            from . import sandboxed
+            from lorakit.grading import sandboxed
             code = sandboxed.execute(spec, rfd, wfd)
         except MemoryError:
             code = EXIT_MEMORY

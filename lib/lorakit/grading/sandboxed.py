@@ -21,8 +21,8 @@ import os
 import signal
 import sys
 
-from ..checks import judged, wire
-from .protocol import Channel, close_fds
+from lorakit.checks import judged, wire
+from lorakit.grading.protocol import Channel, close_fds
 
 MAX_CELL_OUTPUT = 64 * 1024          # characters of text kept per cell
 MAX_TOTAL_OUTPUT = 1024 * 1024       # characters kept per submission

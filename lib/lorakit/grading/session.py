@@ -19,9 +19,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..checks import wire
-from . import judge, protocol
-from .protocol import ProtocolError
+from lorakit.checks import wire
+from lorakit.grading import judge, protocol
+from lorakit.grading.protocol import ProtocolError
 
 GRACE = 10.0                         # seconds a cell may run past its limit before the process is killed
 

@@ -23,7 +23,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from .. import course
+from lorakit import course
 
 TEMPLATES = Path(__file__).resolve().parent.parent / "assets" / "shards"
 ENGINES = {"slurm": "grade.sbatch", "kubernetes": "grade-job.yaml"}

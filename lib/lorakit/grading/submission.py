@@ -26,9 +26,9 @@ from pathlib import Path
 
 import nbformat
 
-from .. import course
-from ..checks import judged
-from . import testcells
+from lorakit import course
+from lorakit.checks import judged
+from lorakit.grading import testcells
 
 HIDDEN_BEGIN = "### BEGIN HIDDEN TESTS"
 HIDDEN_END = "### END HIDDEN TESTS"
@@ -192,7 +192,7 @@ def _key_from_gradebook(lesson: str, db_url: str, solution) -> Key | None:
     from nbgrader.api import MissingEntry
     if db_url.startswith("sqlite:///") and not Path(db_url.removeprefix("sqlite:///")).is_file():
         return None
-    from .gradebook import gradebook
+    from lorakit.grading.gradebook import gradebook
     with gradebook(db_url) as gb:
         try:
             nb = gb.find_notebook(lesson, lesson)

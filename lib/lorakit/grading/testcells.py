@@ -12,7 +12,7 @@ from __future__ import annotations
 import ast
 from dataclasses import dataclass
 
-from ..checks.judged import GRADING, draw_seed
+from lorakit.checks.judged import GRADING, draw_seed
 
 
 @dataclass

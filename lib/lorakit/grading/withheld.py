@@ -255,7 +255,7 @@ def _fallbacks(trees) -> tuple[set[int], set[str]]:
 def _notebook_refs(nb) -> set[str]:
     """Dotted names the notebook's code cells use, names bound by earlier cells' imports included (fallbacks for
     open exercises aside: `_fallbacks`)."""
-    from .reference_use import parse_cell
+    from lorakit.grading.reference_use import parse_cell
     names: dict[str, str] = {}
     out = set()
     trees = [t for t in (parse_cell(c.source) for c in nb.cells if c.cell_type == "code") if t is not None]
@@ -277,9 +277,9 @@ def _notebook_refs(nb) -> set[str]:
 def earlier_answers(lesson: str, root: Path | None = None) -> set[str]:
     """The references the checks of the lessons before `lesson` declare: the course promises them."""
     import nbformat
-    from .. import course
-    from . import reference_use
-    from .submission import key_from_notebook
+    from lorakit import course
+    from lorakit.grading import reference_use
+    from lorakit.grading.submission import key_from_notebook
     out = set()
     for earlier in course.lessons(root):
         if earlier >= lesson:
@@ -297,7 +297,7 @@ def plan(key, solution, package: Path | None = None, earlier: set[str] = frozens
     """What to withhold while `key`'s lesson is graded (see the module docstring). `solution`: the instructor's
     notebook of the lesson; `earlier`: answers of earlier lessons (`earlier_answers`), which stay."""
     import lorakit
-    from . import reference_use
+    from lorakit.grading import reference_use
     package = Path(package or Path(lorakit.__file__).parent)
     kit = read_kit(package)
     checks, answers = set(), {}
