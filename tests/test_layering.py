@@ -16,8 +16,9 @@ import lorakit
 
 PACKAGE = Path(lorakit.__file__).parent
 # One module per concept; the models and the environment they need are part of that floor.
-CONCEPTS = {"validate", "install", "env", "models", "data", "memory", "lora", "nf4", "qlora", "dora", "loftq"}
-COMPOSITIONS = {"train", "viz", "pretrain", "distributed", "course", "sweep", "lab", "checks", "grading", "cli"}
+CONCEPTS = {"validate", "install", "env", "models", "data", "memory", "sharding", "footprint", "lora", "nf4", "qlora",
+            "dora", "loftq"}
+COMPOSITIONS = {"train", "viz", "pretrain", "distributed", "launch", "course", "sweep", "lab", "checks", "grading", "cli"}
 
 
 def _modules():

@@ -173,19 +173,11 @@ class trainable_count:
 # Exercise: target modules for a budget
 # --------------------------------------------------------------------------------------------------
 
-def _targets_for_budget(config, r, budget, preference=PREFERENCE):
-    chosen = []
-    for name in preference:
-        if _lora_count(config, r, chosen + [name]) > budget:
-            break
-        chosen.append(name)
-    return chosen
-
-
 @judged
 class targets:
     """`targets_for_budget(config, r, budget)`: the longest prefix of PREFERENCE that fits."""
     answer = {"choices": [object]}
+    reference = ("lorakit.memory.targets_for_budget",)
 
     def draw(rng):
         tiny = _tiny()
@@ -207,10 +199,11 @@ class targets:
         return {"choices": [data_or_repr(c) for c in out]}
 
     def judge(inputs, answer):
+        from lorakit.memory import targets_for_budget
         expect(len(answer["choices"]) == len(inputs["cases"]), "`targets_for_budget` should answer once per call.")
         for (d, r, budget), got in zip(inputs["cases"], answer["choices"]):
             cfg = _config(d)
-            expected = _targets_for_budget(cfg, r, budget)
+            expected = targets_for_budget(cfg, r, budget, PREFERENCE)
             expect(isinstance(got, list), f"`targets_for_budget` should return a list of module names, found {got!r}.")
             over = _lora_count(cfg, r, [m for m in got if m in PREFERENCE])
             expect(over <= budget or not got,
@@ -221,7 +214,7 @@ class targets:
                    "(empty when not even the first fits).")
         budget, tiny = inputs["source_budget"], _config(_tiny())
         return (f"targets for a budget of {budget:,} (what r=8 on q_proj, v_proj costs): "
-                + "; ".join(f"r={r}: {len(_targets_for_budget(tiny, r, budget))} kinds" for r in (8, 4, 2, 1)))
+                + "; ".join(f"r={r}: {len(targets_for_budget(tiny, r, budget, PREFERENCE))} kinds" for r in (8, 4, 2, 1)))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -378,14 +371,16 @@ _CASES = [
 
 
 def _share(answers, outputs) -> float:
-    return sum(a.strip() == o.strip() for a, o in zip(answers, outputs)) / len(answers)
+    """lorakit.data.exact_match_score of `answers` against bare `outputs`."""
+    from lorakit.data import exact_match_score
+    return exact_match_score(answers, [{"output": o} for o in outputs])
 
 
 @judged
 class exact_match:
     """`exact_match_score(answers, dataset)` on hand-made cases (and made-up ones when graded)."""
     answer = {"scores": [object]}
-    reference = ("lorakit.data.exact_match",)
+    reference = ("lorakit.data.exact_match_score",)
 
     def draw(rng):
         cases = [[a, o] for a, o, _ in _CASES]

@@ -62,7 +62,6 @@ KIT_ANSWERS = {
     "lorakit.checks.beyond_lora.dora_forward": ("lorakit.dora.DoRALinear",),
     "lorakit.checks.beyond_lora.loftq_iteration": ("lorakit.loftq.loftq_iteration",),
     "lorakit.checks.beyond_lora.concat_lora": ("lorakit.lora.concat_lora",),
-    "lorakit.checks.distributed.rank_loss": ("lorakit.distributed.rank_loss",),
 }
 
 
