@@ -5,8 +5,8 @@ exercises' names and signatures: `lorakit.sharding.per_device_bytes` (per-device
 
 from __future__ import annotations
 
-from . import close, expect
-from .judged import judged
+from lorakit.checks import close, expect
+from lorakit.checks.judged import judged
 
 # The ZeRO paper's worked example (Rajbhandari et al. 2019, Figure 1): 7.5B parameters, 64 devices, mixed-
 # precision Adam (K = 12), per-device memory of the model states in GB at stages 0 (DDP) to 3.

@@ -4,8 +4,8 @@ lorakit.memory and with transformers' own count on the meta device."""
 
 from __future__ import annotations
 
-from . import close, expect
-from .judged import building, data_or_repr, judged
+from lorakit.checks import close, expect
+from lorakit.checks.judged import building, data_or_repr, judged
 
 ADAMW_PARTS = {"weights": 2, "gradients": 2, "master weights": 4, "adam m": 4, "adam v": 4}
 ADAMW_HINTS = {"weights": "the model itself is kept in bf16.", "gradients": "gradients have the dtype of the weights: bf16.",
