@@ -25,7 +25,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 
-from lorakit import distributed  # noqa: E402
+from lorakit import distributed, launch  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -46,7 +46,7 @@ def main(argv=None) -> int:
                 folder = Path(tmp) / f"{rep}-{nproc}-{sharding}"
                 cfg = distributed.RunConfig(out_dir=str(folder / "out"), max_steps=args.steps, threads=threads,
                                             global_batch_size=args.global_batch, sharding=sharding, n_train=512)
-                run = distributed.accelerate_launch(distributed.write_launch_files(folder, cfg, nproc), timeout=900)
+                run = launch.accelerate_launch(launch.write_launch_files(folder, cfg, nproc), timeout=900)
                 speeds[name].append(run.tokens_per_second)
                 results[name] = (run.adapter_weights(), run)
                 print(f"repeat {rep + 1}/{args.repeats}  {name:<34} {run.tokens_per_second:8,.0f} tokens/s", flush=True)

@@ -26,7 +26,7 @@ logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
 import torch  # noqa: E402
 import transformers  # noqa: E402
 
-from lorakit import memory  # noqa: E402
+from lorakit import footprint, memory  # noqa: E402
 
 TOLERANCE = 0.05
 # name -> config: published configs where they are small enough, scaled-down ones otherwise (same
@@ -62,7 +62,7 @@ def run(name: str, spec: dict) -> list[dict]:
         for method, quantized in (("lora", False), ("qlora", True)):
             t0 = time.perf_counter()
             model = load(cfg, folder, quantized)
-            measured = memory.measure(model)
+            measured = footprint.measure(model)
             footprint = model.get_memory_footprint()
             predicted = memory.estimate(cfg, method, activations=False).weights_bytes
             rows.append(dict(model=name, dtype="nf4+dq" if quantized else "bf16", params=memory.count_parameters(cfg),

@@ -32,7 +32,7 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 from lorakit import env, nf4, qlora  # noqa: E402
-from lorakit.memory import quant_state_tensors  # noqa: E402
+from lorakit.footprint import quant_state_tensors  # noqa: E402
 
 PROMISE = {"speed_ratio_max": 1.2, "bits_ratio_max": 1.05}
 # (in_features, out_features, tokens per batch): the course model's MLP, then wider layers

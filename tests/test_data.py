@@ -181,3 +181,10 @@ def test_the_chat_template_renders_the_prompt_format_and_masks_like_tokenize_wit
             tok.apply_chat_template([{"role": "tool", "content": "x"}], tokenize=False)
     finally:
         tok.chat_template = None
+
+
+def test_exact_match_score_is_lesson_05s_rule():
+    rows = [{"output": o} for o in (" Mia", "Tom ", "Ben", "Eli")]
+    assert data.exact_match_score(["Mia", " Tom\n", "ben", "Eli found it"], rows) == 0.5
+    with pytest.raises(ValueError, match="no answers"):
+        data.exact_match_score([], rows)

@@ -17,7 +17,7 @@ import pytest
 import torch
 import yaml
 
-from lorakit import distributed, memory
+from lorakit import distributed, launch, memory, sharding
 from lorakit.checks import CheckFailed
 from lorakit.checks import distributed as check
 
@@ -61,9 +61,44 @@ def test_each_stage_divides_its_parts(method, world):
         assert ("gathered layers" in parts) == (stage == 3)
 
 
+# K of the ZeRO paper (optimizer bytes per parameter, the fp32 master copy included) -> how estimate says it.
+K_SETTINGS = {12: (True, "adamw"), 8: (True, "adamw_bf16"), 6: (True, "adamw_8bit"), 4: (True, "sgd"),
+              2: (False, "adamw_8bit"), 0: (False, "sgd")}
+
+
+@pytest.mark.parametrize("k", sorted(K_SETTINGS))
+def test_per_device_bytes_is_what_estimate_says_for_full_fine_tuning(k):
+    """Lesson 08's exercise in the library, with its signature: the same bytes as estimate's parts under the same
+    rule (`sharding.device_share`), to the byte or two estimate's per-part rounding adds."""
+    master, optimizer = K_SETTINGS[k]
+    for n, world in [(7_500_000_000, 64), (123_456_789, 3), (10**9, 1)]:
+        for stage in range(4):
+            est = memory.estimate(n, "full", activations=False, world_size=world, sharding=stage,
+                                  master_weights=master, optimizer=optimizer).total_bytes
+            assert abs(sharding.per_device_bytes(n, world, stage, k) - est) <= 2, (n, world, stage, k)
+
+
+def test_per_device_bytes_reproduces_the_zero_paper():
+    gb = [sharding.per_device_bytes(7_500_000_000, 64, stage) / 1e9 for stage in range(4)]
+    assert [round(g, 1) for g in gb] == [120.0, 31.4, 16.6, 1.9]
+
+
+def test_device_share_offloads_what_the_stage_shards():
+    parts = {"weights": 100, "gradients": 100, "optimizer states": 400, "activations": 7}
+    assert sharding.device_share(parts, 4, 2) == ({"weights": 100, "gradients": 25, "optimizer states": 100,
+                                                  "activations": 7}, {})
+    assert sharding.device_share(parts, 4, 2, cpu_offload=True) == ({"weights": 100, "gradients": 25, "activations": 7},
+                                                                    {"optimizer states": 100})
+    assert sharding.device_share(parts, 4, 3, cpu_offload=True) == ({"activations": 7}, {"weights": 25, "gradients": 25,
+                                                                                         "optimizer states": 100})
+    assert [sharding.sharding_stage(s) for s in (0, 3, "ddp", "zero2", "FULL_SHARD")] == [0, 3, 0, 2, 3]
+    with pytest.raises(ValueError, match="unknown sharding 4"):
+        sharding.sharding_stage(4)
+
+
 def test_fsdp_names_are_zero_stages():
     kw = dict(r=8, batch_size=2, world_size=4)
-    for fsdp, zero in memory.FSDP_SHARDING.items():
+    for fsdp, zero in sharding.FSDP_SHARDING.items():
         assert memory.estimate("llama-2-13b", "lora", sharding=fsdp.lower(), **kw).parts == \
             memory.estimate("llama-2-13b", "lora", sharding=zero, **kw).parts
 
@@ -270,7 +305,7 @@ RUN = dict(max_steps=4, global_batch_size=8, n_train=64)
 
 def _launch(tmp_path, name, nproc, timeout=300, **kw):
     cfg = distributed.RunConfig(out_dir=str(tmp_path / name / "out"), **{**RUN, **kw})
-    return distributed.accelerate_launch(distributed.write_launch_files(tmp_path / name, cfg, nproc), timeout=timeout)
+    return launch.accelerate_launch(launch.write_launch_files(tmp_path / name, cfg, nproc), timeout=timeout)
 
 
 @pytest.fixture(scope="module")
@@ -338,7 +373,7 @@ def test_fsdp2_shards_the_model_and_steps_like_one_process(runs):
 def test_a_crashed_worker_ends_the_run_with_its_rank_and_error(tmp_path):
     """The surviving rank is stopped rather than left waiting for its peer: its collectives would wait 600 s
     (timeout_s), and a launch still running after 120 s is killed with another error than the crash's."""
-    with pytest.raises(distributed.DistributedRunError, match=r"rank 1 failed: RuntimeError: rank 1 was told to crash"):
+    with pytest.raises(launch.DistributedRunError, match=r"rank 1 failed: RuntimeError: rank 1 was told to crash"):
         _launch(tmp_path, "crash", 2, timeout=120, crash_rank=1, max_steps=3, timeout_s=600)
 
 
@@ -346,9 +381,9 @@ def test_a_crashed_worker_ends_the_run_with_its_rank_and_error(tmp_path):
 @pytest.mark.timeout(300)
 def test_a_launch_that_overruns_its_timeout_is_stopped(tmp_path):
     cfg = distributed.RunConfig(out_dir=str(tmp_path / "slow" / "out"), **{**RUN, "max_steps": 10_000})
-    files = distributed.write_launch_files(tmp_path / "slow", cfg, 2)
-    with pytest.raises(distributed.DistributedRunError, match="did not finish within 20 s"):
-        distributed.accelerate_launch(files, timeout=20)
+    files = launch.write_launch_files(tmp_path / "slow", cfg, 2)
+    with pytest.raises(launch.DistributedRunError, match="did not finish within 20 s"):
+        launch.accelerate_launch(files, timeout=20)
 
 
 @pytest.mark.slow
@@ -356,29 +391,29 @@ def test_a_launch_that_overruns_its_timeout_is_stopped(tmp_path):
 def test_the_written_script_runs_under_torchrun_too(tmp_path):
     """The script's docstring offers `torchrun --nproc_per_node 2 train_lora.py config.json`: it works."""
     cfg = distributed.RunConfig(out_dir=str(tmp_path / "out"), **{**RUN, "max_steps": 2})
-    files = distributed.write_launch_files(tmp_path, cfg, 2)
+    files = launch.write_launch_files(tmp_path, cfg, 2)
     assert "torchrun --nproc_per_node 2 train_lora.py config.json" in files["script"].read_text()
     res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                          str(distributed.free_port()), str(files["script"]), str(files["config"])],
+                          str(launch.free_port()), str(files["script"]), str(files["config"])],
                          capture_output=True, text=True, timeout=280, env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert res.returncode == 0, res.stderr[-3000:]
-    run = distributed.collect(tmp_path / "out")
+    run = launch.collect(tmp_path / "out")
     assert run.world_size == 2 and [r["wrote_adapter"] for r in run.ranks] == [True, False]
 
 
 def test_launch_files_refuse_a_batch_the_processes_cannot_split(tmp_path):
     with pytest.raises(ValueError, match="does not split evenly over 3 processes"):
-        distributed.write_launch_files(tmp_path, distributed.RunConfig(out_dir=str(tmp_path), global_batch_size=8), 3)
+        launch.write_launch_files(tmp_path, distributed.RunConfig(out_dir=str(tmp_path), global_batch_size=8), 3)
 
 
 NOTEBOOK = """
 import json, sys
-from lorakit import distributed
+from lorakit import distributed, launch
 cfg = distributed.RunConfig(out_dir=sys.argv[1], max_steps=2, global_batch_size=4, n_train=32, crash_rank={crash})
 try:
-    r = distributed.notebook_launch(cfg, 2)
+    r = launch.notebook_launch(cfg, 2)
     print("RESULT=" + json.dumps([r.world_size, [x["wrote_adapter"] for x in r.ranks]]))
-except distributed.DistributedRunError as e:
+except launch.DistributedRunError as e:
     print("ERROR=" + str(e))
 """
 
@@ -400,8 +435,8 @@ def test_notebook_launcher_runs_two_processes_and_reports_a_crash(tmp_path, cras
 
 @pytest.mark.slow
 def test_notebook_launcher_refuses_after_bitsandbytes_is_imported(tmp_path):
-    code = ("import bitsandbytes\nfrom lorakit import distributed\n"
-            f"distributed.notebook_launch(distributed.RunConfig(out_dir={str(tmp_path)!r}), 2)")
+    code = ("import bitsandbytes\nfrom lorakit import distributed, launch\n"
+            f"launch.notebook_launch(distributed.RunConfig(out_dir={str(tmp_path)!r}), 2)")
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert res.returncode != 0 and "keep these imports inside your training function" in res.stderr
 

@@ -97,7 +97,7 @@ def test_trainable_count_check(capsys):
 
 def test_targets_check():
     def right(config, r, budget):
-        return check._targets_for_budget(config, r, budget)
+        return memory.targets_for_budget(config, r, budget)
     check.targets(right)
     check.targets(right, seed="grading")
     with pytest.raises(CheckFailed, match="over the budget"):
@@ -108,10 +108,10 @@ def test_targets_check():
 
 def test_targets_reference_is_the_longest_prefix_that_fits():
     cfg = memory.config("llama-2-7b")
-    assert check._targets_for_budget(cfg, 8, 4_194_304) == ["q_proj", "v_proj"]
-    assert check._targets_for_budget(cfg, 8, 4_194_303) == ["q_proj"]
-    assert check._targets_for_budget(cfg, 8, 0) == []
-    assert check._targets_for_budget(cfg, 1, 10**12) == check.PREFERENCE
+    assert memory.targets_for_budget(cfg, 8, 4_194_304) == ["q_proj", "v_proj"]
+    assert memory.targets_for_budget(cfg, 8, 4_194_303) == ["q_proj"]
+    assert memory.targets_for_budget(cfg, 8, 0) == []
+    assert memory.targets_for_budget(cfg, 1, 10**12) == list(memory.PREFERENCE)
 
 
 # ------------------------------------------------------------------------------- masking, exact match

@@ -728,7 +728,7 @@ def test_what_is_withheld_per_lesson():
             "lorakit.qlora.quantize_and_inject"} <= set(p4.blocked)
     assert "lorakit.lora.replace_linears" not in p4.blocked and "lorakit.lora.LoRALinear" not in p4.blocked
     assert "lorakit.lora.LoRALinear" in plans["02_lora"].flagged          # the lesson's own cells use it
-    assert "lorakit.checks.distributed._zero_reference" in plans["08_distributed"].helpers
+    assert "lorakit.checks.distributed._rank_loss_reference" in plans["08_distributed"].helpers
     assert ("lorakit.checks.setup", "weights_gb", "judge") in plans["00_setup"].methods
 
 

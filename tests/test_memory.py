@@ -9,7 +9,7 @@ import torch
 
 logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
 
-from lorakit import memory  # noqa: E402
+from lorakit import footprint, memory  # noqa: E402
 from lorakit.checks import CheckFailed  # noqa: E402
 from lorakit.checks import memory as check  # noqa: E402
 
@@ -235,8 +235,8 @@ def _buffers(model):
 def test_measure_bf16_equals_footprint_and_estimate(saved_tiny):
     from transformers import AutoModelForCausalLM
     model = AutoModelForCausalLM.from_pretrained(saved_tiny, dtype=torch.bfloat16)
-    assert memory.measure(model) == model.get_memory_footprint()
-    assert memory.measure(model) - _buffers(model) == memory.estimate(TINY, "lora", activations=False).weights_bytes
+    assert footprint.measure(model) == model.get_memory_footprint()
+    assert footprint.measure(model) - _buffers(model) == memory.estimate(TINY, "lora", activations=False).weights_bytes
 
 
 def test_measure_counts_4bit_quantization_constants(saved_tiny):
@@ -245,18 +245,18 @@ def test_measure_counts_4bit_quantization_constants(saved_tiny):
                                                  bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.bfloat16)
     model = transformers.AutoModelForCausalLM.from_pretrained(saved_tiny, quantization_config=bnb_config,
                                                               dtype=torch.bfloat16, device_map="cpu")
-    constants = sum(t.numel() * t.element_size() for p in model.parameters() for t in memory.quant_state_tensors(p))
+    constants = sum(t.numel() * t.element_size() for p in model.parameters() for t in footprint.quant_state_tensors(p))
     assert constants > 0
-    assert memory.measure(model) == model.get_memory_footprint() + constants
+    assert footprint.measure(model) == model.get_memory_footprint() + constants
     est = memory.estimate(TINY, "qlora", activations=False)
     assert est.parts["quantization constants"] == constants
-    assert memory.measure(model) - _buffers(model) == est.weights_bytes
+    assert footprint.measure(model) - _buffers(model) == est.weights_bytes
 
 
 def test_measure_counts_tied_weights_once_and_works_on_meta():
     model = meta_model("qwen2.5-0.5b")
     assert model.lm_head.weight is model.model.embed_tokens.weight
-    assert memory.measure(model, buffers=False) == 4 * memory.count_parameters("qwen2.5-0.5b")  # fp32 default
+    assert footprint.measure(model, buffers=False) == 4 * memory.count_parameters("qwen2.5-0.5b")  # fp32 default
 
 
 # -------------------------------------------------------------------------------------------- checks
@@ -322,11 +322,11 @@ def test_measure_training_step_counts_each_part_and_leaves_the_model_as_it_was(s
     before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     model.eval()
     ids = torch.randint(0, 256, (3, 20), generator=torch.Generator().manual_seed(0))
-    parts = memory.measure_training_step(model, {"input_ids": ids, "labels": ids}, autocast_dtype=torch.bfloat16)
+    parts = footprint.measure_training_step(model, {"input_ids": ids, "labels": ids}, autocast_dtype=torch.bfloat16)
     assert list(parts) == list(memory.estimate(TINY, "qlora").parts)  # the estimate's parts, in its order
     assert parts["adapters"] == parts["gradients"] == 4 * trainable  # peft keeps adapters in fp32
     assert 8 * trainable <= parts["optimizer states"] <= 8 * trainable + 8 * 64  # AdamW's m and v (+ step counts)
-    assert parts["weights"] + parts["quantization constants"] + parts["adapters"] == memory.measure(model)
+    assert parts["weights"] + parts["quantization constants"] + parts["adapters"] == footprint.measure(model)
     assert (parts["quantization constants"] > 0) == quantized
     assert parts["activations"] >= 3 * 20 * 256 * 2  # at least the logits, kept for the loss's backward
     assert not model.training and all(p.grad is None for p in model.parameters())
@@ -340,4 +340,25 @@ def test_measure_training_step_needs_something_to_train(saved_tiny):
     model = AutoModelForCausalLM.from_pretrained(saved_tiny, dtype=torch.bfloat16).requires_grad_(False)
     ids = torch.zeros(1, 4, dtype=torch.long)
     with pytest.raises(ValueError, match="no trainable parameters"):
-        memory.measure_training_step(model, {"input_ids": ids, "labels": ids})
+        footprint.measure_training_step(model, {"input_ids": ids, "labels": ids})
+
+
+def test_lesson_01_and_05_exercises_have_their_library_mirrors():
+    """The functions lessons 01 and 05 have the learner write, with the same names, signatures and answers."""
+    assert memory.lora_params(5000, 4000, 8) == 72_000
+    with pytest.raises(ValueError):
+        memory.lora_params(5000, 4000, 0)
+    cfg = memory.config("llama-2-7b")
+    assert memory.lora_parameters(cfg, 8, ["q_proj", "v_proj"]) == 32 * 2 * memory.lora_params(4096, 4096, 8)
+    n, nq = memory.count_parameters(cfg), memory.quantized_parameters(cfg)
+    assert memory.qlora_weights_gb(cfg) == pytest.approx((nq * (4 + 8 / 64 + 32 / (64 * 256)) / 8 + (n - nq) * 2) / 1e9)
+    # bitsandbytes rounds each tensor's constants up: the estimate is a few bytes per tensor above
+    assert memory.qlora_weights_gb(cfg) == pytest.approx(memory.estimate(cfg, "qlora", activations=False).weights_bytes / 1e9,
+                                                         rel=1e-4)
+    budget = memory.lora_parameters(cfg, 8, ["q_proj", "v_proj"])
+    assert memory.targets_for_budget(cfg, 8, budget) == ["q_proj", "v_proj"]
+    chosen = memory.targets_for_budget(cfg, 2, budget)  # a quarter of the rank: more modules fit
+    assert chosen == list(memory.PREFERENCE[:len(chosen)]) and len(chosen) > 2
+    assert memory.lora_parameters(cfg, 2, list(memory.PREFERENCE[:len(chosen) + 1])) > budget
+    assert memory.targets_for_budget(cfg, 8, 0) == []
+    assert memory.targets_for_budget(cfg, 1, 10**12, ["o_proj", "q_proj"]) == ["o_proj", "q_proj"]

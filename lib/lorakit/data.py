@@ -38,7 +38,7 @@ from pathlib import Path
 __all__ = ["DATA_DIR", "NAMES", "TASKS", "SPLITS", "PROMPT_TEMPLATE", "CHAT_TEMPLATE", "make_story",
            "story_corpus", "make_example", "generate_task", "write_jsonl", "load_task", "format_prompt",
            "format_answer", "chat_messages", "tokenize_with_masking", "collate", "generate_answers",
-           "exact_match", "answer_loss", "main"]
+           "exact_match_score", "exact_match", "answer_loss", "main"]
 
 DATA_DIR = Path(__file__).parent / "assets" / "tasks"
 
@@ -358,15 +358,24 @@ def generate_answers(model, tokenizer, dataset, max_new_tokens: int = 8, batch_s
     return out
 
 
+def exact_match_score(answers, dataset) -> float:
+    """Share of `answers` equal to the `output` of the matching example of `dataset`, both stripped of
+    surrounding spaces (lesson 05's exercise). Case counts, and an answer that goes on after the right
+    words ("Mia found the ball. Then...") does not: the model must also know when to stop."""
+    if not answers:
+        raise ValueError("exact_match_score got no answers to score")
+    expected = [ex["output"].strip() for ex in dataset]
+    hits = [given.strip() == want for given, want in zip(answers, expected)]
+    return sum(hits) / len(answers)
+
+
 def exact_match(model, tokenizer, dataset, max_new_tokens: int = 8, batch_size: int = 32,
                 progress: bool = True) -> float:
-    """Share of examples whose greedy answer, up to EOS, equals `output` exactly (after stripping
-    spaces). An answer that goes on after the right words ("Mia found the ball. Then...") does not
-    count: the model must also know when to stop."""
+    """`exact_match_score` of the model's greedy answers (up to EOS) to every prompt of `dataset`."""
     answers = generate_answers(model, tokenizer, dataset, max_new_tokens, batch_size, progress)
     if not answers:
         raise ValueError("exact_match got an empty dataset")
-    return sum(a == ex["output"].strip() for a, ex in zip(answers, dataset)) / len(answers)
+    return exact_match_score(answers, dataset)
 
 
 def answer_loss(model, tokenizer, dataset, batch_size: int = 32, max_length: int = 256,

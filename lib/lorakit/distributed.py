@@ -1,4 +1,4 @@
-"""Data-parallel fine-tuning past one device: the pieces lesson 08 builds, and the runs it launches.
+"""Data-parallel fine-tuning past one device: the pieces lesson 08 builds, and the training step each rank runs.
 
 Data parallelism gives every process (one per device) a slice of each batch. Each computes gradients on
 its slice; an all-reduce averages them, so every process takes the same optimizer step and the model stays
@@ -11,16 +11,16 @@ the batch. `rank_loss` sums the slice's token losses and divides by the token co
 - `rank_loss(logits, labels, n_label_tokens, world_size)`: that loss, the reference of lesson 08's exercise.
 - `split_batch(global_batch_size, world_size)`: the per-process batch, refusing sizes that do not divide.
 - `require_backend(backend, nproc)`: gloo (CPU) or nccl (NVIDIA GPUs) present, or a message naming the fix.
-- `RunConfig`, `train(config)`: LoRA fine-tuning of the embedded model in every process accelerate started
+- `RunConfig`, `train(config)`: LoRA fine-tuning of the embedded model in every process a launcher started
   (DDP, or torch's FSDP2 `fully_shard` with `sharding="fsdp"`), on CPU with gloo, one torch thread per process; rank 0
-  alone writes the adapter; each rank writes `rank<N>.json` with its losses, tokens, seconds and shard size.
-- `notebook_launch(config, num_processes)`: the same from a notebook with accelerate's `notebook_launcher`.
-- `write_launch_files(folder)` and `accelerate_launch(...)`: a script and accelerate config on disk, run with
-  `accelerate launch`, with a timeout; a crashed worker ends the run with a `DistributedRunError` naming its
-  rank and error, never a hang (gloo collectives time out, and torch's elastic agent stops the other ranks).
+  alone writes the adapter; each rank writes `rank<N>.json` with its losses, tokens, seconds and shard size
+  (`record_file`), or its error (`error_file`).
 - `fsdp_qlora_files()`: the accelerate config, training script and launch script for FSDP + QLoRA on GPUs
   (lorakit/assets/fsdp_qlora/; bitsandbytes runs 4-bit layers under FSDP on CUDA only), and `check_fsdp_qlora`,
   which refuses a setup FSDP cannot shard.
+
+Starting the processes (accelerate's notebook_launcher, `accelerate launch`, timeouts, reading the ranks'
+records back) is `lorakit.launch`; per-device memory under ZeRO / FSDP is `lorakit.sharding`.
 """
 
 from __future__ import annotations
@@ -28,31 +28,23 @@ from __future__ import annotations
 import functools
 import json
 import os
-import signal
-import socket
-import subprocess
-import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from lorakit.env import scoped_environ
 from lorakit.models import TINY
 
-__all__ = ["DistributedRunError", "rank_loss", "split_batch", "require_backend", "RunConfig", "train",
-           "RunResult", "collect", "free_port", "notebook_launch", "write_launch_files", "launch_command",
-           "accelerate_launch", "fsdp_qlora_files", "check_fsdp_qlora"]
+__all__ = ["RUN_SHARDINGS", "rank_loss", "split_batch", "require_backend", "RunConfig", "as_run_config",
+           "record_file", "error_file", "train", "fsdp_qlora_files", "check_fsdp_qlora"]
 
 ASSETS = Path(__file__).parent / "assets"
 FSDP_QLORA = ASSETS / "fsdp_qlora"
-SHARDINGS = ("none", "fsdp")  # what `train` runs: DDP (nothing sharded) or FSDP2 FULL_SHARD
+# What `train` runs: "none" is DDP (a full replica per process), "fsdp" FSDP2 FULL_SHARD of every decoder
+# layer. (lorakit.sharding.ZERO_STAGES names the stages a memory estimate covers, a different set.)
+RUN_SHARDINGS = ("none", "fsdp")
 LOSSES = ("rank_loss", "mean_per_rank")
-
-
-class DistributedRunError(RuntimeError):
-    """A multi-process run that failed: which rank, and its error."""
 
 
 # ------------------------------------------------------------------------------------------------ the step
@@ -138,8 +130,8 @@ class RunConfig:
     crash_rank: int | None = None    # a rank that raises after its first step (the lesson's failure drill)
 
     def __post_init__(self):
-        if self.sharding not in SHARDINGS:
-            raise ValueError(f"sharding={self.sharding!r}: use one of {', '.join(SHARDINGS)}")
+        if self.sharding not in RUN_SHARDINGS:
+            raise ValueError(f"sharding={self.sharding!r}: use one of {', '.join(RUN_SHARDINGS)}")
         if self.loss not in LOSSES:
             raise ValueError(f"loss={self.loss!r}: use one of {', '.join(LOSSES)}")
         if self.max_steps < 1 or self.threads < 1 or self.timeout_s < 1:
@@ -147,11 +139,18 @@ class RunConfig:
         split_batch(self.global_batch_size, 1)
 
 
-def _config(config) -> RunConfig:
+def as_run_config(config) -> RunConfig:
+    """`config` as a RunConfig: a RunConfig itself, or its dict (what a launcher hands to each process)."""
     return config if isinstance(config, RunConfig) else RunConfig(**config)
 
 
-def _error_file(out_dir, rank) -> Path:
+def record_file(out_dir, rank) -> Path:
+    """Where rank `rank` writes its record of a finished run."""
+    return Path(out_dir) / f"rank{rank}.json"
+
+
+def error_file(out_dir, rank) -> Path:
+    """Where rank `rank` writes the error that ended its run."""
     return Path(out_dir) / f"rank{rank}.error.json"
 
 
@@ -160,14 +159,14 @@ def _records_errors(run):
     can say which rank failed and why."""
     @functools.wraps(run)
     def wrapper(config):
-        cfg = _config(config)
+        cfg = as_run_config(config)
         Path(cfg.out_dir).mkdir(parents=True, exist_ok=True)
         try:
             return run(cfg)
         except BaseException as e:
             import traceback
             rank = int(os.environ.get("RANK", 0))
-            _error_file(cfg.out_dir, rank).write_text(json.dumps({
+            error_file(cfg.out_dir, rank).write_text(json.dumps({
                 "rank": rank, "type": type(e).__name__, "message": str(e)[:2000],
                 "traceback": traceback.format_exc()[-4000:]}))
             raise
@@ -269,7 +268,7 @@ def train(cfg: RunConfig) -> dict:
               "distributed_type": str(accelerator.distributed_type).rsplit(".", 1)[-1], "losses": losses,
               "tokens": tokens, "seconds": seconds, "wrote_adapter": wrote, "local_param_bytes": local_param_bytes,
               "threads": torch.get_num_threads(), "pid": os.getpid()}
-    (Path(cfg.out_dir) / f"rank{rank}.json").write_text(json.dumps(record))
+    record_file(cfg.out_dir, rank).write_text(json.dumps(record))
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return record
@@ -282,184 +281,6 @@ def _local(p):
 
 def _pad_row(length: int) -> dict:
     return {"input_ids": [0] * length, "attention_mask": [0] * length, "labels": [-100] * length}
-
-
-# ---------------------------------------------------------------------------------------------- results
-
-@dataclass
-class RunResult:
-    """What the ranks of one run wrote: their records (by rank) and the adapter folder rank 0 saved."""
-    out_dir: Path
-    ranks: list[dict]
-
-    @property
-    def world_size(self) -> int:
-        return len(self.ranks)
-
-    @property
-    def losses(self) -> list[float]:
-        return self.ranks[0]["losses"]
-
-    @property
-    def tokens_per_second(self) -> float:
-        """Real (unpadded) tokens of all ranks per second of the slowest rank."""
-        return sum(r["tokens"] for r in self.ranks) / max(r["seconds"] for r in self.ranks)
-
-    @property
-    def adapter_dir(self) -> Path:
-        return self.out_dir / "adapter"
-
-    def adapter_weights(self) -> dict[str, torch.Tensor]:
-        from safetensors.torch import load_file
-        return load_file(str(self.adapter_dir / "adapter_model.safetensors"))
-
-
-def collect(out_dir) -> RunResult:
-    """Read a finished run's rank records; a rank that failed raises DistributedRunError with its error."""
-    out = Path(out_dir)
-    errors = sorted(out.glob("rank*.error.json"), key=lambda f: f.stat().st_mtime)  # the first failure first
-    if errors:
-        first = json.loads(errors[0].read_text())
-        others = "" if len(errors) == 1 else f" ({len(errors) - 1} more rank(s) failed too)"
-        raise DistributedRunError(f"rank {first['rank']} failed: {first['type']}: {first['message']}{others}")
-    ranks = sorted((json.loads(p.read_text()) for p in out.glob("rank*.json")), key=lambda r: r["rank"])
-    if not ranks:
-        raise DistributedRunError(f"no rank wrote its results to {out}: the processes did not run (see the output above)")
-    if len(ranks) != ranks[0]["world_size"]:
-        raise DistributedRunError(f"{len(ranks)} of {ranks[0]['world_size']} ranks wrote their results to {out}")
-    return RunResult(out, ranks)
-
-
-def _fresh(out_dir) -> Path:
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    for old in out.glob("rank*.json"):
-        old.unlink()
-    return out
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-# --------------------------------------------------------------------------------------------- launching
-
-def notebook_launch(config, num_processes: int = 2) -> RunResult:
-    """Run `train(config)` in `num_processes` processes forked from this notebook with accelerate's
-    `notebook_launcher`. Nothing in the notebook may have imported bitsandbytes (or peft, which imports it)
-    or initialised an Accelerator first: accelerate refuses, and says so. On Colab with fewer than two GPUs
-    accelerate runs the function once, in the notebook's own process: the result then has world_size 1."""
-    from accelerate import notebook_launcher
-    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
-
-    cfg = _config(config)
-    split_batch(cfg.global_batch_size, num_processes)
-    require_backend("gloo", num_processes)
-    _fresh(cfg.out_dir)
-    threads = torch.get_num_threads()  # on Colab the function runs in this process and would change it
-    try:
-        with scoped_environ(OMP_NUM_THREADS=str(cfg.threads)):  # the forked workers read it
-            notebook_launcher(train, args=(asdict(cfg),), num_processes=num_processes, use_port=str(free_port()))
-    except ChildFailedError as e:
-        collect(cfg.out_dir)  # raises with the failed rank's own error when it wrote one
-        raise DistributedRunError(f"a worker failed: {e}") from None
-    finally:
-        torch.set_num_threads(threads)
-    return collect(cfg.out_dir)
-
-
-SCRIPT = '''\
-"""Data-parallel LoRA fine-tuning of the course model, one process per rank (written by lesson 08).
-
-Run it with accelerate:    accelerate launch --config_file accelerate_cpu.yaml train_lora.py config.json
-or with torchrun:          torchrun --nproc_per_node 2 train_lora.py config.json
-"""
-import json
-import sys
-
-from lorakit.distributed import train
-
-if __name__ == "__main__":
-    train(json.load(open(sys.argv[1])))
-'''
-
-# accelerate starts several processes only through its torchrun path ("MULTI_GPU"; a MULTI_CPU config starts
-# one process unless mpirun is configured, huggingface/accelerate#2741); use_cpu: true keeps each process on
-# the CPU, where accelerate picks the gloo backend.
-CPU_CONFIG = """\
-# accelerate config: {nproc} processes on this machine's CPU, gloo backend (written by lesson 08)
-compute_environment: LOCAL_MACHINE
-distributed_type: MULTI_GPU   # accelerate's torchrun launcher; use_cpu below keeps the processes on the CPU
-use_cpu: true
-num_machines: 1
-machine_rank: 0
-num_processes: {nproc}
-mixed_precision: 'no'
-rdzv_backend: static
-same_network: true
-main_training_function: main
-"""
-
-
-def write_launch_files(folder, config, num_processes: int = 2) -> dict[str, Path]:
-    """Write the training script, its run config (JSON) and an accelerate config for `num_processes` CPU
-    processes into `folder`; returns their paths by name ("script", "config", "accelerate_config")."""
-    cfg = _config(config)
-    split_batch(cfg.global_batch_size, num_processes)
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    paths = {"script": folder / "train_lora.py", "config": folder / "config.json",
-             "accelerate_config": folder / "accelerate_cpu.yaml"}
-    paths["script"].write_text(SCRIPT)
-    paths["config"].write_text(json.dumps(asdict(cfg), indent=1))
-    paths["accelerate_config"].write_text(CPU_CONFIG.format(nproc=num_processes))
-    return paths
-
-
-def launch_command(files: dict, port: int | None = None) -> list[str]:
-    """`accelerate launch --config_file ... train_lora.py config.json`, with this Python's accelerate."""
-    return [sys.executable, "-m", "accelerate.commands.accelerate_cli", "launch", "--config_file",
-            str(files["accelerate_config"]), "--main_process_port", str(port or free_port()),
-            str(files["script"]), str(files["config"])]
-
-
-def accelerate_launch(files: dict, timeout: float = 600, log=None) -> RunResult:
-    """Run `launch_command(files)` in its own process group and wait at most `timeout` seconds (then the
-    whole group is killed). Output goes to `log` (a path; default run_dir/launch.log). A failed rank raises
-    DistributedRunError with its rank and error."""
-    cfg = json.loads(Path(files["config"]).read_text())
-    out = _fresh(cfg["out_dir"])
-    log = Path(log or out / "launch.log")
-    env = dict(os.environ, OMP_NUM_THREADS=str(cfg.get("threads", 1)), PYTHONUNBUFFERED="1")
-    with open(log, "w") as fh:
-        proc = subprocess.Popen(launch_command(files), stdout=fh, stderr=subprocess.STDOUT, env=env,
-                                start_new_session=True)
-        try:
-            code = proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            _kill_group(proc)
-            raise DistributedRunError(f"accelerate launch did not finish within {timeout:.0f} s and was stopped "
-                                      f"(output: {log})") from None
-    if code != 0:
-        collect(out)  # the failed rank's own error, when it wrote one
-        tail = "\n".join(log.read_text(errors="replace").splitlines()[-15:])
-        raise DistributedRunError(f"accelerate launch exited with code {code}:\n{tail}")
-    return collect(out)
-
-
-def _kill_group(proc: subprocess.Popen) -> None:
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        try:
-            os.killpg(proc.pid, sig)
-        except ProcessLookupError:
-            return
-        try:
-            proc.wait(timeout=10)
-            return
-        except subprocess.TimeoutExpired:
-            continue
 
 
 # ------------------------------------------------------------------------------------- FSDP + QLoRA (GPU)

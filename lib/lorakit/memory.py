@@ -1,44 +1,47 @@
 """Memory and parameter counting: how many parameters a model has, how many LoRA trains, and how many
-bytes full fine-tuning, LoRA and QLoRA need — computed from a config, then measured on a loaded model.
+bytes full fine-tuning, LoRA and QLoRA need, computed from a config alone (no weights, no download).
 
-The reference version of lesson 01. Everything here works from a config alone (no weights, no download):
+The reference version of lesson 01; the functions lesson 01 has the learner write are here under the same
+names and signatures (`count_parameters(cfg)`, `lora_params(d_in, d_out, r)`, `qlora_weights_gb(cfg)`), and
+so is lesson 05's `targets_for_budget(config, r, budget, preference=PREFERENCE)`.
 
 - `CONFIGS`: published Llama-family configs written out as dicts (Llama-2 7B/13B/70B, LLaMA 33B,
   Mistral-7B, Qwen2.5, SmolLM2, Llama-3.2-1B); `config(name)` turns one into a transformers config.
 - `count_parameters(config)`: embeddings + blocks (attention with grouped-query heads, SwiGLU MLP, two
-  RMSNorms) + final norm + lm_head unless tied — equal to `model.num_parameters()`.
-- `lora_parameters(config, r, target_modules)`: what peft would train, matching `target_modules` the way
-  peft does (a list of name suffixes, a regex string, or "all-linear", which leaves out lm_head).
+  RMSNorms) + final norm + lm_head unless tied — equal to `model.num_parameters()`. Counted module by
+  module from `modules(config)`, the table the other counts here read too.
+- `lora_params(d_in, d_out, r)` for one layer; `lora_parameters(config, r, target_modules)`: what peft
+  would train, matching `target_modules` the way peft does (a list of name suffixes, a regex string, or
+  "all-linear", which leaves out lm_head); `targets_for_budget(config, r, budget)`: lesson 05's choice of
+  target modules under a budget of trainable parameters.
 - `estimate(config, method, ...)`: a `MemoryEstimate` with a per-part breakdown for "full" (mixed-precision
   AdamW: 2 + 2 + 4 + 8 = 16 bytes per parameter), "lora" and "qlora" (NF4 weights + quantization
   constants + adapters with their gradients and Adam states + a rough activation budget).
-  With `world_size=N, sharding=...` it is the memory of ONE device of a data-parallel run: "none" (DDP,
-  every device holds everything), "zero1" / "zero2" / "zero3" (the ZeRO paper's P_os, P_os+g, P_os+g+p;
-  FSDP's SHARD_GRAD_OP and FULL_SHARD are accepted by name), with `cpu_offload` moving sharded states to
-  the host (lesson 08).
-- `measure(model)`: the bytes a loaded model's tensors really hold, including bitsandbytes' 4-bit
-  quantization constants, which transformers' `get_memory_footprint()` leaves out;
-  `measure_training_step(model, batch)` the same per part of a real training step, and `saved_bytes` /
-  `saved_tensors_meter` what autograd keeps for the backward pass (lesson 04's recomputation, lesson 06).
+  With `world_size=N, sharding=...` it is the memory of ONE device of a data-parallel run, the parts
+  divided as `lorakit.sharding` says (lesson 08).
+
+What a loaded model really holds is measured in `lorakit.footprint`.
 """
 
 from __future__ import annotations
 
 import math
 import operator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 from lorakit import nf4
+# Re-exported, not used here: lesson 04 reads these measuring functions as `memory.measure`,
+# `memory.saved_bytes` and `memory.quant_state_tensors`; they live in lorakit.footprint.
+from lorakit.footprint import measure, quant_state_tensors, saved_bytes  # noqa: F401
 from lorakit.lora import target_matches, unmatched_targets
 from lorakit.lora_config import check_rank, check_target_modules
+from lorakit.sharding import ZERO_STAGES, check_sharding, device_share, gathered_bytes
 from lorakit.validate import whole_number
 
-__all__ = ["METHODS", "BYTES", "ATTENTION", "MLP", "FSDP_SHARDING", "CONFIGS", "PUBLISHED", "config", "sizes",
+__all__ = ["METHODS", "BYTES", "ATTENTION", "MLP", "PREFERENCE", "CONFIGS", "PUBLISHED", "config", "sizes",
            "modules", "count_parameters", "quantized_parameters", "packed_parameter_count", "lora_targets",
-           "lora_parameters", "bits_per_param", "quantization_constant_bytes", "activation_bytes",
-           "MemoryEstimate", "sharding_stage", "estimate", "quant_state_tensors", "measure",
-           "saved_tensors_meter", "saved_bytes", "measure_training_step"]
+           "lora_params", "lora_parameters", "targets_for_budget", "bits_per_param", "quantization_constant_bytes",
+           "qlora_weights_gb", "activation_bytes", "MemoryEstimate", "estimate"]
 
 SUPPORTED = ("llama", "mistral", "qwen2")
 METHODS = ("full", "lora", "qlora")
@@ -52,15 +55,9 @@ OPTIMIZER_BYTES = {"adamw": 8, "adamw_bf16": 4, "adamw_8bit": 2, "sgd": 0}
 PEFT_DEFAULT_TARGETS = ("q_proj", "v_proj")
 ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP = ("gate_proj", "up_proj", "down_proj")
-# Data-parallel sharding, by ZeRO stage (Rajbhandari et al. 2019, arXiv 1910.02054): "none" is DDP (every
-# device holds all model states), "zero1" shards the optimizer states, "zero2" the gradients too, "zero3"
-# the weights too. PyTorch FSDP's strategies are accepted by name: they keep the same per-device memory.
-SHARDINGS = ("none", "zero1", "zero2", "zero3")
-FSDP_SHARDING = {"NO_SHARD": "none", "SHARD_GRAD_OP": "zero2", "FULL_SHARD": "zero3"}
-# dtypes bitsandbytes can pack 4-bit weights into (`bnb_4bit_quant_storage`): the bytes are the same, but
-# FSDP shards only floating-point tensors.
-QUANT_STORAGE = ("uint8", "bf16", "fp16", "fp32")
-
+# The order lesson 05 adds LoRA targets in when the trainable parameters are on a budget: the QLoRA paper's
+# q and v first, then the rest of attention, then the MLP.
+PREFERENCE = ("q_proj", "v_proj", "k_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 _LLAMA2 = dict(model_type="llama", vocab_size=32000, max_position_embeddings=4096, rms_norm_eps=1e-5,
                tie_word_embeddings=False)
 CONFIGS: dict[str, dict] = {
@@ -258,12 +255,29 @@ def _linear_names(mods) -> list[str]:
     return list(dict.fromkeys(n.rsplit(".", 1)[-1] for n, m in mods.items() if m[0] == "linear"))
 
 
+def lora_params(d_in, d_out, r) -> int:
+    """Trainable parameters of LoRA at rank `r` on one d_in -> d_out layer: A is r x d_in and B is d_out x r,
+    so r * (d_in + d_out) (lesson 01's exercise; an embedding's A is r x num_embeddings, its B
+    embedding_dim x r)."""
+    d_in = whole_number(d_in, "d_in", 1, "the layer's input features")
+    d_out = whole_number(d_out, "d_out", 1, "the layer's output features")
+    return check_rank(r) * (d_in + d_out)
+
+
 def lora_parameters(cfg, r: int = 8, target_modules=None) -> int:
-    """Trainable parameters LoRA adds: r * (in + out) for every targeted layer (A is r x in, B is out x r;
-    an embedding gets A of r x num_embeddings and B of embedding_dim x r)."""
+    """Trainable parameters LoRA adds to the model `cfg` describes: `lora_params` of every targeted layer."""
     r = check_rank(r)
     mods = modules(cfg)
-    return sum(r * (mods[n][1] + mods[n][2]) for n in lora_targets(cfg, target_modules))
+    return sum(lora_params(mods[n][1], mods[n][2], r) for n in lora_targets(cfg, target_modules))
+
+
+def targets_for_budget(config, r, budget, preference=PREFERENCE) -> list[str]:
+    """The longest prefix of `preference` whose LoRA parameters at rank `r` fit in `budget` (lesson 05's
+    exercise): [] when not even the first module fits. Counts grow with every module added, so the answer
+    is the last prefix that fits."""
+    fitting = [k for k in range(1, len(preference) + 1)
+               if lora_parameters(config, r, list(preference[:k])) <= budget]
+    return list(preference[:max(fitting, default=0)])
 
 
 # ------------------------------------------------------------------------------------------ memory
@@ -296,6 +310,16 @@ def quantization_constant_bytes(cfg, *, double_quant: bool = True, blocksize: in
         else:
             total += 4 * blocks
     return total
+
+
+def qlora_weights_gb(cfg) -> float:
+    """GB (1e9 bytes) of a QLoRA model's weights: the linear layers of the blocks in NF4 with double
+    quantization (`bits_per_param`: 4.127 bits each), everything else (embeddings, norms, lm_head, biases)
+    in bf16 (lesson 01's exercise). Per parameter, so a few bytes per tensor below what bitsandbytes
+    stores (it rounds each tensor's constants up): `estimate(cfg, "qlora").weights_bytes` counts those."""
+    n_quantized = quantized_parameters(cfg)
+    n_16bit = count_parameters(cfg) - n_quantized
+    return (n_quantized * bits_per_param("nf4", double_quant=True) / 8 + n_16bit * BYTES["bf16"]) / 1e9
 
 
 def activation_bytes(cfg, batch_size: int = 1, seq_len: int = 512, *, gradient_checkpointing: bool = True,
@@ -356,26 +380,9 @@ class MemoryEstimate:
         return self.table()
 
 
-def sharding_stage(sharding) -> int:
-    """The ZeRO stage (0 = none, DDP) of `sharding`: None, "none", "ddp", "zero0" to "zero3", or one of
-    FSDP's strategy names ("NO_SHARD", "SHARD_GRAD_OP", "FULL_SHARD", any case)."""
-    name = "none" if sharding is None else str(sharding)
-    name = FSDP_SHARDING.get(name.upper(), name.lower())
-    if name in ("ddp", "zero0"):
-        name = "none"
-    if name in SHARDINGS:
-        return SHARDINGS.index(name)
-    if name.upper() in ("HYBRID_SHARD", "_HYBRID_SHARD_ZERO2"):
-        raise ValueError(f"{sharding!r} shards inside each node and replicates across nodes: estimate it as "
-                         "'zero3' (or 'zero2') with world_size = the number of devices per node")
-    raise ValueError(f"unknown sharding {sharding!r}: use one of {', '.join(SHARDINGS)} or FSDP's "
-                     f"{', '.join(FSDP_SHARDING)}")
-
-
-def _gathered_bytes(cfg, method: str, wb: int) -> int:
-    """What a ZeRO-3 / FULL_SHARD device holds unsharded while it computes, as FSDP wraps a decoder: the
-    root unit (embeddings, final norm, lm_head: gathered for the whole forward and backward) plus two
-    decoder layers (the one computing and the next one being prefetched)."""
+def _unit_bytes(cfg, method: str, wb: int) -> tuple[int, int]:
+    """Bytes of the units FSDP wraps in a decoder: the root (embeddings, final norm, lm_head) and one decoder
+    layer, with the 4-bit layers of "qlora" at their packed size plus their share of the constants."""
     mods = modules(cfg)
     tied = sizes(cfg)["tied"]
     layer = {n: m for n, m in mods.items() if n.startswith("model.layers.0.")}
@@ -388,7 +395,7 @@ def _gathered_bytes(cfg, method: str, wb: int) -> int:
         per_layer = sum(_module_params(*m) for m in layer.values()) * wb
     root = sum(_module_params(*m) for n, m in mods.items()
                if not n.startswith("model.layers.") and not (tied and n == "lm_head")) * wb
-    return root + 2 * per_layer
+    return root, per_layer
 
 
 def estimate(cfg, method: str, r: int = 8, target_modules=None, batch_size: int = 1, seq_len: int = 512, *,
@@ -409,10 +416,11 @@ def estimate(cfg, method: str, r: int = 8, target_modules=None, batch_size: int 
     `activations` adds `activation_bytes` for `batch_size` sequences per device (a rough budget); CUDA
     context and allocator slack are not counted.
 
-    Data parallel over `world_size` devices (per device; see `SHARDINGS`): "none" (DDP) keeps everything on
-    every device; "zero1" divides the optimizer states and fp32 master weights by world_size, "zero2" the
-    gradients too, "zero3" (FSDP FULL_SHARD) the weights (adapters included) too, and then adds the layers
-    a device gathers while it computes (`_gathered_bytes`). `cpu_offload` moves the sharded optimizer
+    Data parallel over `world_size` devices (per device; `sharding` is a ZeRO stage, see
+    `lorakit.sharding.ZERO_STAGES`, or an FSDP strategy): "none" (DDP) keeps everything on every device;
+    "zero1" divides the optimizer states and fp32 master weights by world_size, "zero2" the gradients too,
+    "zero3" (FSDP FULL_SHARD) the weights (adapters included) too, and then adds the layers a device
+    gathers while it computes (`lorakit.sharding.gathered_bytes`). `cpu_offload` moves the sharded optimizer
     states and master weights to the host (ZeRO-Offload), with "zero3" the sharded weights and gradients
     too (FSDP's CPUOffload); they are listed in `offloaded`. QLoRA under FSDP needs the 4-bit weights
     stored in a float dtype (`quant_storage`, bitsandbytes' `bnb_4bit_quant_storage`).
@@ -427,22 +435,7 @@ def estimate(cfg, method: str, r: int = 8, target_modules=None, batch_size: int 
     if activations:
         batch_size = whole_number(batch_size, "batch_size", 1, "the number of sequences per device")
         seq_len = whole_number(seq_len, "seq_len", 1, "the number of tokens per sequence")
-    stage = sharding_stage(sharding)
-    fsdp = str(sharding).upper() in FSDP_SHARDING
-    if cpu_offload and stage == 0:
-        raise ValueError("cpu_offload needs sharded states: DDP keeps a full copy on every device. Use "
-                         "sharding='zero2' (DeepSpeed ZeRO-Offload) or 'zero3' (FSDP FULL_SHARD with CPUOffload), "
-                         "which work with world_size=1 too")
-    if quant_storage not in QUANT_STORAGE:
-        raise ValueError(f"quant_storage must be one of {', '.join(QUANT_STORAGE)}; found {quant_storage!r}")
-    if quant_storage != "uint8" and method != "qlora":
-        raise ValueError(f"quant_storage={quant_storage!r} is the storage of 4-bit weights: it applies to "
-                         "method='qlora' only")
-    if method == "qlora" and quant_storage == "uint8" and (stage == 3 or (fsdp and stage > 0)):
-        raise ValueError(f"sharding={sharding!r} shards the frozen 4-bit weights, and FSDP (like DeepSpeed ZeRO-3) "
-                         "shards only floating-point tensors: bitsandbytes packs them as uint8 by default. Load "
-                         "with BitsAndBytesConfig(bnb_4bit_quant_storage=torch.bfloat16) and pass quant_storage='bf16' "
-                         "(same bytes), or shard less (sharding='zero2' keeps the frozen weights whole)")
+    stage = check_sharding(method, sharding, cpu_offload, quant_storage)
     bare = not isinstance(cfg, (bool, str, dict)) and hasattr(cfg, "__index__")
     if bare:
         cfg = operator.index(cfg)
@@ -477,185 +470,13 @@ def estimate(cfg, method: str, r: int = 8, target_modules=None, batch_size: int 
         parts["adapters"] = trainable * 4
         parts["gradients"] = trainable * 4
         parts["optimizer states"] = trainable * OPTIMIZER_BYTES[optimizer]
-    # Which parts each stage shards, and which of those cpu_offload sends to the host.
-    sharded = {"fp32 master weights", "optimizer states"} if stage >= 1 else set()
-    if stage >= 2:
-        sharded.add("gradients")
-    if stage >= 3:
-        sharded |= {"weights", "quantization constants", "adapters"}
-    to_host = {"fp32 master weights", "optimizer states"} if cpu_offload else set()
-    if cpu_offload and stage == 3:
-        to_host |= {"weights", "quantization constants", "adapters", "gradients"}
-    offloaded: dict[str, int] = {}
-    for part in list(parts):
-        if part in sharded:
-            parts[part] = -(-parts[part] // world_size)  # a device's share, rounded up
-        if part in to_host:
-            offloaded[part] = parts.pop(part)
+    parts, offloaded = device_share(parts, world_size, stage, cpu_offload)
     if stage == 3 and not bare and (world_size > 1 or cpu_offload):
-        parts["gathered layers"] = _gathered_bytes(cfg, method, wb)
+        parts["gathered layers"] = gathered_bytes(*_unit_bytes(cfg, method, wb))
     if activations:
         parts["activations"] = activation_bytes(cfg, batch_size, seq_len, gradient_checkpointing=gradient_checkpointing,
                                                 dtype="bf16" if weight_dtype != "fp32" else "fp32")
     notes = dict(r=r, target_modules=target_modules, batch_size=batch_size, seq_len=seq_len)
     if world_size > 1 or stage or cpu_offload:
-        notes.update(world_size=world_size, sharding=SHARDINGS[stage], cpu_offload=cpu_offload)
+        notes.update(world_size=world_size, sharding=ZERO_STAGES[stage], cpu_offload=cpu_offload)
     return MemoryEstimate(method, parts, n, trainable, notes, offloaded)
-
-
-# ----------------------------------------------------------------------------------------- measuring
-
-def _tensor_bytes(t) -> int:
-    return t.numel() * t.element_size()
-
-
-def quant_state_tensors(param) -> list:
-    """The tensors a bitsandbytes 4-bit parameter keeps beside its packed bytes (absmax, code, and with
-    double quantization the offset and the nested absmax and code); [] for an ordinary tensor."""
-    import torch
-    qs = getattr(param, "quant_state", None)
-    out = []
-    while qs is not None:
-        for attr in ("absmax", "code", "offset"):
-            t = getattr(qs, attr, None)
-            if isinstance(t, torch.Tensor):
-                out.append(t)
-        qs = getattr(qs, "state2", None)
-    scb = getattr(param, "SCB", None)  # 8-bit (LLM.int8) row scales
-    if isinstance(scb, torch.Tensor):
-        out.append(scb)
-    return out
-
-
-def measure(model, *, buffers: bool = True) -> int:
-    """Bytes held by `model`'s parameters (each shared tensor once), buffers, and bitsandbytes
-    quantization constants. Works on the meta device too (no memory is held there, but the sizes are)."""
-    seen: set = set()
-    total = 0
-
-    def add(t):
-        nonlocal total
-        key = id(t) if t.device.type == "meta" else (t.device.type, t.untyped_storage().data_ptr(),
-                                                       t.storage_offset(), t.numel())
-        if key not in seen:
-            seen.add(key)
-            total += _tensor_bytes(t)
-
-    for p in model.parameters():
-        add(p)
-        for t in quant_state_tensors(p):
-            add(t)
-    if buffers:
-        for b in model.buffers():
-            add(b)
-    return total
-
-
-def _storage_key(t):
-    return (t.device.type, t.untyped_storage().data_ptr())
-
-
-@contextmanager
-def saved_tensors_meter(exclude=None):
-    """Count the bytes autograd saves for the backward pass inside the `with` block (each storage once).
-    Tensors `exclude` already holds cost nothing extra and are left out: a module (its parameters and
-    buffers) or an iterable of tensors. Yields a dict whose "bytes" and "tensors" entries grow as tensors
-    are saved (`torch.autograd.graph.saved_tensors_hooks`)."""
-    import torch
-
-    if exclude is None:
-        held_tensors = ()
-    elif hasattr(exclude, "parameters") and hasattr(exclude, "buffers"):
-        held_tensors = (*exclude.parameters(), *exclude.buffers())
-    else:
-        held_tensors = tuple(exclude)
-    held = {_storage_key(t) for t in held_tensors}
-    seen: set = set()
-    meter = {"bytes": 0, "tensors": 0}
-
-    def pack(t):
-        key = _storage_key(t)
-        if key not in held and key not in seen:
-            seen.add(key)
-            meter["bytes"] += t.untyped_storage().nbytes()
-            meter["tensors"] += 1
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        yield meter
-
-
-def saved_bytes(fn, *args, exclude=None) -> int:
-    """Bytes autograd keeps for backward while computing `fn(*args)` (see `saved_tensors_meter`)."""
-    with saved_tensors_meter(exclude) as meter:
-        fn(*args)
-    return meter["bytes"]
-
-
-def measure_training_step(model, batch: dict, optimizer=None, *, autocast_dtype=None) -> dict[str, int]:
-    """Bytes one training step of `model` holds, measured part by part on a real forward and backward pass
-    over `batch` (a dict of tensors such as input_ids / attention_mask / labels). The keys are those of
-    `estimate(...).parts`, so the two can be read side by side:
-
-    - "weights": parameters that do not train (the frozen base, 4-bit weights as their packed bytes) and
-      buffers; "quantization constants": bitsandbytes' absmax and codes; "adapters": trainable parameters;
-    - "gradients": the `.grad` of every trainable parameter after `loss.backward()`;
-    - "optimizer states": the tensors `optimizer.state` holds (AdamW: m and v, plus a step count). Without an
-      optimizer (or one that has not stepped yet), a throwaway `torch.optim.AdamW(lr=0)` takes one step so that
-      its states exist; with lr = 0 the weights do not move;
-    - "activations": every tensor autograd saves for the backward pass (`torch.autograd.graph.saved_tensors_hooks`)
-      that is not a parameter or buffer, each storage counted once: layer inputs, attention and MLP
-      intermediates, the logits, and the 16-bit copies autocast makes of fp32 weights.
-
-    The model's gradients are cleared afterwards (set to None) and its train/eval mode is put back."""
-    import torch
-
-    params = list(model.parameters())
-    owned = {}  # storage -> the tensor, for everything the model itself holds
-    parts = {"weights": 0, "quantization constants": 0, "adapters": 0}
-
-    def own(t, part):
-        key = _storage_key(t)
-        if key not in owned:
-            owned[key] = t
-            parts[part] += _tensor_bytes(t)
-
-    for p in params:
-        own(p, "adapters" if p.requires_grad else "weights")
-        for t in quant_state_tensors(p):
-            own(t, "quantization constants")
-    for b in model.buffers():
-        own(b, "weights")
-
-    trainable = [p for p in params if p.requires_grad]
-    if not trainable:
-        raise ValueError("the model has no trainable parameters: add adapters (peft's get_peft_model) first")
-    was_training = model.training
-    model.train()
-    device = trainable[0].device
-    batch = {k: v.to(device) if hasattr(v, "to") else v for k, v in batch.items()}
-    try:
-        with saved_tensors_meter(exclude=owned.values()) as saved, \
-                torch.autocast(device.type, dtype=autocast_dtype or torch.bfloat16, enabled=autocast_dtype is not None):
-            loss = model(**batch).loss
-        loss.backward()
-        grads = {}
-        for p in trainable:
-            if p.grad is not None:
-                grads.setdefault(_storage_key(p.grad), _tensor_bytes(p.grad))
-        parts["gradients"] = sum(grads.values())
-        if optimizer is None or not optimizer.state:
-            optimizer = torch.optim.AdamW(trainable, lr=0.0)
-            optimizer.step()
-        states = {}
-        for state in optimizer.state.values():
-            for t in state.values():
-                if isinstance(t, torch.Tensor):
-                    states.setdefault(_storage_key(t), _tensor_bytes(t))
-        parts["optimizer states"] = sum(states.values())
-        parts["activations"] = saved["bytes"]
-    finally:
-        for p in trainable:
-            p.grad = None
-        model.train(was_training)
-    return parts

@@ -59,7 +59,7 @@ DEFAULTS = {"method": "lora", "r": 8, "alpha": 16, "target_modules": ["q_proj", 
 # Configuration field -> the experiment notebook's parameter it sets.
 NOTEBOOK_NAMES = {"method": "METHOD", "r": "LORA_R", "alpha": "LORA_ALPHA", "target_modules": "TARGET_MODULES",
                   "dropout": "LORA_DROPOUT", "use_rslora": "USE_RSLORA"}
-# The training state a run holds, measured with lorakit.memory.measure_training_step: part -> column.
+# The training state a run holds, measured with lorakit.footprint.measure_training_step: part -> column.
 MEMORY_COLUMNS = {"weights": "weight_bytes", "quantization constants": "quant_constant_bytes",
                   "adapters": "adapter_bytes", "gradients": "gradient_bytes", "optimizer states": "optimizer_bytes",
                   "activations": "activation_bytes"}

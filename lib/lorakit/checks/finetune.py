@@ -19,12 +19,9 @@ import torch
 from lorakit.checks import CheckFailed, expect, passed
 from lorakit.checks.adapter import adapter_as_data, rebuild
 from lorakit.checks.judged import data_or_repr, judged_check
-from lorakit.memory import CONFIGS
+from lorakit.memory import CONFIGS, PREFERENCE
 from lorakit.models import tiny_config
 
-# QLoRA's order of preference when a budget allows only some layers: attention first (the LoRA paper's
-# q and v, then k and o), then the MLP. The exercise picks the longest prefix that fits.
-PREFERENCE = ["q_proj", "v_proj", "k_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 # What the fine-tuned model must gain over the base, in held-out exact match, for the graded test.
 # Measured on who_found: 0% -> 100% with the CI parameters (40 steps, 50 held-out examples) and with
 # the defaults (100 steps), so 0.6 leaves room for another CPU or seed and still catches a model that
@@ -118,8 +115,8 @@ class trainable_count:
     def draw(rng):
         from lorakit.models import ALL_LINEAR
         if rng.grading:
-            cases = [["Llama-2-7B", LLAMA2_7B, 8, ["q_proj", "v_proj"]], ["Llama-2-7B", LLAMA2_7B, 64, PREFERENCE],
-                     ["SmolLM2-135M", SMOLLM2_135M, 16, PREFERENCE]]
+            cases = [["Llama-2-7B", LLAMA2_7B, 8, ["q_proj", "v_proj"]], ["Llama-2-7B", LLAMA2_7B, 64, list(PREFERENCE)],
+                     ["SmolLM2-135M", SMOLLM2_135M, 16, list(PREFERENCE)]]
             cases += [[f"made-up model #{i + 1}", _made_up(rng, own_head_dim=i == 0), rng.choice([1, 4, 8, 16, 64]),
                        rng.sample(PREFERENCE, rng.integer(1, 7))] for i in range(3)]
         else:
@@ -165,19 +162,11 @@ class trainable_count:
 # Exercise: target modules for a budget
 # --------------------------------------------------------------------------------------------------
 
-def _targets_for_budget(config, r, budget, preference=PREFERENCE):
-    chosen = []
-    for name in preference:
-        if _lora_count(config, r, chosen + [name]) > budget:
-            break
-        chosen.append(name)
-    return chosen
-
-
 @judged_check
 class targets:
     """`targets_for_budget(config, r, budget)`: the longest prefix of PREFERENCE that fits."""
     answer = {"choices": [object]}
+    reference = ("lorakit.memory.targets_for_budget",)
 
     def draw(rng):
         tiny = tiny_config()
@@ -199,10 +188,11 @@ class targets:
         return {"choices": [data_or_repr(c) for c in out]}
 
     def judge(inputs, answer):
+        from lorakit.memory import targets_for_budget
         expect(len(answer["choices"]) == len(inputs["cases"]), "`targets_for_budget` should answer once per call.")
         for (d, r, budget), got in zip(inputs["cases"], answer["choices"]):
             cfg = _config(d)
-            expected = _targets_for_budget(cfg, r, budget)
+            expected = targets_for_budget(cfg, r, budget, PREFERENCE)
             expect(isinstance(got, list), f"`targets_for_budget` should return a list of module names, found {got!r}.")
             over = _lora_count(cfg, r, [m for m in got if m in PREFERENCE])
             expect(over <= budget or not got,
@@ -213,7 +203,7 @@ class targets:
                    "(empty when not even the first fits).")
         budget, tiny = inputs["source_budget"], _config(tiny_config())
         return (f"targets for a budget of {budget:,} (what r=8 on q_proj, v_proj costs): "
-                + "; ".join(f"r={r}: {len(_targets_for_budget(tiny, r, budget))} kinds" for r in (8, 4, 2, 1)))
+                + "; ".join(f"r={r}: {len(targets_for_budget(tiny, r, budget, PREFERENCE))} kinds" for r in (8, 4, 2, 1)))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -370,14 +360,16 @@ _CASES = [
 
 
 def _share(answers, outputs) -> float:
-    return sum(a.strip() == o.strip() for a, o in zip(answers, outputs)) / len(answers)
+    """lorakit.data.exact_match_score of `answers` against bare `outputs`."""
+    from lorakit.data import exact_match_score
+    return exact_match_score(answers, [{"output": o} for o in outputs])
 
 
 @judged_check
 class exact_match:
     """`exact_match_score(answers, dataset)` on hand-made cases (and made-up ones when graded)."""
     answer = {"scores": [object]}
-    reference = ("lorakit.data.exact_match",)
+    reference = ("lorakit.data.exact_match_score",)
 
     def draw(rng):
         cases = [[a, o] for a, o, _ in _CASES]

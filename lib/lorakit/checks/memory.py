@@ -170,6 +170,7 @@ class count_parameters:
 class lora_params:
     """`lora_params(d_in, d_out, r)`: trainable parameters of LoRA on one d_in -> d_out layer."""
     answer = {"counts": [object]}
+    reference = ("lorakit.memory.lora_params",)
 
     def draw(rng):
         cases = [[5000, 4000, 8], [4096, 4096, 8], [10, 20, 1]]
@@ -183,9 +184,10 @@ class lora_params:
         return {"counts": [_number(fn(*case)) for case in inputs["cases"]]}
 
     def judge(inputs, answer):
+        from lorakit import memory
         expect(len(answer["counts"]) == len(inputs["cases"]), "`lora_params` should return one number per call.")
         for i, ((d_in, d_out, r), got) in enumerate(zip(inputs["cases"], answer["counts"])):
-            want = r * (d_in + d_out)
+            want = memory.lora_params(d_in, d_out, r)
             hint = ("A is r x d_in and B is d_out x r: r * (d_in + d_out)." if i == 0 else
                     "the count must use the arguments, not fixed numbers.")
             expect(type(got) in (int, float) and got == want,
@@ -198,12 +200,12 @@ class lora_params:
 class qlora_weights_gb:
     """`qlora_weights_gb(cfg)`: GB of a QLoRA model's weights (NF4 + double quantization, the rest bf16)."""
     answer = {"sizes": [object]}
-    reference = ("lorakit.memory.estimate",)
+    reference = ("lorakit.memory.qlora_weights_gb",)
 
     def draw(rng):
         if rng.grading:
-            # published models of 0.5B and up: below that, rounding the constants up per tensor (which the
-            # exercise's per-parameter arithmetic leaves out) exceeds the tolerance
+            # published models of 0.5B and up: below that, rounding the constants up per tensor (which
+            # bitsandbytes does and the per-parameter arithmetic leaves out) exceeds the tolerance
             return {"configs": _named(rng.sample(sorted(set(QLORA_CHECKS) - {"smollm2-135m"}), 4), rng, 0)}
         return {"configs": _named(("llama-2-7b", "qwen2.5-0.5b", "llama-2-70b"), rng, 0)}
 
@@ -216,7 +218,7 @@ class qlora_weights_gb:
         expect(len(answer["sizes"]) == len(inputs["configs"]), "`qlora_weights_gb` should return one number per config.")
         shown = []
         for (name, spec), got in zip(inputs["configs"], answer["sizes"]):
-            truth = memory.estimate(_config(spec), "qlora", activations=False).weights_bytes / 1e9
+            truth = memory.qlora_weights_gb(_config(spec))
             expect(type(got) in (int, float) and close(got, truth, rel=2e-3),
                    f"{name}: expected about {truth:.3f} GB of 4-bit weights with their constants, found {got!r}.",
                    "quantized linear layers at nf4_bits(True) / 8 bytes per parameter, everything else "
