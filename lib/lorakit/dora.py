@@ -113,6 +113,8 @@ class DoRALinear(LoRALinear):
         W.copy_(((self.lora_magnitude_vector / norm).unsqueeze(1) * (W + delta)).to(W.dtype))
         self.merged = True
 
+    # merge/unmerge deliberately read like LoRALinear's (the same guards and warnings, as peft's LoRA and DoRA
+    # layers share them): only the update differs, a magnitude-scaled direction instead of a sum.
     @torch.no_grad()
     def unmerge(self) -> None:
         """The inverse of `merge`: W0 = W' / (m / norm) - s B A (equal up to float rounding, as in peft)."""

@@ -79,38 +79,27 @@ def references(key) -> dict[str | None, set[str]]:
     """exercise grade_id -> its answers: what the checks of its test cells (the ones that follow it) name as
     reference, and their library oracles; None -> all of them."""
     out: dict[str | None, set[str]] = {None: set()}
-    exercise = None
-    for gid in key.order:
-        kc = key.cells.get(gid)
-        if kc is None:
-            continue
-        if kc.kind == "solution":
-            exercise = gid
-            out.setdefault(gid, set())
-        elif kc.kind == "test":
-            for call in kc.calls:
-                refs = set(declared(call.check))
-                out[None] |= refs
-                if exercise is not None:
-                    out[exercise] |= refs
+    out |= {gid: set() for gid in key.order if gid in key.cells and key.cells[gid].kind == "solution"}
+    for exercise, _, kc in key.tests_by_exercise():
+        for call in kc.calls:
+            refs = set(declared(call.check))
+            out[None] |= refs
+            if exercise is not None:
+                out[exercise] |= refs
     return out
 
 
 def probed(key) -> dict[str, str]:
     """Names the test cells hand to checks (`quantize_nf4`, `LoRALinear`) -> the exercise they belong to."""
-    out, exercise = {}, None
-    for gid in key.order:
-        kc = key.cells.get(gid)
-        if kc is None:
+    out = {}
+    for exercise, _, kc in key.tests_by_exercise():
+        if exercise is None:
             continue
-        if kc.kind == "solution":
-            exercise = gid
-        elif kc.kind == "test" and exercise:
-            for call in kc.calls:
-                for src in [*call.args, *call.kwargs.values()]:
-                    for n in ast.walk(ast.parse(src, mode="eval")):
-                        if isinstance(n, ast.Name):
-                            out.setdefault(n.id, exercise)
+        for call in kc.calls:
+            for src in [*call.args, *call.kwargs.values()]:
+                for n in ast.walk(ast.parse(src, mode="eval")):
+                    if isinstance(n, ast.Name):
+                        out.setdefault(n.id, exercise)
     return out
 
 

@@ -73,6 +73,19 @@ class Key:
     def tests(self) -> list[KeyCell]:
         return [c for c in self.cells.values() if c.kind == "test"]
 
+    def tests_by_exercise(self):
+        """(grade_id of the exercise cell before it, or None, grade_id, cell) for every test cell in order: the
+        exercise a test cell checks is the last solution cell above it."""
+        exercise = None
+        for gid in self.order:
+            kc = self.cells.get(gid)
+            if kc is None:
+                continue
+            if kc.kind == "solution":
+                exercise = gid
+            elif kc.kind == "test":
+                yield exercise, gid, kc
+
     @property
     def max_score(self) -> float:
         return float(sum(c.points for c in self.tests))

@@ -301,19 +301,12 @@ def plan(key, solution, package: Path | None = None, earlier: set[str] = frozens
     package = Path(package or Path(lorakit.__file__).parent)
     kit = read_kit(package)
     checks, answers = set(), {}
-    exercise = None
-    for gid in key.order:
-        kc = key.cells.get(gid)
-        if kc is None:
-            continue
-        if kc.kind == "solution":
-            exercise = gid
-        elif kc.kind == "test":
-            for call in kc.calls:
-                checks.add(call.check)
-                for r in reference_use.declared(call.check):
-                    if r.startswith("lorakit."):
-                        answers.setdefault(r, exercise or gid)
+    for exercise, gid, kc in key.tests_by_exercise():
+        for call in kc.calls:
+            checks.add(call.check)
+            for r in reference_use.declared(call.check):
+                if r.startswith("lorakit."):
+                    answers.setdefault(r, exercise or gid)
     check_modules = {c.rpartition(".")[0] for c in checks}
 
     needed: set[tuple[str, str]] = set()
