@@ -16,8 +16,8 @@ import lorakit
 
 PACKAGE = Path(lorakit.__file__).parent
 # One module per concept; the models and the environment they need are part of that floor.
-CONCEPTS = {"validate", "install", "env", "models", "data", "memory", "sharding", "footprint", "lora_config", "lora",
-            "nf4", "qlora", "dora", "loftq"}
+CONCEPTS = {"validate", "install", "env", "models", "data", "architectures", "memory", "sharding", "footprint",
+            "lora_config", "lora", "nf4", "qlora", "dora", "loftq"}
 COMPOSITIONS = {"train", "viz", "pretrain", "distributed", "launch", "course", "sweep", "lab", "checks", "grading", "cli",
                 "bootstrap"}  # bootstrap: what only make runs (the venv, `make lock`), on top of install
 
