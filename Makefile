@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 # The versions CI tested (pip constraints; `make lock` rewrites it). Every install here uses it.
 LOCK ?= lib/lorakit/tested.txt
 # Extra pip arguments, e.g. PIP_ARGS="--index-url https://my.mirror/simple". Without a GPU, the install
-# adds PyTorch's CPU index by itself when it answers within a few seconds (lib/lorakit/bootstrap.py).
+# adds PyTorch's CPU index by itself when it answers within a few seconds (lib/lorakit/tooling/bootstrap.py).
 PIP_ARGS ?=
 PORT ?= 8888
 # Jupyter refuses to run as root unless told (containers, Colab-like VMs, CI machines).
@@ -32,7 +32,7 @@ SLOW_AFTER ?= 5
 # written only after a whole, checked install: an interrupted or failed one leaves none, and the next make
 # installs again.
 $(VENV)/.installed-%: pyproject.toml $(LOCK)
-	@$(PYTHON) lib/lorakit/bootstrap.py venv --venv $(VENV) --extra $* --lock $(LOCK) --python-name $(PYTHON) -- $(PIP_ARGS)
+	@$(PYTHON) lib/lorakit/tooling/bootstrap.py venv --venv $(VENV) --extra $* --lock $(LOCK) --python-name $(PYTHON) -- $(PIP_ARGS)
 	@touch $@ $(if $(filter dev instructor,$*),$(VENV)/.installed-lab)
 
 install: $(VENV)/.installed-$(or $(EXTRA),lab)  ## make install EXTRA=instructor: the kit with an extra, nothing started
@@ -76,10 +76,10 @@ HOLD ?= soupsieve<3
 lock:
 	rm -rf build/lock && mkdir -p build/lock
 	cp $(LOCK) build/lock/previous.txt && cp environment.yml build/lock/previous.yml
-	$(PYTHON) lib/lorakit/bootstrap.py keep --upgrade "$(UPGRADE)" --hold "$(HOLD)" > build/lock/keep.txt
+	$(PYTHON) lib/lorakit/tooling/bootstrap.py keep --upgrade "$(UPGRADE)" --hold "$(HOLD)" > build/lock/keep.txt
 	$(MAKE) --no-print-directory VENV=build/lock/venv LOCK=build/lock/keep.txt build/lock/venv/.installed-dev
-	build/lock/venv/bin/python -m lorakit.bootstrap freeze --out $(LOCK)
-	build/lock/venv/bin/python -m lorakit.bootstrap environment > environment.yml
+	build/lock/venv/bin/python -m lorakit.tooling.bootstrap freeze --out $(LOCK)
+	build/lock/venv/bin/python -m lorakit.tooling.bootstrap environment > environment.yml
 	$(MAKE) --no-print-directory VENV=build/lock/venv $(LOCK_TEST) || { cp build/lock/previous.txt $(LOCK); \
 		cp build/lock/previous.yml environment.yml; echo "make lock: the tests failed on the new versions: $(LOCK) is unchanged"; exit 1; }
 	@git diff --stat -- $(LOCK) environment.yml 2>/dev/null || true

@@ -31,7 +31,7 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from lorakit import course  # noqa: E402
+from lorakit import course, runner  # noqa: E402
 from lorakit.env import scoped_environ  # noqa: E402
 
 GOALS = {"lesson_seconds_max": 600.0, "course_seconds_max": 2700.0, "cell_without_bar_seconds_max": 120.0}
@@ -95,9 +95,9 @@ def run_lesson(lesson: str, params: dict, out_dir: Path, environ: dict) -> dict:
     status, error, nb = "ok", "", None
     try:
         with scoped_environ(**environ):  # the kernel inherits this process's environment
-            nb = course.execute(src, dst, params, cwd=src.parent, timeout=3600)
+            nb = runner.execute(src, dst, params, cwd=src.parent, timeout=3600)
     except Exception as e:  # a failed lesson is recorded as failed, with its cells so far
-        status, error = "failed", course.describe_failure(e, dst, lesson)
+        status, error = "failed", runner.describe_failure(e, dst, lesson)
         if dst.is_file():
             import nbformat
             nb = nbformat.read(dst, as_version=4)

@@ -85,7 +85,7 @@ def bits() -> dict:
     """Bits per weight held by the quantized linears of a random-init Llama with the course model's sizes."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from lorakit.pretrain import MODEL_CONFIG
+    from lorakit.tooling.pretrain import MODEL_CONFIG
 
     torch.manual_seed(0)
     model = LlamaForCausalLM(LlamaConfig(**MODEL_CONFIG))

@@ -27,7 +27,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("LORAKIT_STATIC", "1")
 
-from lorakit import course  # noqa: E402
+from lorakit import course, runner  # noqa: E402
 
 LESSON = "05_qlora_finetune"
 PROMISE = {"before_max": 0.05, "after_min": 0.90, "train_seconds_max": 180.0, "ci_notebook_seconds_max": 180.0}
@@ -37,7 +37,7 @@ def run(name: str, params: dict, out: Path) -> dict:
     results = out / f"{name}.json"
     params = {**params, "RESULTS_JSON": str(results)}
     t0 = time.perf_counter()
-    course.execute(course.solution_path(LESSON), out / f"{name}.ipynb", params)
+    runner.execute(course.solution_path(LESSON), out / f"{name}.ipynb", params)
     seconds = time.perf_counter() - t0
     return {"run": name, "notebook_seconds": seconds, **json.loads(results.read_text())}
 

@@ -130,7 +130,7 @@ def lesson_plan(args, out: Path) -> list[tuple[str, dict]]:
 
 
 def run_lessons(args, out: Path, budget: Budget) -> tuple[list[list], bool]:
-    from lorakit import course
+    from lorakit import course, runner
     rows, ok = [], True
     for lesson, params in lesson_plan(args, out):
         if args.dry_run:
@@ -143,14 +143,14 @@ def run_lessons(args, out: Path, budget: Budget) -> tuple[list[list], bool]:
         src = course.solution_path(lesson)
         t0 = time.perf_counter()
         try:
-            nb = course.execute(src, out / "lessons" / f"{lesson}.ipynb", params, cwd=src.parent,
+            nb = runner.execute(src, out / "lessons" / f"{lesson}.ipynb", params, cwd=src.parent,
                                 timeout=int(max(30, min(args.cell_timeout, budget.left()))))
             graded = course.graded_cells(nb)
             passed = sum(g[1] for g in graded)
             rows.append([lesson, "ok", time.perf_counter() - t0, f"{passed}/{len(graded)} graded cells pass"])
             ok &= passed == len(graded)
         except Exception as e:  # noqa: BLE001 - recorded, the run goes on
-            rows.append([lesson, "FAILED", time.perf_counter() - t0, course.describe_failure(e, out / "lessons" / f"{lesson}.ipynb", lesson)[:300]])
+            rows.append([lesson, "FAILED", time.perf_counter() - t0, runner.describe_failure(e, out / "lessons" / f"{lesson}.ipynb", lesson)[:300]])
             ok = False
     return rows, ok
 
@@ -282,7 +282,7 @@ def _random_model(name: str, dtype, device):
 
     from lorakit import memory
     if name == "tiny":
-        from lorakit.pretrain import MODEL_CONFIG
+        from lorakit.tooling.pretrain import MODEL_CONFIG
         cfg = memory.config({"model_type": "llama", **MODEL_CONFIG})
     else:
         cfg = memory.config(name)

@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from lorakit import bootstrap, course, install
+from lorakit import course, install
+from lorakit.tooling import bootstrap
 
 ROOT = course.course_root()
 WORKFLOWS = ROOT / ".github" / "workflows"

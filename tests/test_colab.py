@@ -29,6 +29,7 @@ from packaging.requirements import Requirement
 from lorakit import course
 
 ROOT = course.course_root()
+COURSE_NOTEBOOKS = ROOT / "lib" / "lorakit" / "course" / "notebooks.py"  # where course.REPOSITORY is set
 LESSONS = course.lessons()
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
 BADGE = re.compile(r"\[!\[Open In Colab\]\((?P<image>[^)]+)\)\]\((?P<link>[^)]+)\)")
@@ -63,7 +64,7 @@ def test_repository_url_is_configured_in_one_place():
     slug = course.REPOSITORY.removeprefix("https://github.com/")
     assert re.fullmatch(r"[\w.-]+/[\w.-]+", slug), f"course.REPOSITORY should be https://github.com/OWNER/NAME, is {course.REPOSITORY!r}"
     offenders = [str(p.relative_to(ROOT)) for p in (ROOT / "lib" / "lorakit").rglob("*.py")
-                 if p.name != "course.py" and slug in p.read_text()]
+                 if p != COURSE_NOTEBOOKS and slug in p.read_text()]
     assert not offenders, f"these modules spell out the repository URL; use lorakit.course.REPOSITORY: {offenders}"
     with_url = [p for p in ROOT.glob("lessons/*/*.ipynb") if slug in p.read_text()]
     assert len(with_url) == len(LESSONS)

@@ -120,7 +120,7 @@ def test_targets_reference_is_the_longest_prefix_that_fits():
 def tokenizer_and_data():
     from lorakit import data
     assert models.TINY_PATH.is_dir(), (f"the embedded model ships with the kit, but {models.TINY_PATH} is missing: "
-                                       "reinstall lorakit, or rebuild it with python -m lorakit.pretrain")
+                                       "reinstall lorakit, or rebuild it with python -m lorakit.tooling.pretrain")
     return models.load_tokenizer(models.TINY), data.load_task("who_found")
 
 

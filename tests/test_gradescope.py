@@ -186,7 +186,7 @@ def test_the_zip_is_laid_out_as_gradescope_expects(autograder):
                    and b"BEGIN HIDDEN TESTS" in zf.read(n)]
         assert holders == [f"course/solutions/{LESSON}/{LESSON}.ipynb"], holders   # the key, and only the key
         assert zf.read("tested.txt") == Path(course.course_root() / "lib/lorakit/tested.txt").read_bytes()
-        assert {"bootstrap.py", "install.py", "pyproject.toml"} <= set(infos), "the installer setup.sh runs, and what it imports"
+        assert {"tooling/bootstrap.py", "install.py", "pyproject.toml"} <= set(infos), "the installer setup.sh runs, and what it imports"
     # the key and the gradebook are root's alone after setup
     key = autograder.root / "source" / "course" / "solutions"
     assert stat.S_IMODE(key.stat().st_mode) == 0o700

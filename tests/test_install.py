@@ -24,7 +24,8 @@ import pytest
 from packaging.requirements import Requirement
 
 import lorakit
-from lorakit import bootstrap, cli, course, env, install, sweep
+from lorakit import cli, course, env, install, runner, sweep
+from lorakit.tooling import bootstrap
 
 ROOT = course.course_root()
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
@@ -99,7 +100,7 @@ def test_every_import_is_declared_where_it_is_used():
         code = "\n".join(c.source for c in nb.cells if c.cell_type == "code" and not c.source.lstrip().startswith(("%", "!")))
         sources.append((nb_path, code, base))
     for path, source, allowed in sources:
-        # bootstrap.py, run as a script before the kit is installed, imports install.py beside it as `install`
+        # a script's import of a file beside it (none today: tooling/bootstrap.py loads install.py by its path)
         for module in _imports(source) - {p.stem for p in path.parent.glob("*.py")}:
             dist = _distribution(module)
             if dist and dist not in allowed:
@@ -147,7 +148,7 @@ def test_lock_files_are_read_strictly_and_upgrades_free_named_pins(tmp_path):
 def test_environment_yml_is_generated_from_pyproject():
     committed = (ROOT / "environment.yml").read_text()
     assert committed == bootstrap.environment_yml(), \
-        "environment.yml differs from what pyproject.toml gives: run `make lock` (or lib/lorakit/bootstrap.py environment)"
+        "environment.yml differs from what pyproject.toml gives: run `make lock` (or lib/lorakit/tooling/bootstrap.py environment)"
     import yaml
     spec = yaml.safe_load(committed)
     conda = {d.split()[0] for d in spec["dependencies"] if isinstance(d, str)}
@@ -258,7 +259,7 @@ def test_gpu_is_detected_with_nvidia_smi(tmp_path, monkeypatch):
 def _installer(*args, python=sys.executable, env=None) -> subprocess.CompletedProcess:
     """bootstrap.py as make runs it: a script, and with -S (no site-packages) as on a system Python before .venv
     exists, so that nothing but the standard library and install.py beside it can be imported."""
-    return subprocess.run([python, "-S", str(ROOT / "lib/lorakit/bootstrap.py"), *args], capture_output=True,
+    return subprocess.run([python, "-S", str(ROOT / "lib/lorakit/tooling/bootstrap.py"), *args], capture_output=True,
                           text=True, timeout=120, env=env)
 
 
@@ -454,7 +455,7 @@ def test_kernels_inherit_the_callers_environment_and_nothing_sets_it(offline, tm
     assert row["status"] == "ok", row["error"]
     assert row["offline"] == offline
     result = tmp_path / "lesson.json"
-    course.execute(nb, tmp_path / "out.ipynb", {"RESULT_JSON": str(result)})
+    runner.execute(nb, tmp_path / "out.ipynb", {"RESULT_JSON": str(result)})
     assert json.loads(result.read_text())["offline"] == offline
     assert dict(os.environ) == before, "running notebooks changed this process's environment"
 

@@ -1,7 +1,8 @@
-"""The library's layering, as the design map draws it: concept modules (what a lesson builds) import only each
-other, compositions (training, checks, the pipeline, grading, the command) sit above them, nothing imports
-upwards, and no module reaches for another's private names. Read from the source with `ast`, lazy imports
-inside functions included."""
+"""The library's layering, read from the map in lorakit's package docstring (so the map and this test cannot
+disagree): concepts (what a lesson builds) import only each other; nothing a learner imports reaches the course
+pipeline, the grader or the make-only tooling; only the command reaches the grader; nothing imports upwards in a
+cycle; no module reaches for another's private names; one import style (absolute). Read from the source with
+`ast`, lazy imports inside functions included."""
 
 import ast
 import importlib.util
@@ -15,11 +16,29 @@ import pytest
 import lorakit
 
 PACKAGE = Path(lorakit.__file__).parent
-# One module per concept; the models and the environment they need are part of that floor.
-CONCEPTS = {"validate", "install", "env", "models", "data", "architectures", "memory", "sharding", "footprint",
-            "lora_config", "lora", "nf4", "qlora", "dora", "loftq"}
-COMPOSITIONS = {"train", "viz", "pretrain", "distributed", "launch", "course", "sweep", "lab", "checks", "grading", "cli",
-                "bootstrap"}  # bootstrap: what only make runs (the venv, `make lock`), on top of install
+LAYERS = ("Concepts", "Learner compositions", "Course pipeline", "Grader", "Tooling")
+
+
+def read_map(doc: str) -> list[tuple[str, str]]:
+    """(layer, module) for each module line of the map: a heading `Layer: ...` at the margin, then lines
+    `    name   what it answers` (`name/` for a package)."""
+    placed, layer = [], None
+    for line in doc.splitlines():
+        heading = re.match(r"([A-Z][A-Za-z ]+):", line)
+        module = re.match(r"    ([a-z_][a-z0-9_]*)/? {2,}\S", line)
+        if heading:
+            layer = heading.group(1)
+        elif module and layer in LAYERS:
+            placed.append((layer, module.group(1)))
+    return placed
+
+
+PLACED = read_map(lorakit.__doc__)
+LAYER = {name: layer for layer, name in PLACED}
+CONCEPTS = {n for n, layer in LAYER.items() if layer == "Concepts"}
+LEARNER = CONCEPTS | {n for n, layer in LAYER.items() if layer == "Learner compositions"}
+ABOVE_THE_LEARNER = {n for n, layer in LAYER.items() if layer in ("Course pipeline", "Grader", "Tooling")}
+GRADER = {n for n, layer in LAYER.items() if layer == "Grader"}
 
 
 def _modules():
@@ -68,21 +87,31 @@ def _graph() -> dict[str, set[str]]:
     return graph
 
 
-def test_every_module_is_placed_in_the_map():
+def test_the_map_places_every_module_in_exactly_one_layer():
+    assert {layer for layer, _ in PLACED} == set(LAYERS), f"the package docstring's map lost a layer: {PLACED}"
+    names = [name for _, name in PLACED]
+    assert len(names) == len(set(names)), f"placed twice: {sorted({n for n in names if names.count(n) > 1})}"
     tops = {_top(name) for _, name, _ in _modules()} - {""}
-    assert tops <= CONCEPTS | COMPOSITIONS, f"place {sorted(tops - CONCEPTS - COMPOSITIONS)} in CONCEPTS or COMPOSITIONS"
+    assert tops <= set(names), f"place {sorted(tops - set(names))} in the map (lorakit/__init__.py's docstring)"
+    assert set(names) <= tops, f"the map names modules that do not exist: {sorted(set(names) - tops)}"
 
 
-def test_concept_modules_import_no_composition():
+def test_concepts_import_only_concepts():
     graph = _graph()
-    upward = {src: sorted(graph.get(src, set()) & COMPOSITIONS) for src in CONCEPTS}
+    upward = {src: sorted(graph.get(src, set()) - CONCEPTS) for src in CONCEPTS}
+    assert not any(upward.values()), {k: v for k, v in upward.items() if v}
+
+
+def test_nothing_a_learner_imports_reaches_the_pipeline_the_grader_or_the_tooling():
+    graph = _graph()
+    upward = {src: sorted(graph.get(src, set()) & ABOVE_THE_LEARNER) for src in LEARNER}
     assert not any(upward.values()), {k: v for k, v in upward.items() if v}
 
 
 def test_imports_form_no_cycle_and_only_the_command_reaches_grading():
     graph = _graph()
     assert not any("cli" in deps for deps in graph.values())
-    assert {src for src, deps in graph.items() if "grading" in deps} <= {"cli"}
+    assert {src for src, deps in graph.items() if deps & GRADER} <= {"cli"} | GRADER
     state: dict[str, str] = {}
 
     def visit(node, trail):
@@ -98,9 +127,21 @@ def test_imports_form_no_cycle_and_only_the_command_reaches_grading():
         visit(node, [])
 
 
+def relative_imports(source: str) -> list[str]:
+    """Each `from . import x` / `from .x import y` in `source`, as written."""
+    return [ast.unparse(node) for node in ast.walk(ast.parse(source)) if isinstance(node, ast.ImportFrom) and node.level]
+
+
+def test_one_import_style_absolute():
+    assert relative_imports("from . import memory\nfrom lorakit import lora\nfrom .sweep import FIELDS\n") == \
+        ["from . import memory", "from .sweep import FIELDS"]
+    found = [f"{name}: {imp}" for path, name, _ in _modules() for imp in relative_imports(path.read_text())]
+    assert not found, f"write these as `from lorakit.x import y` / `from lorakit import x`: {found}"
+
+
 def test_no_private_name_is_imported_across_modules():
     found = []
-    module_names = "|".join(sorted(CONCEPTS | COMPOSITIONS))
+    module_names = "|".join(sorted(LAYER))
     attribute = re.compile(rf"\b(?:{module_names})\._[a-z]\w*")
     for path, name, package in _modules():
         for module, names in _imports(path, package):

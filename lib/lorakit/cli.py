@@ -60,7 +60,7 @@ def _sweep(args) -> int:
             studies = [s for s, c in grid.entries if c == cfg]
             print(f"  {cfg.name:<40} {', '.join(studies)}")
         return 0
-    out = Path(args.out) if args.out else sweep.default_out(grid)
+    out = Path(args.out) if args.out else sweep.default_out(grid, _root_or_cwd())
     t0 = time.perf_counter()
     from tqdm.auto import tqdm
     table = sweep.run_sweep(grid, out, parameters=overrides, workers=args.workers, timeout=args.timeout,
@@ -77,6 +77,15 @@ def _sweep(args) -> int:
                         grid_source=f"lib/lorakit/experiments/{Path(grid.source).name}")
         print(f"shipped: {path}")
     return 1 if len(failed) else 0
+
+
+def _root_or_cwd() -> Path:
+    """The course's root when the command runs inside a checkout (sweeps write to its build/), else here."""
+    from lorakit import course
+    try:
+        return course.course_root()
+    except course.CourseError:
+        return Path.cwd()
 
 
 def _parse_overrides(items: list[str]) -> dict:
@@ -144,11 +153,12 @@ def main(argv: list[str] | None = None) -> int:
     args.command_line = "lorakit " + " ".join(sys.argv[1:] if argv is None else argv)
     from lorakit.course import CourseError
     from lorakit.install import InstallError, require_extra
+    from lorakit.sweep import SweepError
     try:
         if args.command in NEEDS_EXTRA:
             require_extra(NEEDS_EXTRA[args.command])
         return args.func(args)
-    except (CourseError, InstallError) as e:
+    except (CourseError, SweepError, InstallError) as e:
         print(f"lorakit {args.command}: {e}", file=sys.stderr)
         return 2
 

@@ -5,7 +5,7 @@ Nothing can be downloaded on the course machines, so the kit generates its own t
 generator writes short stories about children who find things ("Mia found a red ball under a tree.").
 The same world feeds two places:
 
-- the pretraining corpus of the embedded base model (`lorakit.pretrain`): a share of its stories
+- the pretraining corpus of the embedded base model (`lorakit.tooling.pretrain`): a share of its stories
   already ask and answer questions in plain words ("Who found the red ball? Mia found it."), so the
   model knows the material and the skill before it has ever seen our prompt template;
 - the instruction datasets (`load_task`): a fresh story with one find among two to four children, a

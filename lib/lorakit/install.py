@@ -12,8 +12,8 @@ written by `make lock`); `make`, CI and Colab's setup cell install from it.
   learner's dependencies, with the course's stack at its tested versions; Colab's own torch stays when it
   is in the supported range (it is a CUDA build matched to Colab's GPU).
 
-How `make` creates .venv and how `make lock` writes tested.txt is the other question: `bootstrap.py`, which
-runs before the kit is installed and imports this file as a plain module. So this file uses the standard
+How `make` creates .venv and how `make lock` writes tested.txt is the other question: `tooling/bootstrap.py`,
+which runs before the kit is installed and imports this file as a plain module. So this file uses the standard
 library only at import time (packaging is imported inside the functions that a running kit calls) and must
 import on a Python too old for the kit, so that the bootstrap can say so.
 """

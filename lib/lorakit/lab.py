@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from datetime import date
 from pathlib import Path
 
-from .sweep import EXPERIMENTS, FIELDS
+from lorakit.sweep import EXPERIMENTS, FIELDS
 
 __all__ = ["TASK", "SEEDS", "METRICS", "NOT_DISTINGUISHABLE", "STEP_TIMES", "write_results", "read_results",
            "provenance", "committed_results", "committed_step_times", "machine", "ship", "summarize",
@@ -112,7 +112,7 @@ def machine() -> str:
     kernels, native bf16 or not), and the versions that decide speed."""
     import torch
 
-    from .env import cpu_class, versions
+    from lorakit.env import cpu_class, versions
 
     where = (torch.cuda.get_device_name(0) if torch.cuda.is_available()
              else f"{cpu_class()} ({platform.machine()}), no GPU")

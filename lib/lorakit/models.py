@@ -1,7 +1,7 @@
 """Base models: the embedded tiny model, presets for hub models on a GPU, and `load_base`.
 
 Every lesson loads its model with `load_base(MODEL_ID, quantization=...)`. On the course machines (no
-GPU, no downloads) `MODEL_ID` is `TINY`, a ~2M-parameter Llama pretrained by `lorakit.pretrain` and
+GPU, no downloads) `MODEL_ID` is `TINY`, a ~2M-parameter Llama pretrained by `lorakit.tooling.pretrain` and
 shipped inside the package in Hugging Face format; on a GPU machine it is any hub id, for example one of
 `PRESETS`. Both go through the same `from_pretrained` calls, so what a lesson teaches about
 `BitsAndBytesConfig`, `target_modules` or `prepare_model_for_kbit_training` holds for either.

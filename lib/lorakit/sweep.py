@@ -12,7 +12,7 @@ Reading the results (summaries over seeds, verdicts, the committed results) is l
   a linear layer of the model by peft's rule (`lorakit.lora.target_matches`: "o_proj" and "self_attn.o_proj"
   alike), every parameter must be one the experiment notebook declares.
 - `run_sweep(grid)` executes `experiments/finetune_experiment.ipynb` (lesson 05's recipe, built from
-  lorakit.models / lorakit.data / lorakit.train and peft) per configuration and seed with `lorakit.course`'s
+  lorakit.models / lorakit.data / lorakit.train and peft) per configuration and seed with `lorakit.runner`'s
   notebook runner (papermill) and a progress bar,
   records a run that fails as failed (with its error) and goes on, and writes the results table (one row per
   study, configuration and seed) as CSV and JSON.
@@ -41,7 +41,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .course import CourseError, describe_failure, execute
+from lorakit.runner import describe_failure, execute
 
 __all__ = ["EXPERIMENTS", "GRIDS", "FIELDS", "NOTEBOOK_NAMES", "MEMORY_COLUMNS", "COLUMNS", "SweepError",
            "Config", "Grid", "load_grid", "notebook_parameters", "linear_modules", "linear_module_names",
@@ -71,7 +71,7 @@ COLUMNS = ("study", "name", *FIELDS, "params", "seed", "status", "error", *MEASU
            "threads", "steps", "batch_size", "n_train", "n_eval", "run_seconds")
 
 
-class SweepError(CourseError):
+class SweepError(ValueError):
     """A grid that cannot run, explained (the `lorakit` command exits with status 2)."""
 
 
@@ -106,7 +106,7 @@ class Config:
     @property
     def scaling(self) -> float:
         """What multiplies B @ A: alpha / r, or alpha / sqrt(r) with rsLoRA (`lorakit.lora.lora_scaling`)."""
-        from .lora import lora_scaling
+        from lorakit.lora import lora_scaling
         return lora_scaling(self.r, self.alpha, self.use_rslora)
 
     def notebook_parameters(self) -> dict:
@@ -300,7 +300,7 @@ def linear_modules(model_id: str) -> list[str]:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from . import models
+    from lorakit import models
 
     try:
         cfg = AutoConfig.from_pretrained(models.resolve(model_id))
@@ -338,7 +338,7 @@ def validate(grid: Grid, parameters: dict | None = None, notebook=EXPERIMENT_NOT
             if name not in declared or name in reserved:
                 raise SweepError(f"{grid.source}: study {study!r}, configuration {cfg.name}: {name!r} is not an "
                                  f"experiment parameter you can set here; choose from {sorted(set(declared) - reserved)}")
-    from .lora import unmatched_targets
+    from lorakit.lora import unmatched_targets
 
     linear_of: dict[str, list[str]] = {}
     for study, cfg in grid.entries:
@@ -444,14 +444,10 @@ def _report(bar, echo, run, row):
         echo(f"{cfg.name:<36} seed {seed:<3} {row['status']:<7} {row['run_seconds']:6.1f} s  {extra}")
 
 
-def default_out(grid: Grid) -> Path:
-    """Where `run_sweep` writes when no folder is given: build/sweep/<grid name> in the course root."""
-    from . import course
-    try:
-        root = course.course_root()
-    except CourseError:
-        root = Path.cwd()
-    return root / "build" / "sweep" / grid.name
+def default_out(grid: Grid, root: str | os.PathLike | None = None) -> Path:
+    """Where `run_sweep` writes when no folder is given: build/sweep/<grid name> in `root` (default: the current
+    folder; `lorakit sweep` passes the course's root)."""
+    return Path(root or Path.cwd()) / "build" / "sweep" / grid.name
 
 
 def results_table(rows):

@@ -204,7 +204,7 @@ def sharding_curves(cfg, method: str, devices=(1, 2, 4, 8, 16, 32, 64), gpus=(24
     QLoRA under ZeRO-3 is estimated with its 4-bit weights stored in bf16 (what FSDP needs)."""
     import matplotlib.pyplot as plt
 
-    from . import memory
+    from lorakit import memory
     if ax is None:
         _, ax = plt.subplots(figsize=(7.5, 4))
     for label, (sharding, offload, color) in SHARDING_STYLES.items():

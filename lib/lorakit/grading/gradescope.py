@@ -7,7 +7,7 @@ a fresh container of that image: the upload is in /autograder/submission, and ru
 The zip (`build()`):
 
     setup.sh, run_autograder          lorakit/assets/gradescope/
-    bootstrap.py, install.py          the kit's installer (what `make` runs; it imports install.py beside it)
+    tooling/bootstrap.py, install.py  the kit's installer (what `make` runs; it imports install.py from above)
     pyproject.toml                    the project file the installer reads
     tested.txt, wheels/lorakit-*.whl  the kit, installed at the versions CI tested
     course/solutions/LESSON/...       the instructor's key, hidden tests included, and the course's nbgrader
@@ -37,7 +37,8 @@ import zipfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from lorakit import bootstrap, course, install
+from lorakit import course, install
+from lorakit.tooling import bootstrap
 from lorakit.grading import report, submission
 from lorakit.grading.report import VISIBILITIES
 
@@ -113,7 +114,8 @@ def build(options: Options, out: str | os.PathLike | None = None, root: Path | N
         files = {
             "setup.sh": ASSETS / "setup.sh",
             "run_autograder": ASSETS / "run_autograder",
-            "bootstrap.py": Path(bootstrap.__file__),
+            # the package's layout: bootstrap.py reads install.py from the folder above it
+            "tooling/bootstrap.py": Path(bootstrap.__file__),
             "install.py": Path(install.__file__),
             "pyproject.toml": root / "pyproject.toml",
             "tested.txt": install.LOCK,

@@ -3,7 +3,7 @@
 # `lorakit gradescope LESSON` wrote (unpacked in /autograder/source). Three steps:
 #   1. a Python the kit supports (3.11 or newer): the image's own, else Ubuntu's python3.11 package;
 #   2. the kit at the versions CI tested: the wheel in wheels/ with tested.txt as constraints, installed by the
-#      kit's own installer (bootstrap.py, what `make` runs, with the install.py it imports) into $LORAKIT_VENV;
+#      kit's own installer (tooling/bootstrap.py, what `make` runs, with the install.py it imports from above) into $LORAKIT_VENV;
 #   3. the lesson's key registered in the course's gradebook, then made readable by root only.
 # Knobs (the kit's tests set them; Gradescope needs none): AUTOGRADER (the root, default /autograder),
 # LORAKIT_VENV, LORAKIT_PYTHON (the Python to use) and LORAKIT_PIP_ARGS (extra pip arguments).
@@ -36,7 +36,7 @@ echo "lorakit setup: using $PY ($("$PY" --version))"
 echo "lorakit setup: 2/3 the kit at the tested versions into $VENV"
 WHEELS=("$SOURCE"/wheels/lorakit-*.whl)
 # shellcheck disable=SC2086  # LORAKIT_PIP_ARGS is a list of arguments
-"$PY" "$SOURCE/bootstrap.py" venv --venv "$VENV" --extra instructor --lock "$SOURCE/tested.txt" \
+"$PY" "$SOURCE/tooling/bootstrap.py" venv --venv "$VENV" --extra instructor --lock "$SOURCE/tested.txt" \
     --kit "${WHEELS[0]}" --root "$SOURCE" --python-name "$PY" -- ${LORAKIT_PIP_ARGS:-}
 
 echo "lorakit setup: 3/3 the lesson's key"

@@ -4,19 +4,20 @@ Nothing here runs inside a running kit: `install.py` answers what the kit needs 
 tested versions, the extras, Colab's install, the check after an install); this file is the tooling around
 it that only `make` (and a Gradescope autograder's setup.sh) uses.
 
-- `make lab` / `make test` call `python lib/lorakit/bootstrap.py venv --extra lab|dev`: it checks the Python
+- `make lab` / `make test` call `python lib/lorakit/tooling/bootstrap.py venv --extra lab|dev`: it checks the Python
   version and the extra, creates .venv, adds PyTorch's CPU index on a machine without an NVIDIA GPU when the
   index answers within a few seconds (otherwise pip installs the torch it finds), installs the kit with
   `-c tested.txt`, runs `python -m lorakit.install verify` in the new environment, and says in one line what
   went wrong when something does.
-- A Gradescope autograder's setup.sh (`lorakit gradescope`) runs `bootstrap.py venv --kit WHEEL --root DIR`
-  with install.py beside it: the same install, from the kit's wheel instead of a checkout.
+- A Gradescope autograder's setup.sh (`lorakit gradescope`) runs `tooling/bootstrap.py venv --kit WHEEL
+  --root DIR` with install.py in the folder above it, as in the package: the same install, from the kit's wheel
+  instead of a checkout.
 - `make lock` re-resolves the stack in a scratch environment (`keep`: current pins kept unless UPGRADE names
   them), runs the tests there, and writes `tested.txt` (`freeze`) and environment.yml (`environment`).
 
 It runs as a script: the Makefile calls it with the system Python before .venv exists, so it uses the standard
 library only (packaging is imported where the lock's scratch environment has it), must run on a Python too old
-for the kit to say so, and imports install.py (the lock's reader, the error type) as the file beside it
+for the kit to say so, and imports install.py (the lock's reader, the error type) as the file in the folder above
 rather than as part of the not yet installed package.
 """
 
@@ -31,16 +32,23 @@ import sys
 import threading
 from pathlib import Path
 
-if __package__:  # imported from the kit (tests, `python -m lorakit.bootstrap` in the lock's scratch venv)
+if __package__:  # imported from the kit (tests, `python -m lorakit.tooling.bootstrap` in the lock's scratch venv)
     from lorakit import install
-else:  # `python lib/lorakit/bootstrap.py`: no package is installed yet, install.py is the file beside this one
-    import install
+else:  # `python lib/lorakit/tooling/bootstrap.py`: no package is installed yet, so install.py is read as the file
+    # in the folder above (lib/lorakit/, or the Gradescope zip's root); only it is loaded from there, so none of
+    # the kit's other modules can shadow a standard-library name.
+    import importlib.util as _importlib_util
+
+    _spec = _importlib_util.spec_from_file_location("install", Path(__file__).resolve().parent.parent / "install.py")
+    install = _importlib_util.module_from_spec(_spec)
+    sys.modules["install"] = install  # its dataclasses look their module up while the class is being built
+    _spec.loader.exec_module(install)
 
 __all__ = ["ROOT", "NOT_LOCKED", "CONDA_NAMES", "PIP_ONLY", "freeze", "lock_header", "pins_to_keep", "too_new_for",
            "project", "requires_python", "check_python", "extras", "check_extra", "answers", "torch_index",
            "pip_args", "venv_python", "usable", "make_venv", "environment_yml", "main"]
 
-ROOT = Path(__file__).resolve().parent.parent.parent  # the repository, when this file is run from a checkout
+ROOT = Path(__file__).resolve().parents[3]  # the repository (lib/lorakit/tooling/), when run from a checkout
 PROBE_SECONDS = 3.0
 # Left out of the lock: the installer's own tools, and the kit itself.
 NOT_LOCKED = ("pip", "setuptools", "wheel", "lorakit")
@@ -286,7 +294,7 @@ def environment_yml(root: Path = ROOT, lock: str | os.PathLike = install.LOCK) -
     reqs = [Requirement(r) for r in proj["dependencies"] + proj["optional-dependencies"]["lab"]
             if install.normalize(Requirement(r).name) not in PIP_ONLY]
     lines = ["# conda / mamba: `conda env create -f environment.yml`, `conda activate lorakit`, then `jupyter lab`.",
-             "# Generated from pyproject.toml by `make lock` (python lib/lorakit/bootstrap.py environment);",
+             "# Generated from pyproject.toml by `make lock` (python lib/lorakit/tooling/bootstrap.py environment);",
              "# tests/test_install.py fails when the two differ. conda-forge's pytorch is the CUDA build where an",
              "# NVIDIA driver is present and the CPU build elsewhere; `lorakit env` shows how the versions conda",
              "# chose compare with the tested ones (lib/lorakit/tested.txt). bitsandbytes comes from PyPI through",
@@ -312,7 +320,7 @@ def _locked_python(lock) -> str:
 # ------------------------------------------------------------------------------------------ command
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python lib/lorakit/bootstrap.py", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python lib/lorakit/tooling/bootstrap.py", description=__doc__.split("\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
     v = sub.add_parser("venv", help="create or repair a venv and install the kit with an extra (what make runs)")
     v.add_argument("--venv", default=".venv")

@@ -1,4 +1,4 @@
-"""Pretrain the embedded base model: `python -m lorakit.pretrain`.
+"""Pretrain the embedded base model: `python -m lorakit.tooling.pretrain`.
 
 The course fine-tunes a model that already "knows language", and nothing can be downloaded here, so the
 kit pretrains its own: a 4-layer Llama (the same module names as Llama-2/3: q_proj ... down_proj) of
@@ -37,7 +37,7 @@ from lorakit.env import bf16_supported
 
 __all__ = ["MODEL_CONFIG", "train_tokenizer", "pack", "lr_at", "evaluate", "samples", "main", "write_card"]
 
-ASSET_DIR = Path(__file__).parent / "assets" / "tiny-stories-llama"
+ASSET_DIR = Path(__file__).resolve().parent.parent / "assets" / "tiny-stories-llama"  # lorakit/assets/
 EOS, PAD = "<|endoftext|>", "<|pad|>"
 
 MODEL_CONFIG = dict(
@@ -216,7 +216,7 @@ def main(argv=None) -> int:
     tc["tokenizer_class"] = "PreTrainedTokenizerFast"
     (out / "tokenizer_config.json").write_text(json.dumps(tc, indent=2) + "\n")
     size = sum(f.stat().st_size for f in out.iterdir())
-    cmd = "python -m lorakit.pretrain" + (" " + " ".join(sys.argv[1:]) if argv is None and sys.argv[1:] else "")
+    cmd = "python -m lorakit.tooling.pretrain" + (" " + " ".join(sys.argv[1:]) if argv is None and sys.argv[1:] else "")
     write_card(out, args, cmd, n_params, val_loss, train_s, tok_s, train_blocks.numel(), texts, losses, size)
     print(f"wrote {out} ({size / 1e6:.1f} MB)")
     return 0
