@@ -12,6 +12,7 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import peft  # noqa: F401  (its ~3 s first import is paid at collection, not inside the first test's setup)
 import pytest
 import torch
 
