@@ -118,8 +118,9 @@ def nf4_code(device=None) -> torch.Tensor:
 
 
 def nf4_values() -> torch.Tensor:
-    """The 16 NF4 values on the CPU (lesson 03's exercise 4): `nf4_code()`."""
-    return nf4_code()
+    """The 16 NF4 values on the CPU (lesson 03's exercise 4): `nf4_code()`, copied, so that changing the result
+    in place leaves the cached table alone."""
+    return nf4_code().clone()
 
 
 def nf4_midpoints(device=None) -> torch.Tensor:

@@ -189,7 +189,7 @@ class blockwise:
 class nf4_values:
     """`nf4_values()`: the 16 NF4 values from the normal distribution's quantiles."""
     answer = {"values": object}
-    # lorakit.nf4.nf4_values, the exercise's mirror, is not named: it is `return nf4_code()`, too short for the
+    # lorakit.nf4.nf4_values, the exercise's mirror, is not named: it is `return nf4_code().clone()`, too short for the
     # copied-code flagger to fingerprint (reference_use.similarity says 0 below 8 fingerprints, so
     # benchmarks/bench_similarity.py would count every copy of it as missed); a copy of it calls nf4_code,
     # which is named and flagged by name.
