@@ -22,6 +22,9 @@ the norm.
 `base(x) + (m/||.|| - 1) * (W0 x) + (m/||.||) * s B A x`, which reuses the base layer's output instead of
 a second matmul with W0 and equals the formula above. Lesson 07 proves it equal to peft's
 `LoraConfig(use_dora=True)` in outputs, gradients and merged weights.
+
+Lesson 07's first exercise, `dora_forward(x, weight, bias, lora_A, lora_B, magnitude, scaling)`, is the formula
+above as one function of the layer's tensors (no dropout, no layer), with the same `weight_norm`.
 """
 
 from __future__ import annotations
@@ -35,12 +38,21 @@ from torch import nn
 from lorakit.lora import LoRALinear, replace_linears
 from lorakit.lora_config import resolve_config
 
-__all__ = ["DoRALinear", "inject_dora", "weight_norm"]
+__all__ = ["DoRALinear", "inject_dora", "weight_norm", "dora_forward"]
 
 
 def weight_norm(weight: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
     """||W0 + delta|| of each output row: (out, in), (out, in) -> (out,), detached (DoRA, section 4.3)."""
     return torch.linalg.norm(weight + delta, dim=1).to(weight.dtype).detach()   # (out,)
+
+
+def dora_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, lora_A: torch.Tensor,
+                 lora_B: torch.Tensor, magnitude: torch.Tensor, scaling: float) -> torch.Tensor:
+    """DoRA's output for x (..., in): (m / ||W0 + s B A||) * (x W0^T + s x A^T B^T) + bias, with weight (out, in),
+    lora_A (r, in), lora_B (out, r), magnitude (out,) and the norm a constant in backward (lesson 07's exercise 1)."""
+    scale = magnitude / weight_norm(weight, scaling * (lora_B @ lora_A))               # (out,)
+    lora = F.linear(F.linear(x, lora_A), lora_B)                                       # (..., out) B A x
+    return scale * (F.linear(x, weight) + scaling * lora) + (0 if bias is None else bias)
 
 
 class DoRALinear(LoRALinear):

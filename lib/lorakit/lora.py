@@ -14,6 +14,11 @@ moving to `peft.get_peft_model(model, LoraConfig(...))` recognises every name, a
 the two numerically equal. The knobs travel together in `LoRAConfig` (peft's field names); every layer and
 function that takes them accepts `config=`, a `LoRAConfig` or peft's `LoraConfig`, beside the loose
 arguments. `lorakit.qlora` builds its 4-bit layer on `LoRALinear`.
+
+Lesson 02's exercises under their own names: `break_even_rank(d_in, d_out)`, `LoRALinear`, `inject_lora`
+(exercise: `inject_lora(model, target_modules, r, alpha, dropout=0.0)`), `lorakit.train.training_step`, and
+`copy_into_peft(my_model, peft_model)`, which lives in `lorakit.qlora` beside the other code that reaches into
+peft's layers (`copy_adapters`).
 """
 
 from __future__ import annotations

@@ -3,7 +3,8 @@ bytes full fine-tuning, LoRA and QLoRA need, computed from a config alone (no we
 
 The reference version of lesson 01; the functions lesson 01 has the learner write are here under the same
 names and signatures (`count_parameters(cfg)`, `lora_params(d_in, d_out, r)`, `qlora_weights_gb(cfg)`), and
-so is lesson 05's `targets_for_budget(config, r, budget, preference=PREFERENCE)`.
+so are lesson 00's `weights_gb(n_params, dtype)` and lesson 05's `targets_for_budget(config, r, budget,
+preference=PREFERENCE)`.
 
 - `config(name)`, `CONFIGS`, `PUBLISHED`: the architectures it counts, from `lorakit.architectures`.
 - `count_parameters(config)`: embeddings + blocks (attention with grouped-query heads, SwiGLU MLP, two
@@ -43,7 +44,7 @@ from lorakit.validate import whole_number
 __all__ = ["METHODS", "BYTES", "ATTENTION", "MLP", "PREFERENCE", "CONFIGS", "PUBLISHED", "config", "sizes",
            "modules", "count_parameters", "quantized_parameters", "packed_parameter_count", "lora_targets",
            "lora_params", "lora_parameters", "targets_for_budget", "bits_per_param", "quantization_constant_bytes",
-           "qlora_weights_gb", "activation_bytes", "MemoryEstimate", "estimate"]
+           "weights_gb", "qlora_weights_gb", "activation_bytes", "MemoryEstimate", "estimate"]
 
 METHODS = ("full", "lora", "qlora")
 
@@ -213,6 +214,14 @@ def bits_per_param(dtype: str = "nf4", *, double_quant: bool = False, blocksize:
     if dtype == "nf4":
         return nf4.bits_per_param(blocksize, double_quant, blocksize2)
     return BYTES[dtype] * 8
+
+
+def weights_gb(n_params: int, dtype: str) -> float:
+    """GB (1e9 bytes) of `n_params` weights stored in `dtype`, a key of BYTES (lesson 00's exercise): the weights
+    alone, nf4 without its quantization constants (`bits_per_param` adds them, `qlora_weights_gb` a whole model)."""
+    if dtype not in BYTES:
+        raise ValueError(f"unknown dtype {dtype!r}; known: {', '.join(BYTES)}")
+    return whole_number(n_params, "n_params") * BYTES[dtype] / 1e9
 
 
 def quantization_constant_bytes(cfg, *, double_quant: bool = True, blocksize: int = 64,

@@ -17,6 +17,13 @@ the same arithmetic arranged for speed (the tests prove the two equal bit for bi
 
 The state dataclass `NF4State` mirrors bitsandbytes' `QuantState` field names (`absmax`, `shape`,
 `dtype`, `blocksize`, `code`, `offset`, and `state2` -> here `absmax2`/`code2`/`blocksize2`).
+
+Lesson 03's exercises are here under their own names and signatures, most of them a few lines that call the
+code above by the name it has here: `describe(dtype)`, `absmax_quantize(x)` / `absmax_dequantize(q, absmax)`
+and `blockwise_quantize(x, blocksize=64)` / `blockwise_dequantize(q, absmax)` (both `absmax_int8`),
+`nf4_values()` (`nf4_code`), `quantize_nf4(W, blocksize)`, `dequantize_nf4(packed, state)`,
+`double_quantize(absmax, blocksize=256)` (`quantize_dynamic_8bit` after the mean is taken off, as
+`quantize_nf4` does) and `bits_per_param(blocksize, double_quant)`.
 """
 
 from __future__ import annotations
@@ -26,7 +33,8 @@ from functools import lru_cache
 
 import torch
 
-__all__ = ["absmax_int8", "absmax_int8_dequantize", "NF4State", "nf4_code", "nf4_midpoints", "dynamic_code",
+__all__ = ["describe", "absmax_int8", "absmax_int8_dequantize", "absmax_quantize", "absmax_dequantize",
+           "blockwise_quantize", "blockwise_dequantize", "nf4_values", "double_quantize", "NF4State", "nf4_code", "nf4_midpoints", "dynamic_code",
            "quantize_nf4", "dequantize_nf4", "pack_nibbles", "unpack_nibbles", "quantize_dynamic_8bit",
            "dequantize_dynamic_8bit", "bits_per_param", "dynamic_lookup_table", "exact_dynamic_8bit", "BLOCKSIZES"]
 
@@ -37,6 +45,17 @@ CPU_CHUNK = 1 << 16  # packed bytes per step of dequantize_nf4 on a CPU (a 512 K
 REFERENCE_MAX_BYTES = 4096
 FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 OFFSET = 0.9677083  # the outermost quantile bitsandbytes uses (create_normal_map's default)
+
+
+# ------------------------------------------------------------------------------- the float formats
+
+def describe(dtype: torch.dtype) -> dict[str, float]:
+    """The largest finite value ("max") and the gap between 1.0 and the next number ("eps") of a float format
+    (lesson 03's first exercise), as torch.finfo reports them."""
+    if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise TypeError(f"describe takes a floating-point torch dtype (torch.bfloat16, ...); got {dtype!r}")
+    info = torch.finfo(dtype)
+    return dict(max=info.max, eps=info.eps)
 
 
 # ------------------------------------------------------------------------------- absmax int8, the start
@@ -58,6 +77,27 @@ def absmax_int8_dequantize(q: torch.Tensor, absmax: torch.Tensor) -> torch.Tenso
     return (q.float() * absmax[:, None] / 127).reshape(-1)
 
 
+# Lesson 03's exercises 2 and 3 under their names: one absmax for the whole tensor, or one per block.
+def absmax_quantize(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """int8 codes shaped like x and the one absmax (a scalar): `absmax_int8(x)`."""
+    return absmax_int8(x)
+
+
+def absmax_dequantize(q: torch.Tensor, absmax: torch.Tensor) -> torch.Tensor:
+    """q * absmax / 127, shaped like q: `absmax_int8_dequantize`."""
+    return absmax_int8_dequantize(q, absmax)
+
+
+def blockwise_quantize(x: torch.Tensor, blocksize: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+    """int8 codes (n_blocks, blocksize) and one absmax per block (n_blocks,): `absmax_int8(x, blocksize)`."""
+    return absmax_int8(x, blocksize)
+
+
+def blockwise_dequantize(q: torch.Tensor, absmax: torch.Tensor) -> torch.Tensor:
+    """Each block's codes times its absmax / 127, flattened: `absmax_int8_dequantize`."""
+    return absmax_int8_dequantize(q, absmax)
+
+
 # ----------------------------------------------------------------------------------------- the codes
 
 @lru_cache(maxsize=None)
@@ -75,6 +115,12 @@ def _nf4_code_cpu() -> torch.Tensor:
 def nf4_code(device=None) -> torch.Tensor:
     """The 16 NF4 values, index 0 (-1.0) to 15 (1.0), fp32, derived from normal quantiles."""
     return _nf4_code_cpu().to(device or "cpu")
+
+
+def nf4_values() -> torch.Tensor:
+    """The 16 NF4 values on the CPU (lesson 03's exercise 4): `nf4_code()`, copied, so that changing the result
+    in place leaves the cached table alone."""
+    return nf4_code().clone()
 
 
 def nf4_midpoints(device=None) -> torch.Tensor:
@@ -207,8 +253,7 @@ def quantize_nf4(W: torch.Tensor, blocksize: int = 64, double_quant: bool = Fals
     packed = pack_nibbles(idx)
     state = NF4State(absmax=absmax, shape=W.shape, dtype=W.dtype, blocksize=blocksize, code=nf4_code(x.device))
     if double_quant:
-        offset = absmax.mean()
-        codes, absmax2 = quantize_dynamic_8bit(absmax - offset, blocksize=256)
+        codes, absmax2, offset = double_quantize(absmax)
         state = replace(state, absmax=codes, offset=offset, absmax2=absmax2, code2=dynamic_code(x.device))
     return packed, state
 
@@ -329,6 +374,16 @@ def quantize_dynamic_8bit(x: torch.Tensor, blocksize: int = 256) -> tuple[torch.
     codes = dynamic_lookup_table(x.device)[grid_idx.long()]
     codes[absmax == 0] = 0
     return codes.view(-1)[:n], absmax
+
+
+def double_quantize(absmax: torch.Tensor, blocksize: int = 256) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Double quantization of NF4's per-block absmax (lesson 03's exercise 7, bitsandbytes'
+    compress_statistics=True): their mean is taken off (the absmax values are all positive, the dynamic map is
+    signed), the rest quantized to 8 bits in blocks of `blocksize`. Returns (uint8 codes, fp32 second-level
+    absmax per block, the fp32 offset)."""
+    offset = absmax.float().mean()
+    codes, absmax2 = quantize_dynamic_8bit(absmax.float() - offset, blocksize)
+    return codes, absmax2, offset
 
 
 def dequantize_dynamic_8bit(codes: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor | None = None,

@@ -15,6 +15,11 @@ Built from lessons 02 and 03's reference code: `NF4Linear` quantizes with `lorak
 `QLoRALinear` is a `lorakit.lora.LoRALinear` whose `base_layer` is an `NF4Linear`. The layout is the
 one peft uses around a bitsandbytes `Linear4bit` (`base_layer`, `lora_A`, `lora_B`, `scaling`). Lesson
 04 shows that the two give the same packed bytes and the same outputs.
+
+Lesson 04's exercises under their own names: `MatMulNF4`, `NF4Linear`, `QLoRALinear`,
+`quantize_and_inject` and `stored_bits(model)`. The peft-facing code sits at
+the end: `bitsandbytes_lora` (the real layer, for comparison), `copy_adapters`, and lesson 02's exercise 5,
+`copy_into_peft(my_model, peft_model)`.
 """
 
 from __future__ import annotations
@@ -28,7 +33,7 @@ from lorakit.lora_config import resolve_config
 from lorakit.nf4 import BLOCKSIZES, NF4State, dequantize_nf4, quantize_nf4
 
 __all__ = ["MatMulNF4", "NF4Linear", "QLoRALinear", "QLoRAMergeError", "quantize_and_inject",
-           "merged_linear", "merge_to_16bit", "stored_bits_per_param"]
+           "merged_linear", "merge_to_16bit", "stored_bits", "stored_bits_per_param"]
 
 
 class QLoRAMergeError(RuntimeError):
@@ -232,14 +237,19 @@ def merge_to_16bit(model: nn.Module, dtype: torch.dtype = torch.bfloat16) -> nn.
     return model
 
 
-def stored_bits_per_param(model: nn.Module) -> float:
+def stored_bits(model: nn.Module) -> float:
     """Bits stored per weight of the 4-bit layers (packed codes + quantization constants) averaged over
-    every NF4 layer in `model`; NF4 with double quantization approaches 4 + 8/64 + 32/(64*256) = 4.127."""
+    every NF4 layer in `model`, lorakit's or bitsandbytes' (lesson 04's exercise 5); NF4 with double
+    quantization approaches 4 + 8/64 + 32/(64*256) = 4.127."""
     layers = [m for m in model.modules() if _is_4bit(m)]
     if not layers:
         raise ValueError("no NF4 layers in this model: quantize it first (quantize_and_inject).")
     stored = sum(m.weight.numel() * m.weight.element_size() + m.quant_state.nbytes() for m in layers)
     return 8 * stored / sum(m.quant_state.numel for m in layers)
+
+
+# The name lesson 04's notebook, the tests and bench_qlora used before the function took the exercise's name.
+stored_bits_per_param = stored_bits
 
 
 # --------------------------------------------------------------------------- the real thing, for comparison
@@ -295,4 +305,15 @@ def copy_adapters(src: nn.Module, dst: nn.Module) -> None:
         linear(dst, part).weight.copy_(linear(src, part).weight)
 
 
-__all__ += ["bitsandbytes_lora", "copy_adapters"]
+@torch.no_grad()
+def copy_into_peft(my_model: nn.Module, peft_model: nn.Module) -> None:
+    """Lesson 02's exercise 5: `copy_adapters` from every `LoRALinear` of `my_model` into the peft layer of the
+    same name, so that the two models give the same logits. peft wraps the model twice (PeftModel, then its
+    tuner), so the layer names of `my_model` are found under `peft_model.base_model.model`."""
+    inner = peft_model.base_model.model
+    for name, layer in my_model.named_modules():
+        if isinstance(layer, LoRALinear):
+            copy_adapters(layer, inner.get_submodule(name))
+
+
+__all__ += ["bitsandbytes_lora", "copy_adapters", "copy_into_peft"]

@@ -8,7 +8,6 @@ import torch
 
 from lorakit.checks import expect
 from lorakit.checks.judged import as_tensor, judged_check
-from lorakit.models import building
 
 
 def _close(a: torch.Tensor, b: torch.Tensor, tol: float) -> bool:
@@ -17,37 +16,13 @@ def _close(a: torch.Tensor, b: torch.Tensor, tol: float) -> bool:
 
 # ------------------------------------------------------------------------------------ ex07_dora_forward
 
-def _dora_reference(case):
-    """Output and gradients of lorakit.dora.DoRALinear on the case's tensors (the norm detached, as in peft)."""
-    from torch import nn
-
-    from lorakit.dora import DoRALinear
-
-    W, bias, A, B, m = case["weight"], case["bias"], case["lora_A"], case["lora_B"], case["magnitude"]
-    with building():   # every weight is overwritten below: the global generator stays as it was
-        base = nn.Linear(W.shape[1], W.shape[0], bias=bias is not None)
-    with torch.no_grad():
-        base.weight.copy_(W)
-        if bias is not None:
-            base.bias.copy_(bias)
-    with building():
-        layer = DoRALinear(base, r=A.shape[0], alpha=case["scaling"] * A.shape[0])
-    with torch.no_grad():
-        layer.lora_A.weight.copy_(A)
-        layer.lora_B.weight.copy_(B)
-        layer.lora_magnitude_vector.copy_(m)
-    y = layer(case["x"])
-    (y * case["grad_output"]).sum().backward()
-    return y.detach(), layer.lora_A.weight.grad, layer.lora_B.weight.grad, layer.lora_magnitude_vector.grad
-
-
 @judged_check
 class dora_forward:
     """`dora_forward(x, weight, bias, lora_A, lora_B, magnitude, scaling)`: DoRA's output, with the weight norm a
     constant in backward."""
     answer = {"cases": [{"y": torch.Tensor, "grad_A": (torch.Tensor, None), "grad_B": (torch.Tensor, None),
                          "grad_m": (torch.Tensor, None)}]}
-    reference = ("lorakit.dora.DoRALinear",)   # a layer, not a function of the exercise's signature
+    reference = ("lorakit.dora.dora_forward", "lorakit.dora.DoRALinear")
 
     def draw(rng):
         cases = []
@@ -74,9 +49,13 @@ class dora_forward:
         return {"cases": out}
 
     def judge(inputs, answer):
+        from lorakit.dora import dora_forward as reference
         expect(len(answer["cases"]) == len(inputs["cases"]), "`dora_forward` should give one output per call.")
         for case, got in zip(inputs["cases"], answer["cases"]):
-            y, gA, gB, gm = _dora_reference(case)
+            A, B, m = (case[k].clone().requires_grad_() for k in ("lora_A", "lora_B", "magnitude"))
+            y = reference(case["x"], case["weight"], case["bias"], A, B, m, case["scaling"])
+            (y * case["grad_output"]).sum().backward()
+            y, gA, gB, gm = y.detach(), A.grad, B.grad, m.grad
             shape = f"x of shape {tuple(case['x'].shape)}, weight {tuple(case['weight'].shape)}"
             expect(got["y"].shape == y.shape, f"{shape}: expected an output of shape {tuple(y.shape)}, found "
                    f"{tuple(got['y'].shape)}.", "the output keeps x's leading dimensions and has out_features last.")
@@ -94,7 +73,7 @@ class dora_forward:
                        f"to {(mine.float() - ref).abs().max().item():.3g}, although the output is right.",
                        "DoRA treats the weight norm as a constant in backward (paper section 4.3, and peft): "
                        "detach it, e.g. torch.linalg.norm(...).detach().")
-        return "DoRA's forward pass and its gradients equal lorakit.dora.DoRALinear's (and so peft's use_dora=True)"
+        return "DoRA's forward pass and its gradients equal lorakit.dora.dora_forward's (and so peft's use_dora=True)"
 
 
 # --------------------------------------------------------------------------------- ex07_loftq_iteration

@@ -554,6 +554,8 @@ class training_step:
 class peft_equal:
     """After copying the learner's A and B into a peft model of the same base, both give the same logits."""
     answer = {"copied": dict, "logits": torch.Tensor}
+    # copy_into_peft is a loop over copy_adapters: a learner's function that calls copy_adapters answers with it
+    reference = ("lorakit.qlora.copy_into_peft", "lorakit.qlora.copy_adapters")
 
     def draw(rng):
         inputs = _model_inputs(rng, ["q_proj", "k_proj", "v_proj", "o_proj", "up_proj"])

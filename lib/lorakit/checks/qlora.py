@@ -502,7 +502,7 @@ class quantize_and_inject:
 class stored_bits:
     """`stored_bits(model)`: bits stored per weight of the 4-bit layers, constants included."""
     answer = {"bits": object}
-    reference = ("lorakit.qlora.stored_bits_per_param",)
+    reference = ("lorakit.qlora.stored_bits", "lorakit.qlora.stored_bits_per_param")   # one function, two names
 
     def draw(rng):
         return _llama_inputs(rng, ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
@@ -515,8 +515,8 @@ class stored_bits:
 
     def judge(inputs, answer):
         from lorakit.nf4 import bits_per_param
-        from lorakit.qlora import stored_bits_per_param
-        expected = stored_bits_per_param(_reference_model(inputs)[0])
+        from lorakit.qlora import stored_bits
+        expected = stored_bits(_reference_model(inputs)[0])
         got = answer["bits"]
         expect(close(got, expected, rel=1e-6),
                f"expected {expected:.4f} bits per 4-bit weight (packed bytes + absmax codes + offset + second-level "

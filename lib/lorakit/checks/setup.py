@@ -1,5 +1,6 @@
 """Checks for lesson 00 (setup), judged (see lorakit.checks.judged): the learner's table and function are
-probed on inputs drawn from a seed, and the answers are compared with `lorakit.memory.BYTES` (bits / 8)."""
+probed on inputs drawn from a seed, and the answers are compared with `lorakit.memory.BYTES` (bits / 8) and
+`lorakit.memory.weights_gb`, the library's version of the second exercise."""
 
 from lorakit.checks import close, expect
 from lorakit.checks.judged import judged_check
@@ -54,7 +55,7 @@ class bytes_per_param:
 class weights_gb:
     """`weights_gb(n_params, dtype)`: the size of the weights in GB (1e9 bytes)."""
     answer = {"sizes": [object]}
-    reference = "lorakit.memory.BYTES"
+    reference = ("lorakit.memory.weights_gb", "lorakit.memory.BYTES")
 
     def draw(rng):
         cases = [[_llama2_7b(), "bf16"]]  # the lesson's example comes first: its number is in the message
@@ -65,10 +66,11 @@ class weights_gb:
         return {"sizes": [fn(n, dtype) for n, dtype in inputs["cases"]]}
 
     def judge(inputs, answer):
+        from lorakit.memory import weights_gb
         expect(len(answer["sizes"]) == len(inputs["cases"]), "`weights_gb` should return one number per call.")
-        table, llama2_7b = _bytes(), _llama2_7b()
+        llama2_7b = _llama2_7b()
         for (n, dtype), got in zip(inputs["cases"], answer["sizes"]):
-            want = n * table[dtype] / 1e9
+            want = weights_gb(n, dtype)
             what = "Llama-2-7B" if n == llama2_7b else f"{n:,} parameters"
             expect(type(got) in (int, float) and close(got, want, rel=1e-3),
                    f"{what} in {dtype}: expected about {want:.4g} GB, found {got!r}.",
