@@ -778,3 +778,15 @@ def test_a_lesson_with_tensors_is_graded_end_to_end(tmp_path):
     messages = " ".join(t.message for t in solved.outcome.tests.values())
     assert "bit-exact with bitsandbytes" in messages and "(inputs drawn when graded)" in messages
     assert not solved.outcome.flags, solved.outcome.flags   # the lesson's own use of lorakit.nf4 is not flagged
+
+
+def test_a_grading_process_failure_quotes_its_log(tmp_path):
+    """The job folder is removed after grading, so a runner that failed is explained with the end of its
+    runner.log in the report, not by a pointer to a file that is gone."""
+    from lorakit.grading.sandbox import EXIT_INTERNAL, Sandbox
+    (tmp_path / "runner.log").write_text("Traceback (most recent call last):\n  File \"x.py\"\n"
+                                         "ModuleNotFoundError: No module named 'IPython'\n")
+    box = Sandbox(enabled=False)
+    reason, detail = box.explain_exit(EXIT_INTERNAL, "before the first cell", tmp_path)
+    assert reason == "crashed" and "No module named 'IPython'" in detail and "before the first cell" in detail
+    assert "runner.log" not in box.explain_exit(EXIT_INTERNAL, "cell 3", tmp_path / "gone")[1]

@@ -274,8 +274,9 @@ class Sandbox:
         except subprocess.TimeoutExpired:
             pass
 
-    def explain_exit(self, code: int | None, where: str) -> tuple[str, str]:
-        """(reason, detail) for a runner that ended without finishing the notebook."""
+    def explain_exit(self, code: int | None, where: str, jobdir: Path | None = None) -> tuple[str, str]:
+        """(reason, detail) for a runner that ended without finishing the notebook; a failure of the grading
+        process itself quotes the end of its runner.log (the job folder is removed after grading)."""
         if code is None:
             return "crashed", f"the grading process did not exit (at {where})"
         sig = -code if code < 0 else (code - 128 if code > 128 else 0)
@@ -290,7 +291,13 @@ class Sandbox:
         if sig:
             return "crashed", f"the Python process crashed with signal {signal.Signals(sig).name} (at {where})"
         if code == EXIT_INTERNAL:
-            return "crashed", f"the grading process failed (at {where}); see runner.log in the job folder"
+            tail = ""
+            try:
+                lines = (Path(jobdir) / "runner.log").read_text(errors="replace").strip().splitlines() if jobdir else []
+                tail = ": " + " | ".join(lines[-3:])[-600:] if lines else ""
+            except OSError:
+                pass
+            return "crashed", f"the grading process failed (at {where}){tail}"
         return "crashed", f"the notebook ended the grading process with exit code {code} (at {where}), e.g. os._exit()"
 
 

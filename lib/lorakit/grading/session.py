@@ -163,7 +163,7 @@ class Session:
             self.sandbox.kill(proc)
             code = proc.wait()
         if out.status != "graded":
-            out.reason, out.detail = self.sandbox.explain_exit(code, self.where)
+            out.reason, out.detail = self.sandbox.explain_exit(code, self.where, self.jobdir)
         return out
 
     def _test(self, index: int, gid: str) -> None:
@@ -180,7 +180,7 @@ class Session:
             self.cell_deadline = time.monotonic() + self.cell_timeout + self.grace
             msg = self._read(self.deadline)
             if msg is None:
-                raise _Stopped(*self.sandbox.explain_exit(self.proc.wait(), self.where))
+                raise _Stopped(*self.sandbox.explain_exit(self.proc.wait(), self.where, self.jobdir))
             if msg["op"] != "answer" or msg["id"] != n:
                 what = f"an answer to request {msg['id']}" if msg["op"] == "answer" else f"a {msg['op']!r} message"
                 raise ProtocolError(f"{what} while request {n} was waiting")
